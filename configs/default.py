@@ -1,0 +1,134 @@
+"""Defaults shared by every recipe; each recipe file overrides a few keys.
+
+Every config is `get_config(arg)`: no arg gives the paper's setting
+(WRN-28-10, full CIFAR-10), ':cpu' a real but small run for 2 CPU cores and
+':smoke' a seconds-long run for tests.
+"""
+import ml_collections
+
+SCALES = (None, 'cpu', 'smoke')
+STANDIN = '../shared/data/cifar10-jpeg-standin.npz'
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.recipe = 'natural'
+  c.seed = 0
+  c.dataset = 'cifar10'           # cifar10 | cifar100
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = 'auto'          # auto (TFDS if prepared, else the npz at data.path) | tfds | npz
+  c.data.path = STANDIN           # npz with x_train, y_train, x_test, y_test
+  c.data.tfds_data_dir = ''
+  c.data.train_subset = 0         # > 0: train on this many random training images
+  c.data.augment = True           # reflect pad 4 + random crop + horizontal flip
+
+  c.model = ml_collections.ConfigDict()
+  c.model.depth = 28
+  c.model.width = 10
+  c.model.norm = 'batch'          # none | batch | group
+  c.model.activation = 'relu'     # relu | leaky_relu (0.2) | swish
+  c.model.dropout_rate = 0.0
+  c.model.input_normalization = 'meanstd'  # meanstd | minus_one_one | none
+  c.model.dtype = 'float32'       # compute dtype: float32 | bfloat16 (params stay float32)
+
+  c.batch_size = 128              # global batch, over all devices
+  c.num_epochs = 200
+  c.num_train_steps = -1          # > 0 overrides num_epochs
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = 'sgd'        # sgd | adam
+  c.optimizer.lr = 0.1
+  c.optimizer.momentum = 0.9
+  c.optimizer.nesterov = False
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.weight_decay = 5e-4
+  c.optimizer.grad_clip_norm = 0.0
+
+  c.schedule = ml_collections.ConfigDict()
+  c.schedule.name = 'multistep'   # constant | multistep | onecycle | cosine
+  c.schedule.decay_epochs = (100, 150)
+  c.schedule.decay_factor = 0.1
+  c.schedule.peak_fraction = 0.4  # onecycle: where the lr peaks
+  c.schedule.warmup_steps = 0
+
+  # What the loss sees instead of x (recipes.perturb).
+  c.perturbation = ml_collections.ConfigDict()
+  c.perturbation.name = 'none'    # none | gaussian | pgd | energy | trades_kl | free
+  c.perturbation.eps = 8 / 255
+  c.perturbation.step_size = 2 / 255
+  c.perturbation.num_steps = 10
+  c.perturbation.random_start = True
+  c.perturbation.grad_at_start = True  # energy attack: gradient at x + delta (FGSM-RS) or at x
+  c.perturbation.sigma = 0.0      # gaussian noise std, [0, 1] pixel units
+  c.perturbation.free_replays = 8
+  c.perturbation.bn_mode = 'batch'  # BatchNorm inside attacks/SGLD: batch | running
+
+  # Negative samples for the p(x) term (recipes.sample_negatives).
+  c.sampler = ml_collections.ConfigDict()
+  c.sampler.name = 'none'         # none | sgld_buffer
+  c.sampler.num_steps = 20
+  c.sampler.parametrization = 'jem'  # jem: step_size/noise_std | paper: alpha/2, sqrt(alpha)
+  c.sampler.step_size = 0.25      # JEM's 1.0 on [-1,1] images, in [0,1] units
+  c.sampler.noise_std = 0.005     # JEM's 0.01 on [-1,1] images, in [0,1] units
+  c.sampler.alpha = 1e-4
+  c.sampler.clip = False
+  c.sampler.buffer_size = 10000
+  c.sampler.reinit_prob = 0.05
+  c.sampler.init_range = (0.0, 1.0)
+  c.sampler.unroll = 1            # > 1 unrolls the SGLD loop (faster on XLA:CPU)
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.name = 'ce'              # ce | joint_energy | trades
+  c.loss.trades_beta = 6.0
+  c.loss.energy_weight = 1.0
+
+  c.divergence = ml_collections.ConfigDict()
+  c.divergence.max_retries = 3
+  c.divergence.max_abs_loss = 1e4
+
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.enabled = False
+  c.distributed.coordinator_address = ''
+  c.distributed.num_processes = 1
+  c.distributed.process_id = 0
+
+  c.log_every_steps = 50
+  c.eval_every_steps = 1000
+  c.checkpoint_every_steps = 1000
+  c.max_checkpoints_to_keep = 2
+  c.dynamics_every_steps = 0      # > 0: log the energy changes of Eq. 15 every N steps
+  c.eval_num_examples = 10000     # test images for the clean accuracy during training
+  c.eval_batch_size = 500
+  c.debug_inject_nan_at_step = -1  # testing hook for the divergence guard
+  return c
+
+
+def apply_scale(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict:
+  """Shrinks a paper-scale config for 'cpu' or 'smoke' runs (the recipe may refine after)."""
+  if arg not in SCALES:
+    raise ValueError(f'unknown config string {arg!r}; use one of ":cpu", ":smoke" or none')
+  if arg == 'cpu':
+    c.data.source = 'auto'
+    c.model.depth, c.model.width = 10, 2
+    c.eval_num_examples = 1000
+    c.log_every_steps = 20
+    c.eval_every_steps = 500
+    c.checkpoint_every_steps = 100
+  elif arg == 'smoke':
+    c.data.train_subset = 256
+    c.model.depth, c.model.width = 10, 1
+    c.batch_size = 16
+    c.num_epochs = 1
+    c.num_train_steps = 4
+    c.eval_num_examples = 64
+    c.eval_batch_size = 32
+    c.log_every_steps = 2
+    c.eval_every_steps = 4
+    c.checkpoint_every_steps = 2
+    c.sampler.buffer_size = 64
+    c.sampler.num_steps = 2
+    c.perturbation.num_steps = min(c.perturbation.num_steps, 2)
+    c.perturbation.free_replays = 2
+  return c

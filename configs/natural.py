@@ -1,0 +1,15 @@
+"""Natural training: CE on clean images (the 'normal classifier' of the paper)."""
+from configs import default
+
+
+def get_config(arg=None):
+  c = default.get_base_config()
+  c.recipe = 'natural'
+  # Paper scale: WRN-28-10, SGD 0.1, multistep [100, 150], 200 epochs, wd 5e-4.
+  default.apply_scale(c, arg)
+  if arg == 'cpu':  # WRN-10-2, one-cycle SGD, 4 epochs of the stand-in.
+    c.num_epochs = 4
+    c.schedule.name = 'onecycle'
+    c.optimizer.lr = 0.2
+    c.optimizer.nesterov = True
+  return c

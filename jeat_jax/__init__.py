@@ -1,0 +1,1 @@
+"""jeat-jax: Joint Energy Adversarial Training (Zhu et al.) in JAX/Flax."""

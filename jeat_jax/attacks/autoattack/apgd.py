@@ -1,0 +1,238 @@
+"""Auto-PGD (APGD) for l_inf: Croce & Hein 2020, "Reliable evaluation of adversarial
+robustness with an ensemble of diverse parameter-free attacks" (ICML), Alg. 1.
+
+APGD is PGD with momentum whose step size starts at 2 eps and is halved at fixed
+checkpoints w_j (Sec. 3.1) when either
+  1. the loss increased in at most a fraction rho of the iterations since the
+     previous checkpoint, or
+  2. the step size was not halved at the previous checkpoint and the best loss
+     has not improved since then;
+a halving restarts the iterate from the best point found so far.
+
+The losses are cross-entropy (`energy.cross_entropy`), the Difference of Logits
+Ratio (DLR, Eq. 6) and its targeted form (Eq. 7). Starting point and projection
+are `core.uniform_start` and `core.project_linf`. One run is one
+`lax.fori_loop`; the loss trace of the best-so-far values is returned so that
+its monotonicity can be checked.
+"""
+import functools
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jeat_jax.attacks.core import cw_margin, project_linf, sign_ascent_step, uniform_start
+from jeat_jax.energy import cross_entropy
+
+LOSSES = ('ce', 'dlr', 'dlr-targeted', 'ce-targeted')
+
+
+class ApgdResult(NamedTuple):
+  x_adv: jax.Array            # last misclassified iterate where one was found, else the best-loss point
+  robust: jax.Array           # bool [B]: every iterate (start included) classified correctly
+  loss_best: jax.Array        # [B] highest loss reached
+  loss_best_trace: jax.Array  # [n_iter + 1, B] best-so-far loss after each iteration (row 0: start)
+
+
+def dlr_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Untargeted DLR (Croce & Hein 2020, Eq. 6): -(z_y - max_{i!=y} z_i) / (z_pi1 - z_pi3)."""
+  logits = logits.astype(jnp.float32)
+  z_sorted = jnp.sort(logits, axis=-1)
+  margin = cw_margin(logits, labels, kappa=jnp.inf)       # max_{i!=y} z_i - z_y
+  return margin / (z_sorted[:, -1] - z_sorted[:, -3] + 1e-12)
+
+
+def dlr_loss_targeted(logits: jax.Array, labels: jax.Array, targets: jax.Array) -> jax.Array:
+  """Targeted DLR (Croce & Hein 2020, Eq. 7): -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)."""
+  logits = logits.astype(jnp.float32)
+  z_sorted = jnp.sort(logits, axis=-1)
+  z_y = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+  z_t = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+  return (z_t - z_y) / (z_sorted[:, -1] - 0.5 * (z_sorted[:, -3] + z_sorted[:, -4]) + 1e-12)
+
+
+def ranked_class(logits: jax.Array, rank) -> jax.Array:
+  """The class with the `rank`-th largest logit (rank 1 = the prediction): APGD-T's and FAB-T's targets."""
+  return jnp.argsort(logits, axis=-1)[:, -rank]
+
+
+def loss_of_logits(loss: str, labels: jax.Array, targets: Optional[jax.Array]) -> Callable:
+  """logits -> per-example loss to ascend, for the names in `LOSSES`."""
+  if loss == 'ce':
+    return lambda z: cross_entropy(z, labels)
+  if loss == 'dlr':
+    return lambda z: dlr_loss(z, labels)
+  if loss == 'dlr-targeted':
+    return lambda z: dlr_loss_targeted(z, labels, targets)
+  if loss == 'ce-targeted':
+    return lambda z: -cross_entropy(z, targets)
+  raise ValueError(f'apgd: unknown loss {loss!r}; expected one of {LOSSES}')
+
+
+def step_size_checkpoints(n_iter: int):
+  """The iterations (0-based) after which APGD checks its step size, with each window length.
+
+  Checkpoints w_j of Sec. 3.1: the first window is 0.22 n_iter long, each next one
+  0.03 n_iter shorter, but at least 0.06 n_iter (all rounded down, at least 1).
+  """
+  first, shortest, shrink = (max(int(f * n_iter), 1) for f in (0.22, 0.06, 0.03))
+  checks, window, i = [], first, first - 1
+  while i < n_iter:
+    checks.append((i, window))
+    window = max(window - shrink, shortest)
+    i += window
+  return checks
+
+
+def _checkpoint_tables(n_iter: int):
+  """Per-iteration arrays: is this a checkpoint, and the window length it closes."""
+  is_check = np.zeros(n_iter, bool)
+  window = np.ones(n_iter, np.float32)
+  for i, k in step_size_checkpoints(n_iter):
+    is_check[i], window[i] = True, k
+  return jnp.asarray(is_check), jnp.asarray(window)
+
+
+def call_logits(logits_fn: Callable, x: jax.Array, key: jax.Array, stochastic: bool) -> jax.Array:
+  """logits_fn(x), or logits_fn(x, key) for a randomised model (`stochastic`)."""
+  return logits_fn(x, key) if stochastic else logits_fn(x)
+
+
+def eot_value_and_grad(logits_fn: Callable, loss_fn: Callable, x: jax.Array, key: jax.Array,
+                       eot_iter: int = 1, stochastic: bool = False):
+  """(loss [B], logits, grad) at x; the gradient is averaged over `eot_iter` draws of the model.
+
+  Expectation over Transformation (Athalye et al. 2018) as AutoAttack's 'rand'
+  version uses it; loss and logits are those of the last draw, as in the reference.
+  """
+  def one(k):
+    def total(z):
+      logits = call_logits(logits_fn, z, k, stochastic)
+      values = loss_fn(logits)
+      return jnp.sum(values), (values, logits)
+    (_, (values, logits)), grad = jax.value_and_grad(total, has_aux=True)(x)
+    return values, logits, grad
+
+  if eot_iter == 1:
+    return one(key)
+
+  def body(j, carry):
+    values, logits, grad = one(jax.random.fold_in(key, j))
+    return values, logits, carry[2] + grad
+
+  values, logits = jax.eval_shape(lambda: one(key)[:2])
+  init = (jnp.zeros(values.shape, values.dtype), jnp.zeros(logits.shape, logits.dtype),
+          jnp.zeros_like(x))
+  values, logits, grad = jax.lax.fori_loop(0, eot_iter, body, init)
+  return values, logits, grad / eot_iter
+
+
+def _where_b(mask: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+  """Per-example select: mask [B] broadcast over the trailing axes."""
+  return jnp.where(mask.reshape(mask.shape + (1,) * (a.ndim - 1)), a, b)
+
+
+@functools.partial(jax.jit, static_argnames=('logits_fn', 'n_iter', 'loss', 'rho', 'momentum',
+                                             'eot_iter', 'stochastic'))
+def apgd_run(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array, eps: float = 8 / 255,
+             n_iter: int = 100, loss: str = 'ce', target_rank=None, rho: float = 0.75,
+             momentum: float = 0.75, eot_iter: int = 1, stochastic: bool = False) -> ApgdResult:
+  """One APGD run (Croce & Hein 2020, Alg. 1) on a batch; one restart.
+
+  `target_rank` (2..num_classes; may be traced) selects the target of the
+  targeted losses: the class with that rank in the clean logits. `momentum` is
+  alpha of Eq. 3 (0.75; the first step has none). `rho` is the oscillation
+  threshold of checkpoint condition 1. Condition 1 compares the first step's
+  loss with the start's (the reference code compares it with 0).
+  """
+  key_start, key_grad = jax.random.split(key)
+  targets = None
+  if loss.endswith('targeted'):
+    clean_logits = call_logits(logits_fn, x, jax.random.fold_in(key_grad, -1), stochastic)
+    targets = ranked_class(clean_logits, target_rank)
+  loss_fn = loss_of_logits(loss, y, targets)
+  value_and_grad = functools.partial(eot_value_and_grad, logits_fn, loss_fn, eot_iter=eot_iter,
+                                     stochastic=stochastic)
+  is_check, window = _checkpoint_tables(n_iter)
+  batch = x.shape[0]
+
+  x_start = uniform_start(key_start, x, eps)
+  loss0, logits0, grad0 = value_and_grad(x_start, jax.random.fold_in(key_grad, 0))
+  robust0 = jnp.argmax(logits0, -1) == y
+  trace = jnp.zeros((n_iter + 1, batch), jnp.float32).at[0].set(loss0)
+  carry = dict(
+      x_cur=x_start, x_prev=x_start, grad=grad0,
+      x_best=x_start, grad_best=grad0, loss_best=loss0, loss_prev=loss0,
+      x_best_adv=x_start, robust=robust0,
+      step=jnp.full((batch,), 2.0 * eps, jnp.float32),
+      n_increase=jnp.zeros((batch,), jnp.float32),
+      loss_best_last_check=loss0, reduced_last_check=jnp.ones((batch,), bool),
+      trace=trace)
+
+  def body(i, c):
+    a = jnp.where(i > 0, momentum, 1.0)
+    z = project_linf(sign_ascent_step(c['x_cur'], c['grad'], c['step'][:, None, None, None]), x, eps)
+    x_new = project_linf(c['x_cur'] + a * (z - c['x_cur']) + (1.0 - a) * (c['x_cur'] - c['x_prev']),
+                         x, eps)
+    values, logits, grad = value_and_grad(x_new, jax.random.fold_in(key_grad, i + 1))
+    correct = jnp.argmax(logits, -1) == y
+    improved = values > c['loss_best']
+    loss_best = jnp.where(improved, values, c['loss_best'])
+    x_best = _where_b(improved, x_new, c['x_best'])
+    grad_best = _where_b(improved, grad, c['grad_best'])
+    n_increase = c['n_increase'] + (values > c['loss_prev'])
+
+    # Step-size checkpoint (Sec. 3.1): halve and restart from the best point.
+    check = is_check[i]
+    oscillating = n_increase <= window[i] * rho
+    stalled = ~c['reduced_last_check'] & (c['loss_best_last_check'] >= loss_best)
+    reduce = check & (oscillating | stalled)
+    return dict(
+        x_cur=_where_b(reduce, x_best, x_new), x_prev=c['x_cur'],
+        grad=_where_b(reduce, grad_best, grad),
+        x_best=x_best, grad_best=grad_best, loss_best=loss_best, loss_prev=values,
+        x_best_adv=_where_b(correct, c['x_best_adv'], x_new), robust=c['robust'] & correct,
+        step=jnp.where(reduce, 0.5 * c['step'], c['step']),
+        n_increase=jnp.where(check, 0.0, n_increase),
+        loss_best_last_check=jnp.where(check, loss_best, c['loss_best_last_check']),
+        reduced_last_check=jnp.where(check, reduce, c['reduced_last_check']),
+        trace=c['trace'].at[i + 1].set(loss_best))
+
+  c = jax.lax.fori_loop(0, n_iter, body, carry)
+  x_adv = _where_b(c['robust'], c['x_best'], c['x_best_adv'])
+  return ApgdResult(jax.lax.stop_gradient(x_adv), c['robust'], c['loss_best'], c['trace'])
+
+
+def apgd_ce(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array, eps: float = 8 / 255,
+            n_iter: int = 100, rho: float = 0.75, eot_iter: int = 1,
+            stochastic: bool = False) -> jax.Array:
+  """APGD on the cross-entropy (AutoAttack's APGD-CE); returns the adversarial images."""
+  return apgd_run(logits_fn, x, y, key, eps, n_iter, 'ce', None, rho, 0.75, eot_iter,
+                  stochastic).x_adv
+
+
+def apgd_dlr(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array, eps: float = 8 / 255,
+             n_iter: int = 100, rho: float = 0.75, eot_iter: int = 1,
+             stochastic: bool = False) -> jax.Array:
+  """APGD on the untargeted DLR loss (Eq. 6; the 'rand' version's second attack)."""
+  return apgd_run(logits_fn, x, y, key, eps, n_iter, 'dlr', None, rho, 0.75, eot_iter,
+                  stochastic).x_adv
+
+
+def apgd_t(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array, eps: float = 8 / 255,
+           n_iter: int = 100, n_target_classes: int = 9, rho: float = 0.75) -> jax.Array:
+  """APGD-T: APGD on the targeted DLR loss (Eq. 7) for the top `n_target_classes` other classes.
+
+  Target ranks 2, 3, ... of the clean logits are tried in turn; a point keeps the
+  first adversarial image found. The batch keeps its shape (points already
+  fooled are recomputed and ignored); `runner.run_autoattack` compacts instead.
+  """
+  x_adv, robust = x, jnp.ones(x.shape[:1], bool)
+  for rank in range(2, n_target_classes + 2):
+    result = apgd_run(logits_fn, x, y, jax.random.fold_in(key, rank), eps, n_iter, 'dlr-targeted',
+                      rank, rho)
+    fooled = robust & ~result.robust
+    x_adv = _where_b(fooled, result.x_adv, x_adv)
+    robust = robust & result.robust
+  return x_adv

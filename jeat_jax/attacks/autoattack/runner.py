@@ -1,0 +1,201 @@
+"""AutoAttack (Croce & Hein 2020): the attacks in sequence, each on the points still robust.
+
+Versions, as in fra31/auto-attack:
+  standard: APGD-CE (100 iterations, no restarts), APGD-T (targeted DLR, 9 target
+            classes), FAB-T (9 targets, 100 iterations), Square (5000 queries,
+            p_init 0.8);
+  rand:     APGD-CE and APGD-DLR, each with Expectation over Transformation
+            (20 gradient draws per step), for randomised defences.
+
+Between attacks (and between the target classes of APGD-T and FAB-T, and
+between segments of Square's queries) the still-robust points are compacted in
+numpy and processed in chunks of at most `batch_size`; a chunk is padded to a
+power of two (or to `batch_size`) so that only a few shapes are compiled.
+Inside an attack everything is jitted and looped with `lax`. A point counts as
+broken only if the model misclassifies the returned image and the image lies in
+the eps-ball and in [0, 1].
+"""
+import functools
+import time
+from typing import Callable, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jeat_jax.attacks.autoattack.apgd import apgd_run, call_logits
+from jeat_jax.attacks.autoattack.fab import fab_targeted_run
+from jeat_jax.attacks.autoattack.square import SquareState, square_init, square_steps
+
+VERSIONS = {
+    'standard': ('apgd-ce', 'apgd-t', 'fab-t', 'square'),
+    'rand': ('apgd-ce', 'apgd-dlr'),
+}
+BALL_TOLERANCE = 1e-5
+
+
+def padded_size(n: int, batch_size: int) -> int:
+  """Chunk size for n points: the next power of two (at least 8), at most batch_size."""
+  size = 8
+  while size < n:
+    size *= 2
+  return min(size, batch_size)
+
+
+def _chunks(idx: np.ndarray, batch_size: int):
+  """(indices, padded indices) per chunk; padding repeats the chunk's first point."""
+  for start in range(0, len(idx), batch_size):
+    sel = idx[start:start + batch_size]
+    pad = padded_size(len(sel), batch_size) - len(sel)
+    yield sel, np.concatenate([sel, np.full(pad, sel[0], sel.dtype)])
+
+
+@functools.partial(jax.jit, static_argnames=('logits_fn', 'stochastic'))
+def _broken(logits_fn: Callable, x_adv: jax.Array, x: jax.Array, y: jax.Array, eps: float,
+            key: jax.Array, stochastic: bool = False) -> jax.Array:
+  """Misclassified, inside the eps-ball and inside [0, 1]."""
+  wrong = jnp.argmax(call_logits(logits_fn, x_adv, key, stochastic), -1) != y
+  dist = jnp.max(jnp.abs(x_adv - x).reshape(x.shape[0], -1), axis=1)
+  in_box = jnp.all(((x_adv >= 0.0) & (x_adv <= 1.0)).reshape(x.shape[0], -1), axis=1)
+  return wrong & (dist <= eps + BALL_TOLERANCE) & in_box
+
+
+@functools.partial(jax.jit, static_argnames=('logits_fn', 'stochastic'))
+def _correct(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array,
+             stochastic: bool = False) -> jax.Array:
+  logits = call_logits(logits_fn, x, key, stochastic)
+  return jnp.argmax(logits, -1) == y
+
+
+@functools.partial(jax.jit, static_argnames=('logits_fn', 'attack', 'settings'))
+def _attack_chunk(logits_fn: Callable, attack: str, settings: Tuple, x: jax.Array, y: jax.Array,
+                  key: jax.Array, rank, eps: float) -> jax.Array:
+  """One pass of one attack on a chunk: adversarial candidates (APGD-*, FAB-T)."""
+  s = dict(settings)
+  if attack == 'fab-t':
+    adv, norm = fab_targeted_run(logits_fn, x, y, rank, s['fab_n_iter'])
+    return jnp.where((norm <= eps)[:, None, None, None], adv, x)
+  loss = {'apgd-ce': 'ce', 'apgd-dlr': 'dlr', 'apgd-t': 'dlr-targeted'}[attack]
+  return apgd_run(logits_fn, x, y, key, eps, s['n_iter'], loss, rank, s['rho'], 0.75,
+                  s['eot_iter'], s['stochastic']).x_adv
+
+
+def _attack_robust_points(logits_fn, attack, settings, x, y, robust, x_adv, *, eps, key, rank,
+                          batch_size, stochastic):
+  """Runs one pass of `attack` on the robust points; updates `robust` and `x_adv` in place."""
+  idx = np.flatnonzero(robust)
+  for c, (sel, padded) in enumerate(_chunks(idx, batch_size)):
+    k_attack, k_check = jax.random.split(jax.random.fold_in(key, c))
+    xb, yb = jnp.asarray(x[padded]), jnp.asarray(y[padded])
+    adv = _attack_chunk(logits_fn, attack, settings, xb, yb, k_attack, rank, eps)
+    broken = np.asarray(_broken(logits_fn, adv, xb, yb, eps, k_check, stochastic))[:len(sel)]
+    robust[sel[broken]] = False
+    x_adv[sel[broken]] = np.asarray(adv)[:len(sel)][broken]
+
+
+def _square_robust_points(logits_fn, x, y, robust, x_adv, *, eps, key, batch_size, n_queries,
+                          p_init, segment):
+  """Square on the robust points, re-compacting the unfooled ones every `segment` queries."""
+  idx = np.flatnonzero(robust)
+  if not len(idx):
+    return
+  x_best, margin = np.array(x), np.full(len(x), np.inf, np.float32)
+  for c, (sel, padded) in enumerate(_chunks(idx, batch_size)):
+    state = square_init(logits_fn, jnp.asarray(x[padded]), jnp.asarray(y[padded]),
+                        jax.random.fold_in(key, c), eps)
+    x_best[sel], margin[sel] = np.asarray(state.x_best)[:len(sel)], np.asarray(state.margin)[:len(sel)]
+  query = 0
+  while query < n_queries:
+    active = np.flatnonzero(robust & (margin > 0))
+    if not len(active):
+      break
+    seg_key = jax.random.fold_in(key, 1_000_000 + query)
+    for c, (sel, padded) in enumerate(_chunks(active, batch_size)):
+      state = SquareState(jnp.asarray(x_best[padded]), jnp.asarray(margin[padded]),
+                          jnp.asarray(query, jnp.int32))
+      state = square_steps(logits_fn, jnp.asarray(x[padded]), jnp.asarray(y[padded]),
+                           jax.random.fold_in(seg_key, c), state, eps, n_queries, p_init, segment)
+      x_best[sel], margin[sel] = np.asarray(state.x_best)[:len(sel)], np.asarray(state.margin)[:len(sel)]
+    query += segment
+  candidates = np.flatnonzero(robust & (margin <= 0))
+  for sel, padded in _chunks(candidates, batch_size):
+    broken = np.asarray(_broken(logits_fn, jnp.asarray(x_best[padded]), jnp.asarray(x[padded]),
+                                jnp.asarray(y[padded]), eps, key))[:len(sel)]
+    robust[sel[broken]] = False
+    x_adv[sel[broken]] = x_best[sel[broken]]
+
+
+def run_autoattack(logits_fn: Callable, x, y, *, eps: float = 8 / 255, key: jax.Array,
+                   version: str = 'standard', batch_size: int = 500,
+                   log_fn: Optional[Callable[[str], None]] = None, attacks: Tuple[str, ...] = None,
+                   n_iter: int = 100, n_target_classes: int = 9, fab_n_iter: int = 100,
+                   n_queries: int = 5000, p_init: float = 0.8, rho: float = 0.75,
+                   eot_iter: int = 20, stochastic: bool = False,
+                   square_segment: int = 250) -> Dict:
+  """AutoAttack on (x, y): NHWC float images in [0, 1] and integer labels (numpy or jax).
+
+  `logits_fn(images) -> logits` is pure and jax-traceable; with `stochastic`
+  (version 'rand') it is `logits_fn(images, key)`. Pass the same function object
+  again to reuse compiled code. `attacks` overrides the version's list; the
+  iteration counts default to the standard version's. `eot_iter` applies to
+  version 'rand' only.
+
+  Returns a dict: clean_accuracy, robust_accuracy, robust (bool [N] per-example
+  mask), x_adv (adversarial images where found, else x), records (one per
+  stage: name, robust_accuracy after it, seconds, points attacked), seconds,
+  version, eps.
+  """
+  if version not in VERSIONS:
+    raise ValueError(f'run_autoattack: version must be one of {tuple(VERSIONS)}, got {version!r}')
+  attacks = tuple(attacks or VERSIONS[version])
+  if stochastic and set(attacks) - {'apgd-ce', 'apgd-dlr'}:
+    raise ValueError('run_autoattack: a stochastic logits_fn is supported by APGD only (version rand)')
+  log = log_fn or (lambda _: None)
+  x = np.asarray(x, np.float32)
+  y = np.asarray(y, np.int32)
+  n = len(x)
+  settings = tuple(sorted(dict(n_iter=n_iter, rho=rho, fab_n_iter=fab_n_iter, stochastic=stochastic,
+                               eot_iter=eot_iter if version == 'rand' else 1).items()))
+  t_start = time.time()
+
+  robust = np.zeros(n, bool)
+  for c, (sel, padded) in enumerate(_chunks(np.arange(n), batch_size)):
+    robust[sel] = np.asarray(_correct(logits_fn, jnp.asarray(x[padded]), jnp.asarray(y[padded]),
+                                      jax.random.fold_in(key, -1 - c), stochastic))[:len(sel)]
+  clean_accuracy = float(robust.mean())
+  records = [dict(name='clean', robust_accuracy=clean_accuracy, seconds=time.time() - t_start,
+                  n_attacked=n)]
+  log(f'autoattack {version} eps={eps:.5f}: clean accuracy {clean_accuracy:.2%} ({robust.sum()}/{n})')
+  x_adv = x.copy()
+  num_classes = None
+
+  for a, attack in enumerate(attacks):
+    t0, n_attacked = time.time(), int(robust.sum())
+    k_attack = jax.random.fold_in(key, a)
+    if n_attacked and attack == 'square':
+      _square_robust_points(logits_fn, x, y, robust, x_adv, eps=eps, key=k_attack,
+                            batch_size=batch_size, n_queries=n_queries, p_init=p_init,
+                            segment=square_segment)
+    elif n_attacked:
+      if attack in ('apgd-t', 'fab-t'):
+        if num_classes is None:
+          num_classes = jax.eval_shape(logits_fn, jax.ShapeDtypeStruct((1,) + x.shape[1:],
+                                                                       jnp.float32)).shape[-1]
+        ranks = range(2, min(n_target_classes, num_classes - 1) + 2)
+      else:
+        ranks = (None,)
+      for rank in ranks:
+        if not robust.any():
+          break
+        _attack_robust_points(logits_fn, attack, settings, x, y, robust, x_adv, eps=eps,
+                              key=jax.random.fold_in(k_attack, rank or 0), rank=rank,
+                              batch_size=batch_size, stochastic=stochastic)
+    seconds = time.time() - t0
+    records.append(dict(name=attack, robust_accuracy=float(robust.mean()), seconds=seconds,
+                        n_attacked=n_attacked))
+    log(f'autoattack {attack}: robust accuracy {robust.mean():.2%} ({robust.sum()}/{n}), '
+        f'{seconds:.1f} s on {n_attacked} points')
+
+  return dict(version=version, eps=eps, clean_accuracy=clean_accuracy,
+              robust_accuracy=float(robust.mean()), robust=robust, x_adv=x_adv, records=records,
+              seconds=time.time() - t_start)

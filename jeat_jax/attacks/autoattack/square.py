@@ -1,0 +1,111 @@
+"""Square attack, l_inf: Andriushchenko, Croce, Flammarion & Hein 2020, "Square Attack:
+a query-efficient black-box adversarial attack via random search" (ECCV), Alg. 1-2.
+
+A score-based random search on the vertices of the eps-ball. It starts from
+vertical stripes of +-eps (one sign per example, column and channel) and at
+every query proposes to overwrite one random square window, of side
+s = round(sqrt(p * H * W)), with +-2 eps per channel (then projected back
+onto the ball and [0, 1]); the proposal is kept when it lowers the margin
+loss z_y - max_{k!=y} z_k, or misclassifies. The fraction p starts at p_init
+and halves at fixed query counts (the schedule of the paper, rescaled to
+n_queries out of 10000). Each example draws its own window and signs.
+The loop is a `lax.while_loop` that stops as soon as every example is
+misclassified; only examples with a positive margin change.
+"""
+import functools
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jeat_jax.attacks.core import cw_margin, project_linf
+
+P_SCHEDULE_QUERIES = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)   # of 10000
+
+
+class SquareState(NamedTuple):
+  x_best: jax.Array      # current point of the search, a vertex of the ball (up to [0, 1])
+  margin: jax.Array      # [B] z_y - max_{k!=y} z_k at x_best; <= 0 means fooled
+  query: jax.Array       # number of proposals made so far
+
+
+def margin_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """z_y - max_{k!=y} z_k: positive while correctly classified (Square's loss, to minimise)."""
+  return -cw_margin(logits, labels, kappa=jnp.inf)
+
+
+def window_sides(n_queries: int, p_init: float, height: int, width: int) -> np.ndarray:
+  """Side of the square at each level of the p schedule (level = halvings of p)."""
+  p = p_init / 2.0 ** np.arange(len(P_SCHEDULE_QUERIES) + 1)
+  return np.maximum(np.round(np.sqrt(p * height * width)).astype(np.int32), 1)
+
+
+def schedule_level(query: jax.Array, n_queries: int) -> jax.Array:
+  """How many times p has been halved at this query (rescaled to 10000 queries)."""
+  rescaled = (query * 10000) // n_queries
+  return jnp.sum(rescaled > jnp.asarray(P_SCHEDULE_QUERIES, jnp.int32))
+
+
+def stripes_start(key: jax.Array, x: jax.Array, eps: float) -> jax.Array:
+  """x + eps * (+-1 per example, column and channel), clipped to [0, 1] (vertical stripes)."""
+  batch, _, width, channels = x.shape
+  signs = jnp.where(jax.random.bernoulli(key, 0.5, (batch, 1, width, channels)), 1.0, -1.0)
+  return jnp.clip(x + eps * signs, 0.0, 1.0)
+
+
+def square_proposal(key: jax.Array, x_best: jax.Array, x: jax.Array, eps: float,
+                    side: jax.Array) -> jax.Array:
+  """x_best with one random s x s window per example set to +-2 eps per channel, projected."""
+  batch, height, width, channels = x.shape
+  k_row, k_col, k_sign = jax.random.split(key, 3)
+  row = jax.random.randint(k_row, (batch, 1, 1, 1), 0, jnp.maximum(height - side, 1))
+  col = jax.random.randint(k_col, (batch, 1, 1, 1), 0, jnp.maximum(width - side, 1))
+  signs = jnp.where(jax.random.bernoulli(k_sign, 0.5, (batch, 1, 1, channels)), 1.0, -1.0)
+  rows = jnp.arange(height).reshape(1, height, 1, 1)
+  cols = jnp.arange(width).reshape(1, 1, width, 1)
+  window = (rows >= row) & (rows < row + side) & (cols >= col) & (cols < col + side)
+  return project_linf(x_best + window * (2.0 * eps) * signs, x, eps)
+
+
+def square_init(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array,
+                eps: float) -> SquareState:
+  """The stripes start and its margin."""
+  x_best = stripes_start(key, x, eps)
+  return SquareState(x_best, margin_loss(logits_fn(x_best), y), jnp.asarray(0, jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=('logits_fn', 'n_queries', 'p_init', 'max_steps'))
+def square_steps(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array,
+                 state: SquareState, eps: float = 8 / 255, n_queries: int = 5000,
+                 p_init: float = 0.8, max_steps: int = None) -> SquareState:
+  """Random-search steps from `state` until n_queries proposals, all examples fooled,
+  or `max_steps` more steps (a segment, so that a caller can drop fooled examples in
+  between). As in the reference, the start's evaluation is not counted.
+  """
+  sides = jnp.asarray(window_sides(n_queries, p_init, x.shape[1], x.shape[2]))
+  stop = n_queries if max_steps is None else jnp.minimum(state.query + max_steps, n_queries)
+
+  def cond(s):
+    return (s.query < stop) & jnp.any(s.margin > 0)
+
+  def body(s):
+    side = sides[schedule_level(s.query, n_queries)]
+    x_new = square_proposal(jax.random.fold_in(key, s.query), s.x_best, x, eps, side)
+    margin = margin_loss(logits_fn(x_new), y)
+    accept = (s.margin > 0) & (margin < s.margin)        # lower margin (<= 0: fooled)
+    x_best = jnp.where(accept[:, None, None, None], x_new, s.x_best)
+    return SquareState(x_best, jnp.where(accept, margin, s.margin), s.query + 1)
+
+  return jax.lax.while_loop(cond, body, state)
+
+
+def square(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array, eps: float = 8 / 255,
+           n_queries: int = 5000, p_init: float = 0.8) -> jax.Array:
+  """Square attack (l_inf, margin loss, one restart); returns the adversarial images.
+
+  Examples never fooled return the last point of their search (within the ball).
+  """
+  k_init, k_steps = jax.random.split(key)
+  state = square_init(logits_fn, x, y, k_init, eps)
+  return square_steps(logits_fn, x, y, k_steps, state, eps, n_queries, p_init).x_best

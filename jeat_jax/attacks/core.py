@@ -1,0 +1,101 @@
+"""Building blocks of l_inf attacks and their compositions (paper Eq. 2, 3, 14, 18).
+
+An attack is a composition of: a start (`uniform_start`), an objective to
+ascend (a function `objective(x_adv) -> per-example values`), a step
+(`sign_ascent_step`) and a projection (`project_linf`: the eps-ball around the
+clean image intersected with the [0, 1] pixel box). Loops are `lax.fori_loop`;
+gradients are taken with `jax.grad` with respect to the images only, and the
+result is wrapped in `stop_gradient` so training never differentiates through
+an attack.
+
+Objectives are functions of logits (and labels) so that evaluation and
+training share them: `energy.cross_entropy` (Eq. 13/14), `energy.energy_xy`
+(Eq. 18), `trades_kl` and `cw_margin` below.
+"""
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+Objective = Callable[[jax.Array], jax.Array]   # x_adv -> per-example value to ascend
+
+
+def uniform_start(key: jax.Array, x: jax.Array, eps: float) -> jax.Array:
+  """x + U(-eps, eps), clipped to [0, 1]: the random start of PGD and Alg. 1-2."""
+  delta = jax.random.uniform(key, x.shape, x.dtype, -eps, eps)
+  return jnp.clip(x + delta, 0.0, 1.0)
+
+
+def project_linf(x_adv: jax.Array, x: jax.Array, eps: float) -> jax.Array:
+  """Projection onto {|x_adv - x|_inf <= eps} intersected with [0, 1] (Eq. 3, 2nd line)."""
+  return jnp.clip(jnp.clip(x_adv, x - eps, x + eps), 0.0, 1.0)
+
+
+def objective_grad(objective: Objective, x_adv: jax.Array) -> jax.Array:
+  """Gradient of sum(objective) with respect to the images only."""
+  return jax.grad(lambda z: jnp.sum(objective(z)))(x_adv)
+
+
+def sign_ascent_step(x_adv: jax.Array, grad: jax.Array, step_size: float) -> jax.Array:
+  """x + step * sign(grad): the update of FGSM (Eq. 2), PGD (Eq. 3) and Eq. 14/18."""
+  return x_adv + step_size * jnp.sign(grad)
+
+
+def trades_kl(logits_adv: jax.Array, logits_clean: jax.Array) -> jax.Array:
+  """KL(p(.|x) || p(.|x_adv)) per example, the TRADES robustness term."""
+  logp_clean = jax.nn.log_softmax(logits_clean.astype(jnp.float32))
+  logp_adv = jax.nn.log_softmax(logits_adv.astype(jnp.float32))
+  return jnp.sum(jnp.exp(logp_clean) * (logp_clean - logp_adv), axis=-1)
+
+
+def cw_margin(logits: jax.Array, labels: jax.Array, kappa: float = 50.0) -> jax.Array:
+  """Carlini-Wagner margin max_{k != y} f_k - f_y, clamped at kappa, per example."""
+  logits = logits.astype(jnp.float32)
+  onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+  correct = jnp.sum(onehot * logits, axis=-1)
+  other = jnp.max(logits - 1e9 * onehot, axis=-1)
+  return jnp.minimum(other - correct, kappa)
+
+
+def fgsm(objective: Objective, x: jax.Array, eps: float) -> jax.Array:
+  """FGSM (Eq. 2): x + eps * sign(grad_x L(x, y)), clipped to [0, 1]."""
+  x_adv = sign_ascent_step(x, objective_grad(objective, x), eps)
+  return jax.lax.stop_gradient(project_linf(x_adv, x, eps))
+
+
+def pgd(objective: Objective, x: jax.Array, key: jax.Array, eps: float, step_size: float,
+        num_steps: int, random_start: bool = True, unroll: int = 1) -> jax.Array:
+  """PGD (Eq. 3): `num_steps` projected sign-ascent steps of size `step_size`.
+
+  Starts from `uniform_start` when `random_start`, else from x. Also serves as
+  Fast AT's FGSM-RS (one step from a random start).
+  """
+  x_adv = uniform_start(key, x, eps) if random_start else x
+
+  def body(_, z):
+    return project_linf(sign_ascent_step(z, objective_grad(objective, z), step_size), x, eps)
+
+  x_adv = jax.lax.fori_loop(0, num_steps, body, x_adv, unroll=unroll)
+  return jax.lax.stop_gradient(x_adv)
+
+
+def energy_attack(energy_xy_fn: Objective, x: jax.Array, key: jax.Array, eps: float,
+                  step_size: float, num_steps: int = 1, grad_at_start: bool = True) -> jax.Array:
+  """The energy attack (Eq. 18; first block of Algorithms 1 and 2).
+
+  delta ~ U(-eps, eps); delta += step * sign(grad E(., y)); delta = clip(delta,
+  -eps, eps); x_adv = clip(x + delta, 0, 1). `energy_xy_fn(x) -> E(x, y)`.
+  The paper writes the gradient at x; FGSM-RS (Wong et al.), which this one-step
+  form follows, takes it at the random start x + delta: `grad_at_start=True`
+  (the default) does that, False takes the first gradient at x. More steps
+  repeat the ascent, each from the current point (PGD on E(x, y)).
+  """
+  x_start = uniform_start(key, x, eps)
+  first_grad = objective_grad(energy_xy_fn, x_start if grad_at_start else x)
+  x_adv = project_linf(sign_ascent_step(x_start, first_grad, step_size), x, eps)
+
+  def body(_, z):
+    return project_linf(sign_ascent_step(z, objective_grad(energy_xy_fn, z), step_size), x, eps)
+
+  x_adv = jax.lax.fori_loop(0, num_steps - 1, body, x_adv)
+  return jax.lax.stop_gradient(x_adv)

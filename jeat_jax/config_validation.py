@@ -1,0 +1,103 @@
+"""Checks every config value in one place; each error names its key."""
+import jax
+
+from jeat_jax import data, models, recipes
+from jeat_jax.errors import ConfigError
+
+RECIPES = ('natural', 'noise', 'at', 'prejeat', 'jeat', 'jem', 'trades', 'fast', 'free')
+
+
+def _require(ok: bool, key: str, message: str, value) -> None:
+  if not ok:
+    raise ConfigError(f'config.{key} {message}, got {value!r}')
+
+
+def _one_of(config, key: str, choices) -> None:
+  value = config
+  for part in key.split('.'):
+    value = value[part]
+  _require(value in choices, key, f'must be one of {list(choices)}', value)
+
+
+def _positive(value, key):
+  _require(value > 0, key, 'must be > 0', value)
+
+
+def _non_negative(value, key):
+  _require(value >= 0, key, 'must be >= 0', value)
+
+
+def validate(config) -> None:
+  """Raises ConfigError naming the first bad key."""
+  _one_of(config, 'recipe', RECIPES)
+  _one_of(config, 'dataset', tuple(data.NUM_CLASSES))
+  _one_of(config, 'data.source', ('auto', 'tfds', 'npz'))
+  if config.data.source == 'npz':
+    _require(bool(config.data.path), 'data.path', 'must name an .npz file for data.source=npz',
+             config.data.path)
+  _non_negative(config.data.train_subset, 'data.train_subset')
+
+  m = config.model
+  _require(m.depth >= 10 and (m.depth - 4) % 6 == 0, 'model.depth', 'must be 6n + 4 with n >= 1',
+           m.depth)
+  _positive(m.width, 'model.width')
+  _one_of(config, 'model.norm', models.NORMS)
+  _one_of(config, 'model.activation', models.ACTIVATIONS)
+  _one_of(config, 'model.input_normalization', models.INPUT_NORMALIZATIONS)
+  _one_of(config, 'model.dtype', ('float32', 'bfloat16'))
+  _require(0 <= m.dropout_rate < 1, 'model.dropout_rate', 'must be in [0, 1)', m.dropout_rate)
+
+  _positive(config.batch_size, 'batch_size')
+  devices = jax.device_count()
+  _require(config.batch_size % devices == 0, 'batch_size',
+           f'must be divisible by the {devices} devices', config.batch_size)
+  _positive(config.num_epochs, 'num_epochs')
+
+  o = config.optimizer
+  _one_of(config, 'optimizer.name', ('sgd', 'adam'))
+  _positive(o.lr, 'optimizer.lr')
+  _require(0 <= o.momentum < 1, 'optimizer.momentum', 'must be in [0, 1)', o.momentum)
+  _non_negative(o.weight_decay, 'optimizer.weight_decay')
+  _non_negative(o.grad_clip_norm, 'optimizer.grad_clip_norm')
+  _one_of(config, 'schedule.name', ('constant', 'multistep', 'onecycle', 'cosine'))
+  _positive(config.schedule.decay_factor, 'schedule.decay_factor')
+  _require(0 < config.schedule.peak_fraction < 1, 'schedule.peak_fraction', 'must be in (0, 1)',
+           config.schedule.peak_fraction)
+  _non_negative(config.schedule.warmup_steps, 'schedule.warmup_steps')
+
+  p = config.perturbation
+  _one_of(config, 'perturbation.name', recipes.PERTURBATIONS)
+  _non_negative(p.eps, 'perturbation.eps')
+  _non_negative(p.step_size, 'perturbation.step_size')
+  _non_negative(p.sigma, 'perturbation.sigma')
+  _positive(p.num_steps, 'perturbation.num_steps')
+  _positive(p.free_replays, 'perturbation.free_replays')
+  _one_of(config, 'perturbation.bn_mode', ('batch', 'running'))
+
+  s = config.sampler
+  _one_of(config, 'sampler.name', recipes.SAMPLERS)
+  _one_of(config, 'sampler.parametrization', ('jem', 'paper'))
+  _positive(s.num_steps, 'sampler.num_steps')
+  _non_negative(s.step_size, 'sampler.step_size')
+  _non_negative(s.noise_std, 'sampler.noise_std')
+  _non_negative(s.alpha, 'sampler.alpha')
+  _require(0 <= s.reinit_prob <= 1, 'sampler.reinit_prob', 'must be in [0, 1]', s.reinit_prob)
+  _require(len(s.init_range) == 2 and s.init_range[0] < s.init_range[1], 'sampler.init_range',
+           'must be (low, high) with low < high', s.init_range)
+  _positive(s.unroll, 'sampler.unroll')
+  if s.name == 'sgld_buffer':
+    _require(s.buffer_size > 0 and s.buffer_size % devices == 0, 'sampler.buffer_size',
+             f'must be > 0 and divisible by the {devices} devices', s.buffer_size)
+
+  _one_of(config, 'loss.name', recipes.LOSSES)
+  if config.loss.name == 'joint_energy':
+    _require(s.name != 'none', 'sampler.name', 'must be a sampler for loss.name=joint_energy', s.name)
+  _non_negative(config.loss.trades_beta, 'loss.trades_beta')
+
+  for key in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
+              'max_checkpoints_to_keep', 'eval_batch_size'):
+    _positive(config[key], key)
+  _require(config.eval_batch_size % devices == 0, 'eval_batch_size',
+           f'must be divisible by the {devices} devices', config.eval_batch_size)
+  _non_negative(config.divergence.max_retries, 'divergence.max_retries')
+  _positive(config.divergence.max_abs_loss, 'divergence.max_abs_loss')

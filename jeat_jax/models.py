@@ -1,0 +1,122 @@
+"""Pre-activation Wide ResNet (Zagoruyko & Komodakis), as used by JEM and the paper.
+
+Images enter in [0, 1] (NHWC); the model normalises them itself, so every eps
+in the project is in [0, 1] pixel units. Normalisation layers, activation and
+dropout are configurable: JEM and JEAT use no normalisation and leaky ReLU, the
+adversarial-training baselines BatchNorm and ReLU.
+"""
+import functools
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2471, 0.2435, 0.2616)
+
+NORMS = ('none', 'batch', 'group')
+ACTIVATIONS = ('relu', 'leaky_relu', 'swish')
+INPUT_NORMALIZATIONS = ('meanstd', 'minus_one_one', 'none')
+
+
+def activation_fn(name: str) -> Callable:
+  return {
+      'relu': nn.relu,
+      'leaky_relu': functools.partial(nn.leaky_relu, negative_slope=0.2),
+      'swish': nn.swish,
+  }[name]
+
+
+class Identity(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    return x
+
+
+def normalize_input(x, how: str):
+  """Maps [0, 1] images to the network's input scale."""
+  if how == 'meanstd':
+    return (x - jnp.asarray(CIFAR10_MEAN, x.dtype)) / jnp.asarray(CIFAR10_STD, x.dtype)
+  if how == 'minus_one_one':
+    return 2.0 * x - 1.0
+  return x
+
+
+class WideBasicBlock(nn.Module):
+  """Pre-activation block: norm-act-conv-dropout-norm-act-conv, plus shortcut."""
+  channels: int
+  stride: int
+  dropout_rate: float
+  norm: Callable
+  act: Callable
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    conv = functools.partial(nn.Conv, use_bias=True, dtype=self.dtype)
+    out = self.act(self.norm()(x))
+    shortcut = x
+    if self.stride != 1 or x.shape[-1] != self.channels:
+      shortcut = conv(self.channels, (1, 1), strides=self.stride, name='shortcut')(x)
+    out = conv(self.channels, (3, 3), padding=1, name='conv1')(out)
+    if self.dropout_rate > 0:
+      out = nn.Dropout(self.dropout_rate, deterministic=not train)(out)
+    out = self.act(self.norm()(out))
+    out = conv(self.channels, (3, 3), strides=self.stride, padding=1, name='conv2')(out)
+    return out + shortcut
+
+
+class WideResNet(nn.Module):
+  """WRN-depth-width; depth = 6n + 4. Returns float32 logits."""
+  depth: int = 28
+  width: int = 10
+  num_classes: int = 10
+  norm: str = 'none'
+  activation: str = 'leaky_relu'
+  dropout_rate: float = 0.0
+  input_normalization: str = 'minus_one_one'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, use_running_average: Optional[bool] = None):
+    """x: [0, 1] images, NHWC. `use_running_average` overrides BatchNorm's mode
+    (default: running averages unless `train`)."""
+    if use_running_average is None:
+      use_running_average = not train
+    if self.norm == 'batch':
+      norm = functools.partial(nn.BatchNorm, use_running_average=use_running_average,
+                               momentum=0.9, epsilon=1e-5, dtype=self.dtype)
+    elif self.norm == 'group':
+      norm = functools.partial(nn.GroupNorm, num_groups=16, dtype=self.dtype)
+    else:
+      norm = Identity
+    act = activation_fn(self.activation)
+    n = (self.depth - 4) // 6
+    widths: Sequence[int] = (16 * self.width, 32 * self.width, 64 * self.width)
+
+    x = normalize_input(x.astype(jnp.float32), self.input_normalization).astype(self.dtype)
+    x = nn.Conv(16, (3, 3), padding=1, dtype=self.dtype, name='stem')(x)
+    for group, channels in enumerate(widths):
+      for i in range(n):
+        stride = 2 if (group > 0 and i == 0) else 1
+        x = WideBasicBlock(channels, stride, self.dropout_rate, norm, act, self.dtype,
+                           name=f'group{group}_block{i}')(x, train)
+    x = act(norm()(x))
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
+    return x.astype(jnp.float32)
+
+
+def create_model(model_config, num_classes: int, dtype=jnp.float32) -> WideResNet:
+  return WideResNet(
+      depth=model_config.depth, width=model_config.width, num_classes=num_classes,
+      norm=model_config.norm, activation=model_config.activation,
+      dropout_rate=model_config.dropout_rate,
+      input_normalization=model_config.input_normalization, dtype=dtype)
+
+
+def model_name(model_config) -> str:
+  """E.g. 'WRN-28-10 (norm none, leaky_relu)'."""
+  return (f'WRN-{model_config.depth}-{model_config.width} '
+          f'(norm {model_config.norm}, {model_config.activation})')

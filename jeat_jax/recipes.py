@@ -1,0 +1,109 @@
+"""A training recipe = a perturbation of x, a negative sampler and a loss.
+
+The one train step (`train.train_step`) calls, in order:
+
+  x_pos = perturb(cfg.perturbation, logits_fn, x, y, key)
+  x_neg, buffer = sample_negatives(cfg.sampler, energy_fn, buffer, key)
+  loss = recipe_loss(cfg.loss, ...)
+
+| recipe   | perturbation          | negatives          | loss          |
+|----------|-----------------------|--------------------|---------------|
+| natural  | none                  | none               | ce            |
+| noise    | gaussian (Sec. 3.2)   | none               | ce            |
+| at       | pgd on CE (Eq. 3)     | none               | ce            |
+| fast     | pgd, 1 step (FGSM-RS) | none               | ce            |
+| free     | free (minibatch replay, see train.py) | none | ce           |
+| prejeat  | energy (Eq. 18)       | none               | ce (Alg. 2)   |
+| jeat     | energy (Eq. 18)       | sgld_buffer on E(x)| joint_energy (Alg. 1, Eq. 19) |
+| jem      | gaussian (data noise) | sgld_buffer on E(x)| joint_energy  |
+| trades   | trades_kl             | none               | trades        |
+"""
+from typing import Callable, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from jeat_jax import attacks
+from jeat_jax import energy
+from jeat_jax import sampling
+
+LogitsFn = Callable[[jax.Array], jax.Array]
+
+PERTURBATIONS = ('none', 'gaussian', 'pgd', 'energy', 'trades_kl', 'free')
+SAMPLERS = ('none', 'sgld_buffer')
+LOSSES = ('ce', 'joint_energy', 'trades')
+
+
+def gaussian_noise(x: jax.Array, key: jax.Array, sigma: float) -> jax.Array:
+  """Noise injection (Sec. 3.2, Fig. 5): clip(x + N(0, sigma^2), 0, 1)."""
+  return jnp.clip(x + sigma * jax.random.normal(key, x.shape, x.dtype), 0.0, 1.0)
+
+
+def trades_attack(logits_fn: LogitsFn, x: jax.Array, key: jax.Array, eps: float,
+                  step_size: float, num_steps: int) -> jax.Array:
+  """TRADES inner maximisation: PGD on KL(f(x) || f(x')) from x + 0.001 N(0, I)."""
+  logits_clean = jax.lax.stop_gradient(logits_fn(x))
+  start = x + 0.001 * jax.random.normal(key, x.shape, x.dtype)
+
+  def objective(z):
+    return attacks.trades_kl(logits_fn(z), logits_clean)
+
+  def body(_, z):
+    z = attacks.sign_ascent_step(z, attacks.core.objective_grad(objective, z), step_size)
+    return attacks.project_linf(z, x, eps)
+
+  return jax.lax.stop_gradient(jax.lax.fori_loop(0, num_steps, body, start))
+
+
+def perturb(cfg, logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: jax.Array) -> jax.Array:
+  """The positive (training) images of a recipe: x itself, noisy x, or an attack on x."""
+  name = cfg.name
+  if name in ('none', 'free'):  # Free AT perturbs inside its replay loop (train.py).
+    return x
+  if name == 'gaussian':
+    return gaussian_noise(x, key, cfg.sigma)
+  if name == 'pgd':
+    return attacks.pgd(lambda z: energy.cross_entropy(logits_fn(z), y), x, key, cfg.eps,
+                       cfg.step_size, cfg.num_steps, random_start=cfg.random_start)
+  if name == 'energy':
+    return attacks.energy_attack(lambda z: energy.energy_xy(logits_fn(z), y), x, key, cfg.eps,
+                                 cfg.step_size, cfg.num_steps, grad_at_start=cfg.grad_at_start)
+  if name == 'trades_kl':
+    return trades_attack(logits_fn, x, key, cfg.eps, cfg.step_size, cfg.num_steps)
+  raise ValueError(f'unknown perturbation {name!r}')
+
+
+def sample_negatives(cfg, logits_fn: LogitsFn, buffer: Optional[jax.Array], batch_size: int,
+                     key: jax.Array) -> Tuple[Optional[jax.Array], Optional[jax.Array]]:
+  """Negatives x~ for the p(x) term: SGLD on E(x) from the replay buffer (Algorithm 1)."""
+  if cfg.name == 'none':
+    return None, buffer
+  k_draw, k_chain = jax.random.split(key)
+  x0, slots = sampling.draw_from_buffer(buffer, k_draw, batch_size, cfg.reinit_prob,
+                                        *cfg.init_range)
+  step_size, noise_std = sampling.sgld_parameters(cfg.parametrization, cfg.step_size,
+                                                  cfg.noise_std, cfg.alpha)
+  clip = tuple(cfg.init_range) if cfg.clip else None
+  x_neg = sampling.sgld_chain(lambda z: energy.energy_x(logits_fn(z)), x0, k_chain,
+                              cfg.num_steps, step_size, noise_std, clip, unroll=cfg.unroll)
+  return x_neg, sampling.write_to_buffer(buffer, slots, x_neg)
+
+
+def ce_loss(logits_pos, y):
+  """Cross-entropy E(x, y) - E(x) on the positives (Eq. 13; Algorithm 2)."""
+  return jnp.mean(energy.cross_entropy(logits_pos, y))
+
+
+def joint_energy_loss(logits_pos, y, logits_neg, energy_weight: float = 1.0):
+  """-log p(x, y) = -log p(y|x) - log p(x) (Eq. 19), as in Algorithm 1:
+
+  CE(x_adv, y) + [mean E(x_adv) - mean E(x~_K)], whose theta-gradient is Eq. 20
+  with the expectation over p_theta(x) estimated by the SGLD samples x~_K.
+  """
+  p_x = jnp.mean(energy.energy_x(logits_pos)) - jnp.mean(energy.energy_x(logits_neg))
+  return ce_loss(logits_pos, y) + energy_weight * p_x
+
+
+def trades_loss(logits_clean, logits_adv, y, beta: float):
+  """TRADES: CE(x, y) + beta * KL(f(x) || f(x_adv)), beta = 1/lambda."""
+  return ce_loss(logits_clean, y) + beta * jnp.mean(attacks.trades_kl(logits_adv, logits_clean))

@@ -1,0 +1,431 @@
+"""The one train loop of jeat-jax: every recipe is a configuration of it.
+
+batch (uint8 -> [0, 1], augmented) -> perturbation -> x_pos;
+replay buffer -> SGLD -> x_neg, buffer';  loss(params, x_pos, y, x_neg) -> grads -> update.
+
+Randomness of step t is `fold_in(state.rng, t)` and the data order is a pure
+function of (seed, epoch), so a run resumed from a checkpoint continues
+exactly as if it had never stopped.
+"""
+import functools
+import json
+import os
+import time
+from typing import Any, Dict, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers
+
+from jeat_jax import checkpoint as ckpt_lib
+from jeat_jax import data as data_lib
+from jeat_jax import energy
+from jeat_jax import models
+from jeat_jax import parallel
+from jeat_jax import recipes
+from jeat_jax import sampling
+from jeat_jax.errors import UserError
+
+
+class TrainingDiverged(UserError):
+  """The loss kept diverging after every allowed rollback."""
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything a run needs to continue: saved and restored as one pytree.
+
+  `extra` holds recipe state: 'buffer' (the SGLD replay buffer) and
+  'free_delta' (Free AT's perturbation carried across minibatches).
+  """
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array
+  extra: Dict[str, jax.Array]
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+  def checkpoint_items(self) -> Dict[str, Any]:
+    return dict(step=self.step, params=self.params, batch_stats=self.batch_stats,
+                opt_state=self.opt_state, rng=self.rng, extra=self.extra)
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+  """The learning rate per optimizer update, from `config.schedule`."""
+  lr, sched = config.optimizer.lr, config.schedule
+  updates_per_step = updates_per_train_step(config)
+  per_epoch = steps_per_epoch * updates_per_step
+  total = total_steps * updates_per_step
+  if sched.name == 'constant':
+    schedule = optax.constant_schedule(lr)
+  elif sched.name == 'multistep':
+    boundaries = {int(e * per_epoch): sched.decay_factor for e in sched.decay_epochs}
+    schedule = optax.piecewise_constant_schedule(lr, boundaries)
+  elif sched.name == 'onecycle':  # Fast AT's cyclic schedule: 0 -> lr -> 0, peak at `peak_fraction`.
+    peak = max(1, int(sched.peak_fraction * total))
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, peak), optax.linear_schedule(lr, 0.0, max(1, total - peak))],
+        [peak])
+  elif sched.name == 'cosine':
+    schedule = optax.cosine_decay_schedule(lr, max(1, total))
+  else:
+    raise ValueError(sched.name)
+  if sched.warmup_steps > 0:
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, sched.warmup_steps), schedule], [sched.warmup_steps])
+  return schedule
+
+
+def create_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
+  """SGD with momentum (coupled L2 weight decay, as PyTorch) or Adam."""
+  opt = config.optimizer
+  if opt.name == 'sgd':
+    base = optax.sgd(schedule, momentum=opt.momentum or None, nesterov=opt.nesterov)
+  else:
+    base = optax.adam(schedule, b1=opt.b1, b2=opt.b2)
+  parts = []
+  if opt.weight_decay > 0:
+    parts.append(optax.add_decayed_weights(opt.weight_decay))
+  if opt.grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(opt.grad_clip_norm))
+  return optax.chain(*parts, base)
+
+
+def updates_per_train_step(config) -> int:
+  """Free AT replays each minibatch m times, one parameter update per replay."""
+  return config.perturbation.free_replays if config.perturbation.name == 'free' else 1
+
+
+# ----------------------------------------------------------------------------- model passes
+
+def model_variables(params, batch_stats):
+  return {'params': params, 'batch_stats': batch_stats} if batch_stats else {'params': params}
+
+
+def make_logits_fn(model, params, batch_stats, bn_mode: str = 'batch'):
+  """x -> logits for attacks and SGLD: no dropout, BatchNorm running averages untouched.
+
+  bn_mode 'batch' normalises with the batch's own statistics (the reference
+  PyTorch AT code attacks in train mode), 'running' with the running averages.
+  """
+  variables = model_variables(params, batch_stats)
+  if not batch_stats or bn_mode == 'running':
+    return lambda x: model.apply(variables, x, train=False)
+
+  def logits_fn(x):
+    logits, _ = model.apply(variables, x, train=False, use_running_average=False,
+                            mutable=['batch_stats'])
+    return logits
+  return logits_fn
+
+
+def train_forward(model, params, batch_stats, x, dropout_key):
+  """Train-mode pass: returns logits and the updated BatchNorm statistics."""
+  variables = model_variables(params, batch_stats)
+  rngs = {'dropout': dropout_key}
+  if not batch_stats:
+    return model.apply(variables, x, train=True, rngs=rngs), batch_stats
+  logits, updates = model.apply(variables, x, train=True, rngs=rngs, mutable=['batch_stats'])
+  return logits, updates['batch_stats']
+
+
+# ----------------------------------------------------------------------------- state
+
+def create_train_state(config, model, key: jax.Array, image_shape, tx, num_shards: int) -> TrainState:
+  k_init, k_buffer, k_run = jax.random.split(key, 3)
+  variables = model.init({'params': k_init, 'dropout': k_init},
+                         jnp.zeros((1, *image_shape), jnp.float32), train=False)
+  params = variables['params']
+  batch_stats = variables.get('batch_stats', {})
+  extra = {}
+  if config.sampler.name == 'sgld_buffer':
+    extra['buffer'] = sampling.init_replay_buffer(k_buffer, num_shards, config.sampler.buffer_size,
+                                                  image_shape, *config.sampler.init_range)
+  if config.perturbation.name == 'free':
+    extra['free_delta'] = jnp.zeros((config.batch_size, *image_shape), jnp.float32)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                    opt_state=tx.init(params), rng=k_run, extra=extra, tx=tx)
+
+
+def state_shardings(mesh, state: TrainState):
+  """Everything replicated but the replay buffer and Free AT's delta (sharded on axis 0)."""
+  rep, shard = parallel.replicated(mesh), parallel.sharded_on_first_axis(mesh)
+  shardings = jax.tree.map(lambda _: rep, state)
+  return shardings.replace(extra={k: shard for k in state.extra})
+
+
+# ----------------------------------------------------------------------------- train step
+
+def _energy_stats(prefix, values):
+  return {f'{prefix}_mean': jnp.mean(values), f'{prefix}_std': jnp.std(values)}
+
+
+def energy_dynamics(logits_old_clean, logits_old_pos, logits_new_pos, y) -> Dict[str, jax.Array]:
+  """Eq. 15: Dx E(x,y) = E_t(x_adv,y) - E_t(x,y); Dtheta E(x,y) = E_t'(x_adv,y) - E_t(x_adv,y);
+  and the same for E(x). Mean and std over the batch."""
+  metrics = {}
+  metrics.update(_energy_stats('dx_energy_xy', energy.energy_xy(logits_old_pos, y)
+                               - energy.energy_xy(logits_old_clean, y)))
+  metrics.update(_energy_stats('dtheta_energy_xy', energy.energy_xy(logits_new_pos, y)
+                               - energy.energy_xy(logits_old_pos, y)))
+  metrics.update(_energy_stats('dx_energy_x', energy.energy_x(logits_old_pos)
+                               - energy.energy_x(logits_old_clean)))
+  metrics.update(_energy_stats('dtheta_energy_x', energy.energy_x(logits_new_pos)
+                               - energy.energy_x(logits_old_pos)))
+  return metrics
+
+
+def recipe_loss(config, model, params, batch_stats, x, x_pos, y, x_neg, key):
+  """The recipe's loss on one batch; returns (loss, (logits_pos, batch_stats, metrics))."""
+  k1, k2 = jax.random.split(key)
+  metrics = {}
+  if config.loss.name == 'trades':
+    logits_clean, batch_stats = train_forward(model, params, batch_stats, x, k1)
+    logits_pos, batch_stats = train_forward(model, params, batch_stats, x_pos, k2)
+    loss = recipes.trades_loss(logits_clean, logits_pos, y, config.loss.trades_beta)
+  else:
+    logits_pos, batch_stats = train_forward(model, params, batch_stats, x_pos, k1)
+    if config.loss.name == 'joint_energy':
+      logits_neg, batch_stats = train_forward(model, params, batch_stats, x_neg, k2)
+      loss = recipes.joint_energy_loss(logits_pos, y, logits_neg, config.loss.energy_weight)
+      metrics['energy_x_neg'] = jnp.mean(energy.energy_x(logits_neg))
+    else:
+      loss = recipes.ce_loss(logits_pos, y)
+  metrics['energy_xy_pos'] = jnp.mean(energy.energy_xy(logits_pos, y))
+  metrics['energy_x_pos'] = jnp.mean(energy.energy_x(logits_pos))
+  return loss, (logits_pos, batch_stats, metrics)
+
+
+def _accuracy(logits, y):
+  return jnp.mean(jnp.argmax(logits, -1) == y)
+
+
+def train_step(state: TrainState, x_uint8: jax.Array, y: jax.Array, *, model, config,
+               with_dynamics: bool = False):
+  """One step of any recipe. Returns the new state and a dict of scalar metrics."""
+  key = jax.random.fold_in(state.rng, state.step)
+  k_aug, k_pos, k_neg, k_loss = jax.random.split(key, 4)
+  x = data_lib.to_float(x_uint8)
+  if config.data.augment:
+    x = data_lib.augment(k_aug, x)
+  if config.perturbation.name == 'free':
+    return free_train_step(state, x, y, k_loss, model=model, config=config)
+
+  attack_logits = make_logits_fn(model, state.params, state.batch_stats, config.perturbation.bn_mode)
+  x_pos = recipes.perturb(config.perturbation, attack_logits, x, y, k_pos)
+  x_neg, buffer = recipes.sample_negatives(config.sampler, attack_logits, state.extra.get('buffer'),
+                                           x.shape[0], k_neg)
+  loss_fn = functools.partial(recipe_loss, config, model, batch_stats=state.batch_stats, x=x,
+                              x_pos=x_pos, y=y, x_neg=x_neg, key=k_loss)
+  (loss, (logits_pos, batch_stats, metrics)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  extra = dict(state.extra, buffer=buffer) if buffer is not None else state.extra
+  new_state = apply_update(state, grads, batch_stats, extra)
+  metrics.update(loss=loss, train_accuracy=_accuracy(logits_pos, y),
+                 grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(state.params))
+  if with_dynamics:
+    new_logits = make_logits_fn(model, new_state.params, new_state.batch_stats,
+                                config.perturbation.bn_mode)
+    metrics.update(energy_dynamics(attack_logits(x), attack_logits(x_pos), new_logits(x_pos), y))
+  return new_state, metrics
+
+
+def apply_update(state: TrainState, grads, batch_stats, extra) -> TrainState:
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                       opt_state=opt_state, batch_stats=batch_stats, extra=extra)
+
+
+def free_train_step(state: TrainState, x, y, key, *, model, config):
+  """Free AT (Shafahi et al.): m replays of the minibatch; each replay takes one
+  gradient of CE(x + delta, y) for both the parameters (a descent step) and delta
+  (a sign ascent step of size eps), delta carried across replays and minibatches."""
+  eps = config.perturbation.eps
+
+  def replay(carry, k):
+    params, opt_state, batch_stats, delta = carry
+
+    def loss_fn(p, d):
+      logits, bs = train_forward(model, p, batch_stats, jnp.clip(x + d, 0.0, 1.0), k)
+      return recipes.ce_loss(logits, y), (logits, bs)
+
+    (loss, (logits, batch_stats)), (g_params, g_delta) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1), has_aux=True)(params, delta)
+    updates, opt_state = state.tx.update(g_params, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    delta = jnp.clip(delta + eps * jnp.sign(g_delta), -eps, eps)
+    return (params, opt_state, batch_stats, delta), (loss, _accuracy(logits, y))
+
+  keys = jax.random.split(key, config.perturbation.free_replays)
+  carry = (state.params, state.opt_state, state.batch_stats, state.extra['free_delta'])
+  (params, opt_state, batch_stats, delta), (losses, accs) = jax.lax.scan(replay, carry, keys)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            batch_stats=batch_stats, extra=dict(state.extra, free_delta=delta))
+  return new_state, {'loss': losses[-1], 'train_accuracy': accs[-1],
+                     'param_norm': optax.global_norm(params)}
+
+
+def eval_step(state: TrainState, x_uint8, y, mask, *, model):
+  """Number of correctly classified (unmasked) examples, BatchNorm in inference mode."""
+  logits = make_logits_fn(model, state.params, state.batch_stats, 'running')(data_lib.to_float(x_uint8))
+  return jnp.sum((jnp.argmax(logits, -1) == y) & mask)
+
+
+def evaluate_accuracy(eval_fn, state, mesh, x, y, batch_size: int) -> float:
+  correct = 0
+  for xb, yb, mb in data_lib.eval_batches(x, y, batch_size):
+    correct += int(eval_fn(state, *parallel.global_batch(mesh, xb, yb, mb)))
+  return correct / x.shape[0]
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def is_diverged(metrics, max_abs_loss: float) -> bool:
+  values = [float(v) for v in metrics.values()]
+  return not all(np.isfinite(values)) or abs(float(metrics['loss'])) > max_abs_loss
+
+
+def _format_eta(seconds: float) -> str:
+  seconds = int(max(0, seconds))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
+
+
+def image_grid(x: np.ndarray, rows: int) -> np.ndarray:
+  """(N, H, W, C) images in [0, 1] -> one (rows*H, cols*W, C) grid."""
+  n, h, w, c = x.shape
+  cols = n // rows
+  x = np.clip(x[:rows * cols], 0, 1).reshape(rows, cols, h, w, c)
+  return x.transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
+
+
+def write_json_atomic(path: str, obj) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns results.json."""
+  os.makedirs(workdir, exist_ok=True)
+  ds = data_lib.load_dataset(config)
+  mesh = parallel.make_mesh()
+  n_train = ds.x_train.shape[0]
+  steps_per_epoch = n_train // config.batch_size
+  total_steps = config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * steps_per_epoch
+  image_shape = ds.x_train.shape[1:]
+  logging.info('data %s: %d train / %d test images, %d classes; %d devices; %d steps '
+               '(%d per epoch)', ds.source, n_train, ds.x_test.shape[0], ds.num_classes,
+               mesh.size, total_steps, steps_per_epoch)
+
+  model = models.create_model(config.model, ds.num_classes, jnp.dtype(config.model.dtype))
+  tx = create_optimizer(config, learning_rate_schedule(config, steps_per_epoch, total_steps))
+  state = create_train_state(config, model, jax.random.PRNGKey(config.seed), image_shape, tx,
+                             mesh.size)
+  shardings = state_shardings(mesh, state)
+  state = jax.device_put(state, shardings)
+
+  checkpointer = ckpt_lib.Checkpointer(workdir, config)
+  state = checkpointer.restore_latest(state) or state
+  start_step = int(state.step)
+
+  batch_sharding = parallel.sharded_on_first_axis(mesh)
+  step_fns = {
+      dyn: jax.jit(functools.partial(train_step, model=model, config=config, with_dynamics=dyn),
+                   in_shardings=(shardings, batch_sharding, batch_sharding),
+                   out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+      for dyn in (False, True)}
+  eval_fn = jax.jit(functools.partial(eval_step, model=model))
+  n_eval = min(config.eval_num_examples, ds.x_test.shape[0]) if config.eval_num_examples > 0 else ds.x_test.shape[0]
+  x_eval, y_eval = ds.x_test[:n_eval], ds.y_test[:n_eval]
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  if start_step == 0:
+    writer.write_hparams({k: v for k, v in flatten_config(config).items()})
+  retries = 0
+  test_accuracy = None
+  last_log_time, last_log_step = time.time(), start_step
+  start_time = time.time()
+  step = start_step
+  while step < total_steps:
+    x, y = data_lib.train_batch(ds, step, config.batch_size, config.seed)
+    x, y = parallel.global_batch(mesh, x, y)
+    with_dynamics = config.dynamics_every_steps > 0 and (step + 1) % config.dynamics_every_steps == 0
+    if step == config.debug_inject_nan_at_step and retries == 0:
+      state = state.replace(params=jax.tree.map(lambda p: p * jnp.nan, state.params))
+    state, metrics = step_fns[with_dynamics](state, x, y)
+    step += 1
+    is_last = step == total_steps
+    checkpoint_now = step % config.checkpoint_every_steps == 0 or is_last
+    if step % config.log_every_steps == 0 or checkpoint_now or with_dynamics:
+      metrics = jax.device_get(metrics)
+      if is_diverged(metrics, config.divergence.max_abs_loss):
+        retries += 1
+        if retries > config.divergence.max_retries:
+          raise TrainingDiverged(
+              f'training diverged at step {step} (loss {metrics["loss"]}) after '
+              f'{config.divergence.max_retries} rollbacks; see divergence.* in the config')
+        state = rollback(checkpointer, config, model, tx, image_shape, mesh.size, shardings, retries)
+        logging.warning('divergence at step %d (loss %s): rolled back to step %d with seed '
+                        'stream %d (retry %d/%d)', step, metrics['loss'], int(state.step),
+                        retries, retries, config.divergence.max_retries)
+        writer.write_scalars(step, {'divergence_rollbacks': retries})
+        step = int(state.step)
+        last_log_time, last_log_step = time.time(), step
+        continue
+      now = time.time()
+      rate = (step - last_log_step) * config.batch_size / max(now - last_log_time, 1e-9)
+      eta = (total_steps - step) * config.batch_size / max(rate, 1e-9)
+      writer.write_scalars(step, {**{k: float(v) for k, v in metrics.items()},
+                                  'images_per_second': rate})
+      logging.info('step %d/%d (%.1f%%) | %.1f img/s | loss %.4f | train acc %.3f | ETA %s',
+                   step, total_steps, 100 * step / total_steps, rate, float(metrics['loss']),
+                   float(metrics['train_accuracy']), _format_eta(eta))
+      last_log_time, last_log_step = now, step
+    if step % config.eval_every_steps == 0 or is_last:
+      test_accuracy = evaluate_accuracy(eval_fn, state, mesh, x_eval, y_eval, config.eval_batch_size)
+      writer.write_scalars(step, {'test_accuracy': test_accuracy})
+      logging.info('step %d: test accuracy %.4f on %d images', step, test_accuracy, n_eval)
+      if 'buffer' in state.extra and jax.process_index() == 0:
+        samples = np.asarray(jax.device_get(state.extra['buffer'][0, :64]))
+        writer.write_images(step, {'replay_buffer': image_grid(samples, 8)[None]})
+    if checkpoint_now:
+      checkpointer.save(state)
+  writer.flush()
+
+  if test_accuracy is None:  # resumed a finished run
+    test_accuracy = evaluate_accuracy(eval_fn, state, mesh, x_eval, y_eval, config.eval_batch_size)
+  results = {'config': config.recipe, 'step': int(state.step), 'test_accuracy': test_accuracy,
+             'test_examples': int(n_eval), 'data_source': ds.source,
+             'model': models.model_name(config.model),
+             'wall_seconds_this_session': round(time.time() - start_time, 1),
+             'divergence_rollbacks': retries}
+  if jax.process_index() == 0:
+    write_json_atomic(os.path.join(workdir, 'results.json'), results)
+  return results
+
+
+def rollback(checkpointer, config, model, tx, image_shape, num_shards, shardings, retry: int):
+  """The last good checkpoint (or a fresh init) with the step rng stream changed by `retry`."""
+  fresh = jax.device_put(create_train_state(config, model, jax.random.PRNGKey(config.seed),
+                                            image_shape, tx, num_shards), shardings)
+  state = checkpointer.restore_latest(fresh) or fresh
+  return state.replace(rng=jax.random.fold_in(state.rng, 1_000_003 + retry))
+
+
+def flatten_config(config, prefix: str = '') -> Dict[str, Any]:
+  out = {}
+  for k, v in config.items():
+    if hasattr(v, 'items'):
+      out.update(flatten_config(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v if isinstance(v, (int, float, str, bool)) else str(v)
+  return out

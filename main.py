@@ -1,0 +1,64 @@
+"""jeat-jax entry point: python main.py --config=configs/jeat.py --workdir=DIR [--mode=train].
+
+Config strings select the scale: configs/jeat.py (the paper's), configs/jeat.py:cpu,
+configs/jeat.py:smoke. Any key can be overridden: --config.optimizer.lr=0.05.
+"""
+import logging as std_logging
+import os
+import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Recipe config file (and :cpu / :smoke).',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
+flags.DEFINE_enum('mode', 'train', ['train'], 'What to do with the run in --workdir.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def run(config, workdir: str, mode: str):
+  from jeat_jax import config_validation  # pylint: disable=g-import-not-at-top
+  from jeat_jax import parallel  # pylint: disable=g-import-not-at-top
+  config_validation.validate(config)
+  parallel.initialize_distributed(config)
+  if mode == 'train':
+    from jeat_jax import train  # pylint: disable=g-import-not-at-top
+    results = train.train_and_evaluate(config, workdir)
+    logging.info('results: %s', results)
+
+
+class _QuietLibraries(std_logging.Filter):
+  """Drops the INFO chatter of orbax and other libraries from the log."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or '/jeat_jax/' in record.pathname or (
+        record.pathname.endswith('main.py'))
+
+
+def main(argv):
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  from jeat_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  # Keep TensorFlow (used by TFDS and the TensorBoard writer) off accelerators.
+  os.environ.setdefault('CUDA_VISIBLE_DEVICES_FOR_TF', '')
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.set_visible_devices([], 'GPU')
+  except Exception:  # pylint: disable=broad-except
+    pass
+  try:
+    run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  app.run(main)
