@@ -41,6 +41,25 @@ class _QuietLibraries(std_logging.Filter):
         record.pathname.endswith('main.py'))
 
 
+def parse_flags(argv):
+  """absl flag parsing, with bad flags and config overrides reported in one line."""
+  try:
+    args = FLAGS(argv)
+    _ = FLAGS.config.recipe  # config files load lazily: surface a bad --config here
+    return args
+  except Exception as e:  # pylint: disable=broad-except
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    unknown_key = isinstance(e, AttributeError) or 'has no attribute' in str(e)
+    if unknown_key:
+      overrides = [a for a in argv[1:] if a.startswith('--config.')]
+      key = lines[-1].strip('"\'')
+      message = f'unknown config key {key!r} in {" ".join(overrides)}'
+    else:
+      message = lines[0] if len(lines) == 1 else f'{lines[0]} ({lines[-1]})'
+    print(f'error: {message}', file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
@@ -61,4 +80,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -111,7 +111,7 @@ def apply_scale(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict:
     raise ValueError(f'unknown config string {arg!r}; use one of ":cpu", ":smoke" or none')
   if arg == 'cpu':
     c.data.source = 'auto'
-    c.model.depth, c.model.width = 10, 2
+    c.model.depth, c.model.width = 10, 1
     c.eval_num_examples = 1000
     c.log_every_steps = 20
     c.eval_every_steps = 500

@@ -24,6 +24,7 @@ from clu import metric_writers
 from jeat_jax import checkpoint as ckpt_lib
 from jeat_jax import data as data_lib
 from jeat_jax import energy
+from jeat_jax import evaluate
 from jeat_jax import models
 from jeat_jax import parallel
 from jeat_jax import recipes
@@ -228,7 +229,7 @@ def train_step(state: TrainState, x_uint8: jax.Array, y: jax.Array, *, model, co
   extra = dict(state.extra, buffer=buffer) if buffer is not None else state.extra
   new_state = apply_update(state, grads, batch_stats, extra)
   metrics.update(loss=loss, train_accuracy=_accuracy(logits_pos, y),
-                 grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(state.params))
+                 grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(state.params))
   if with_dynamics:
     new_logits = make_logits_fn(model, new_state.params, new_state.batch_stats,
                                 config.perturbation.bn_mode)
@@ -268,7 +269,7 @@ def free_train_step(state: TrainState, x, y, key, *, model, config):
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             batch_stats=batch_stats, extra=dict(state.extra, free_delta=delta))
   return new_state, {'loss': losses[-1], 'train_accuracy': accs[-1],
-                     'param_norm': optax.global_norm(params)}
+                     'param_norm': optax.tree.norm(params)}
 
 
 def eval_step(state: TrainState, x_uint8, y, mask, *, model):
@@ -315,7 +316,7 @@ def write_json_atomic(path: str, obj) -> None:
 
 def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns results.json."""
-  os.makedirs(workdir, exist_ok=True)
+  checkpointer = ckpt_lib.Checkpointer(workdir, config)  # refuses a workdir of another run
   ds = data_lib.load_dataset(config)
   mesh = parallel.make_mesh()
   n_train = ds.x_train.shape[0]
@@ -333,7 +334,6 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   shardings = state_shardings(mesh, state)
   state = jax.device_put(state, shardings)
 
-  checkpointer = ckpt_lib.Checkpointer(workdir, config)
   state = checkpointer.restore_latest(state) or state
   start_step = int(state.step)
 
@@ -408,6 +408,12 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
              'model': models.model_name(config.model),
              'wall_seconds_this_session': round(time.time() - start_time, 1),
              'divergence_rollbacks': retries}
+  if config.perturbation.name not in ('none', 'gaussian'):  # adversarial recipes
+    logits_fn = make_logits_fn(model, state.params, state.batch_stats, 'running')
+    results['robust_accuracy_pgd10'] = evaluate.robust_accuracy_pgd(
+        logits_fn, mesh, x_eval, y_eval, config.eval_batch_size, jax.random.PRNGKey(config.seed))
+    logging.info('PGD-10 (eps 8/255) robust accuracy %.4f on %d images',
+                 results['robust_accuracy_pgd10'], n_eval)
   if jax.process_index() == 0:
     write_json_atomic(os.path.join(workdir, 'results.json'), results)
   return results

@@ -146,10 +146,10 @@ def apgd_run(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array, ep
   threshold of checkpoint condition 1. Condition 1 compares the first step's
   loss with the start's (the reference code compares it with 0).
   """
-  key_start, key_grad = jax.random.split(key)
+  key_start, key_grad, key_clean = jax.random.split(key, 3)
   targets = None
   if loss.endswith('targeted'):
-    clean_logits = call_logits(logits_fn, x, jax.random.fold_in(key_grad, -1), stochastic)
+    clean_logits = call_logits(logits_fn, x, key_clean, stochastic)
     targets = ranked_class(clean_logits, target_rank)
   loss_fn = loss_of_logits(loss, y, targets)
   value_and_grad = functools.partial(eot_value_and_grad, logits_fn, loss_fn, eot_iter=eot_iter,

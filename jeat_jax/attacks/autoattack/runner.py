@@ -158,10 +158,11 @@ def run_autoattack(logits_fn: Callable, x, y, *, eps: float = 8 / 255, key: jax.
                                eot_iter=eot_iter if version == 'rand' else 1).items()))
   t_start = time.time()
 
+  key, key_clean = jax.random.split(key)
   robust = np.zeros(n, bool)
   for c, (sel, padded) in enumerate(_chunks(np.arange(n), batch_size)):
     robust[sel] = np.asarray(_correct(logits_fn, jnp.asarray(x[padded]), jnp.asarray(y[padded]),
-                                      jax.random.fold_in(key, -1 - c), stochastic))[:len(sel)]
+                                      jax.random.fold_in(key_clean, c), stochastic))[:len(sel)]
   clean_accuracy = float(robust.mean())
   records = [dict(name='clean', robust_accuracy=clean_accuracy, seconds=time.time() - t_start,
                   n_attacked=n)]

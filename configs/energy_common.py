@@ -1,0 +1,34 @@
+"""Shared settings of the energy recipes (JEM, PreJEAT, JEAT): JEM's model and optimizer.
+
+Paper Table 4 / JEM: WRN-28-10 without normalisation (BatchNorm breaks the pure
+energy SGLD needs), leaky ReLU 0.2, images scaled to [-1, 1] inside the model,
+Adam 1e-4 (0.9, 0.999), batch 64, x0.3 at epochs 160 and 180, 200 epochs, no
+weight decay, JEM's 1000-iteration warmup.
+"""
+
+
+def use_jem_setup(c):
+  c.model.norm = 'none'
+  c.model.activation = 'leaky_relu'
+  c.model.input_normalization = 'minus_one_one'
+  c.batch_size = 64
+  c.optimizer.name = 'adam'
+  c.optimizer.lr = 1e-4
+  c.optimizer.weight_decay = 0.0
+  c.schedule.name = 'multistep'
+  c.schedule.decay_epochs = (160, 180)
+  c.schedule.decay_factor = 0.3
+  c.schedule.warmup_steps = 1000
+  c.num_epochs = 200
+  return c
+
+
+def use_cpu_scale(c, epochs: float):
+  """WRN-10-1, Adam 1e-3 with a short warmup, `epochs` of the stand-in."""
+  c.model.depth, c.model.width = 10, 1
+  c.optimizer.lr = 1e-3
+  c.schedule.name = 'cosine'
+  c.schedule.warmup_steps = 100
+  c.num_epochs = 1
+  c.num_train_steps = int(epochs * 50000 / c.batch_size)
+  return c

@@ -1,0 +1,21 @@
+"""Fast AT (Wong et al.): FGSM from a uniform random start, step 1.25 eps = 10/255.
+
+Paper Table 4: cyclic lr 0 -> 0.2 -> 0, SGD momentum 0.9, wd 5e-4, batch 128, 15 epochs.
+"""
+from configs import default
+
+
+def get_config(arg=None):
+  c = default.get_base_config()
+  c.recipe = 'fast'
+  c.perturbation.name = 'pgd'
+  c.perturbation.num_steps = 1
+  c.perturbation.step_size = 10 / 255
+  c.schedule.name = 'onecycle'
+  c.schedule.peak_fraction = 0.5
+  c.optimizer.lr = 0.2
+  c.num_epochs = 15
+  default.apply_scale(c, arg)
+  if arg == 'cpu':
+    c.num_epochs = 4
+  return c
