@@ -1,0 +1,163 @@
+"""Images/s of a train step, JAX (the package's jitted step) beside PyTorch eager.
+
+  python benchmarks/train_step.py --models=10-2,16-4,28-10 --recipes=natural,jeat
+
+Both sides run the same pre-activation WRN (ported weights), batch and step:
+  natural: CE on the batch, one SGD update;
+  jeat:    the energy attack (Eq. 18), K SGLD steps on E(x) from a replay buffer,
+           CE(x_adv) + E(x_adv) - E(x_sgld), one Adam update (Algorithm 1).
+MFU = XLA's FLOP count of the compiled step / time / --peak_gflops (the machine's
+float32 peak; the default assumes 2 cores x 2.0 GHz x 32 FLOP/cycle (one AVX-512 FMA unit)).
+"""
+import argparse
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
+import numpy as np
+
+from configs import jeat as jeat_config, natural as natural_config
+from jeat_jax import models, train
+from tests import torch_reference
+
+
+def cpu_name():
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor()
+
+
+def make_config(recipe, depth, width, batch, sgld_steps, unroll):
+  c = (natural_config if recipe == 'natural' else jeat_config).get_config()
+  c.model.depth, c.model.width = depth, width
+  c.batch_size = batch
+  c.data.augment = False
+  c.sampler.num_steps = sgld_steps
+  c.sampler.unroll = unroll
+  c.sampler.buffer_size = 1000
+  return c
+
+
+def time_jax(config, steps):
+  model = models.create_model(config.model, 10)
+  steps_per_epoch = 100
+  tx = train.create_optimizer(config, train.learning_rate_schedule(config, steps_per_epoch, 1000))
+  state = train.create_train_state(config, model, jax.random.PRNGKey(0), (32, 32, 3), tx, 1)
+  x = jnp.asarray(np.random.default_rng(0).integers(0, 256, (config.batch_size, 32, 32, 3), np.uint8))
+  y = jnp.asarray(np.random.default_rng(1).integers(0, 10, config.batch_size).astype(np.int32))
+  step = jax.jit(lambda s, a, b: train.train_step(s, a, b, model=model, config=config),
+                 donate_argnums=0)
+  compiled = step.lower(state, x, y).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get('flops', 0.0)) if cost else 0.0
+  state, m = compiled(state, x, y)
+  jax.block_until_ready(m)
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, m = compiled(state, x, y)
+  jax.block_until_ready(m)
+  seconds = (time.perf_counter() - start) / steps
+  return config.batch_size / seconds, flops / seconds, state, model
+
+
+def time_torch(config, variables_model, steps):
+  torch = torch_reference._torch()  # pylint: disable=protected-access
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  state, model = variables_model
+  variables = {'params': state.params}
+  if state.batch_stats:
+    variables['batch_stats'] = state.batch_stats
+  net = torch_reference.port_wideresnet(jax.device_get(variables), model)
+  net.train()
+  b = config.batch_size
+  x = torch.rand(b, 3, 32, 32)
+  y = torch.randint(0, 10, (b,))
+  if config.optimizer.name == 'sgd':
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+  else:
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+  buffer = torch.rand(1000, 3, 32, 32)
+  eps, s_cfg = config.perturbation.eps, config.sampler
+
+  def energy_attack(x, y):
+    delta = torch.empty_like(x).uniform_(-eps, eps)
+    xs = (x + delta).clamp(0, 1).requires_grad_(True)
+    e_xy = -net(xs).gather(1, y[:, None]).sum()
+    g, = torch.autograd.grad(e_xy, xs)
+    delta = (delta + eps * g.sign()).clamp(-eps, eps)
+    return (x + delta).clamp(0, 1).detach()
+
+  def sgld(idx):
+    xk = buffer[idx].clone()
+    reinit = torch.rand(len(idx)) < s_cfg.reinit_prob
+    xk[reinit] = torch.rand_like(xk[reinit])
+    for _ in range(s_cfg.num_steps):
+      xk.requires_grad_(True)
+      e_x = -torch.logsumexp(net(xk), 1).sum()
+      g, = torch.autograd.grad(e_x, xk)
+      xk = (xk - s_cfg.step_size * g + s_cfg.noise_std * torch.randn_like(xk)).detach()
+    buffer[idx] = xk
+    return xk
+
+  def one_step():
+    if config.recipe == 'natural':
+      loss = F.cross_entropy(net(x), y)
+    else:
+      x_adv = energy_attack(x, y)
+      x_neg = sgld(torch.randint(0, 1000, (b,)))
+      logits, logits_neg = net(x_adv), net(x_neg)
+      loss = (F.cross_entropy(logits, y) - torch.logsumexp(logits, 1).mean()
+              + torch.logsumexp(logits_neg, 1).mean())
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+  one_step()
+  start = time.perf_counter()
+  for _ in range(steps):
+    one_step()
+  return b / ((time.perf_counter() - start) / steps)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument('--models', default='10-2,16-4,28-10')
+  parser.add_argument('--recipes', default='natural')
+  parser.add_argument('--batch', type=int, default=0, help='0: the recipe default (128 / 64)')
+  parser.add_argument('--steps', type=int, default=3)
+  parser.add_argument('--sgld_steps', type=int, default=20)
+  parser.add_argument('--unroll', type=int, default=1)
+  parser.add_argument('--peak_gflops', type=float, default=2 * 2.0 * 32)
+  args = parser.parse_args()
+  torch = torch_reference._torch()  # pylint: disable=protected-access
+  torch.set_num_threads(os.cpu_count())
+  print(f'machine: {cpu_name()}, {os.cpu_count()} cores; jax {jax.__version__} on '
+        f'{jax.devices()[0].platform}; torch {torch.__version__}')
+  print('| recipe | model | batch | JAX img/s | PyTorch eager img/s | JAX/PyTorch | JAX GFLOP/s | MFU |')
+  print('|---|---|---|---|---|---|---|---|')
+  for recipe in args.recipes.split(','):
+    for spec in args.models.split(','):
+      depth, width = map(int, spec.split('-'))
+      batch = args.batch or (128 if recipe == 'natural' else 64)
+      config = make_config(recipe, depth, width, batch, args.sgld_steps, args.unroll)
+      steps = 1 if depth * width >= 280 else args.steps
+      jax_ips, flops_per_s, state, model = time_jax(config, steps)
+      torch_ips = time_torch(config, (state, model), steps)
+      print(f'| {recipe} | WRN-{depth}-{width} | {batch} | {jax_ips:.1f} | {torch_ips:.1f} | '
+            f'{jax_ips / torch_ips:.2f}x | {flops_per_s / 1e9:.1f} | '
+            f'{flops_per_s / 1e9 / args.peak_gflops:.1%} |', flush=True)
+
+
+if __name__ == '__main__':
+  main()
