@@ -102,6 +102,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval_num_examples = 10000     # test images for the clean accuracy during training
   c.eval_batch_size = 500
   c.debug_inject_nan_at_step = -1  # testing hook for the divergence guard
+  add_sample_config(c)
   return c
 
 
@@ -131,4 +132,25 @@ def apply_scale(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict:
     c.sampler.num_steps = 2
     c.perturbation.num_steps = min(c.perturbation.num_steps, 2)
     c.perturbation.free_replays = 2
+    c.sample.num_samples = 20
+    c.sample.num_steps = 3
+    c.sample.batch_size = 10
+    c.sample.start = 'uniform'
+  return c
+
+
+def add_sample_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Keys of --mode=sample (jeat_jax.generation). The paper gives no step count or size."""
+  c.sample = ml_collections.ConfigDict()
+  c.sample.objective = 'eq17'      # eq17: E(x,y) | eq16: E(x,y) - E(x) | unconditional: E(x)
+  c.sample.start = 'gaussian'      # gaussian: N(mu_y, Sigma_y) of the train set | uniform | buffer
+  c.sample.num_samples = 1000      # balanced over classes
+  c.sample.num_steps = 100
+  c.sample.step_size = 1.0
+  c.sample.noise_std = 0.01
+  c.sample.clip = True             # keep chains in [0, 1]
+  c.sample.batch_size = 250
+  c.sample.record_gradient_norms = True
+  c.sample.gaussian_cache = ''     # '': <workdir>/../class_gaussian_<dataset>.npz
+  c.sample.seed = 0
   return c

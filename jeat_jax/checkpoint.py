@@ -47,8 +47,14 @@ def check_run_info(workdir: str, config) -> None:
 class Checkpointer:
   """Saves every `checkpoint_every_steps` (called by the loop) and restores the latest."""
 
-  def __init__(self, workdir: str, config):
-    check_run_info(workdir, config)
+  def __init__(self, workdir: str, config, for_training: bool = True):
+    if for_training:
+      check_run_info(workdir, config)
+    elif not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+      raise WorkdirError(f'no checkpoints in {workdir}: train there first '
+                         f'(python main.py --config=... --workdir={workdir})')
+    else:
+      check_run_info(workdir, config)
     options = ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints_to_keep, create=True,
                                            enable_async_checkpointing=False)
     self._manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),

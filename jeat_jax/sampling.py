@@ -13,10 +13,12 @@ one shard per device, and each device draws its chain starts from its own
 shard and writes the chain ends back there.
 """
 import math
+import os
 from typing import Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 EnergyFn = Callable[[jax.Array], jax.Array]  # images -> per-example energy
 
@@ -84,3 +86,131 @@ def write_to_buffer(buffer: jax.Array, slots: jax.Array, x: jax.Array) -> jax.Ar
   num_shards = buffer.shape[0]
   x = x.reshape((num_shards, -1) + buffer.shape[2:])
   return jax.vmap(lambda shard, idx, v: shard.at[idx].set(v))(buffer, slots, x)
+
+
+# ----------------------------------------------------------------------------- generation
+
+OBJECTIVES = ('eq17', 'eq16', 'unconditional')
+STARTS = ('uniform', 'gaussian', 'buffer')
+
+
+def generation_energy(logits_fn: Callable[[jax.Array], jax.Array], y: jax.Array,
+                      objective: str) -> EnergyFn:
+  """The energy a generation chain descends.
+
+  'eq17': E(x, y) alone (Eq. 17, the paper's way, Algorithm 1 "Generating");
+  'eq16': E(x, y) - E(x), i.e. cross-entropy (Eq. 16/21, the original robust-classifier way);
+  'unconditional': E(x) (y is ignored).
+  """
+  from jeat_jax import energy  # pylint: disable=g-import-not-at-top
+
+  def fn(x):
+    logits = logits_fn(x)
+    if objective == 'eq17':
+      return energy.energy_xy(logits, y)
+    if objective == 'eq16':
+      return energy.cross_entropy(logits, y)
+    return energy.energy_x(logits)
+  return fn
+
+
+def sgld_chain_with_gradient_norms(logits_fn, x0: jax.Array, y: jax.Array, key: jax.Array,
+                                   objective: str, num_steps: int, step_size: float,
+                                   noise_std: float, clip=None):
+  """A generation chain that also records, per step, the mean L2 norms of
+  grad_x E(x, y) and grad_x E(x) over the batch (the quantities of Fig. 12/13).
+
+  Returns (x_K, norms) with norms of shape (num_steps, 2): [|grad E(x,y)|, |grad E(x)|].
+  """
+  from jeat_jax import energy  # pylint: disable=g-import-not-at-top
+  grad_xy = jax.grad(lambda z: jnp.sum(energy.energy_xy(logits_fn(z), y)))
+  grad_x = jax.grad(lambda z: jnp.sum(energy.energy_x(logits_fn(z))))
+
+  def mean_norm(g):
+    return jnp.mean(jnp.sqrt(jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=-1)))
+
+  def body(t, carry):
+    x, norms = carry
+    g_xy, g_x = grad_xy(x), grad_x(x)
+    g = {'eq17': g_xy, 'eq16': g_xy - g_x, 'unconditional': g_x}[objective]
+    noise = jax.random.normal(jax.random.fold_in(key, t), x.shape, x.dtype)
+    x = x - step_size * g + noise_std * noise
+    x = x if clip is None else jnp.clip(x, *clip)
+    return x, norms.at[t].set(jnp.stack([mean_norm(g_xy), mean_norm(g_x)]))
+
+  x, norms = jax.lax.fori_loop(0, num_steps, body, (x0, jnp.zeros((num_steps, 2), jnp.float32)))
+  return jax.lax.stop_gradient(x), norms
+
+
+def uniform_images(key: jax.Array, n: int, image_shape, low: float = 0.0,
+                   high: float = 1.0) -> jax.Array:
+  """Chain starts from U(low, high)."""
+  return jax.random.uniform(key, (n, *image_shape), jnp.float32, low, high)
+
+
+class ClassConditionalGaussian:
+  """N(mu_y, Sigma_y) of the training images of each class (Sec. 2.2, Santurkar et al.),
+  with the full (H*W*C)^2 covariance, fitted once and cached as an .npz."""
+
+  def __init__(self, means: np.ndarray, cholesky: np.ndarray):
+    self.means = means          # (num_classes, D)
+    self.cholesky = cholesky    # (num_classes, D, D), lower triangular
+
+  @classmethod
+  def fit(cls, x_uint8: np.ndarray, y: np.ndarray, num_classes: int,
+          jitter: float = 1e-4) -> 'ClassConditionalGaussian':
+    d = int(np.prod(x_uint8.shape[1:]))
+    means = np.zeros((num_classes, d), np.float32)
+    chol = np.zeros((num_classes, d, d), np.float32)
+    for c in range(num_classes):
+      xc = x_uint8[y == c].reshape(-1, d).astype(np.float64) / 255.0
+      means[c] = xc.mean(0)
+      cov = np.cov(xc, rowvar=False) + jitter * np.eye(d)
+      chol[c] = np.linalg.cholesky(cov)
+    return cls(means, chol)
+
+  @classmethod
+  def cached(cls, path: str, x_uint8: np.ndarray, y: np.ndarray,
+             num_classes: int) -> 'ClassConditionalGaussian':
+    """Loads the fit from `path`, or fits it and saves it there."""
+    if os.path.exists(path):
+      with np.load(path) as f:
+        return cls(f['means'], f['cholesky'])
+    fitted = cls.fit(x_uint8, y, num_classes)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + '.tmp.npz'
+    np.savez(tmp, means=fitted.means, cholesky=fitted.cholesky)
+    os.replace(tmp, path)
+    return fitted
+
+  def sample(self, key: jax.Array, labels: jax.Array, image_shape) -> jax.Array:
+    z = jax.random.normal(key, (labels.shape[0], self.means.shape[1]), jnp.float32)
+    means, chol = jnp.asarray(self.means)[labels], jnp.asarray(self.cholesky)[labels]
+    x = means + jnp.einsum('nij,nj->ni', chol, z)
+    return jnp.clip(x, 0.0, 1.0).reshape((labels.shape[0], *image_shape))
+
+
+def buffer_images(key: jax.Array, buffer: jax.Array, n: int) -> jax.Array:
+  """Chain starts drawn uniformly from a replay buffer (any shard layout)."""
+  flat = buffer.reshape((-1,) + buffer.shape[-3:])
+  return flat[jax.random.randint(key, (n,), 0, flat.shape[0])]
+
+
+def class_labels(num_samples: int, num_classes: int) -> np.ndarray:
+  """Labels 0, 1, ..., C-1, 0, 1, ... : balanced over classes."""
+  return (np.arange(num_samples) % num_classes).astype(np.int32)
+
+
+def generate(logits_fn, x0: jax.Array, y: jax.Array, key: jax.Array, *, objective: str = 'eq17',
+             num_steps: int = 100, step_size: float = 1.0, noise_std: float = 0.01,
+             clip=(0.0, 1.0), record_gradient_norms: bool = False):
+  """Generation by SGLD from x0 (Eq. 16, 17 or unconditional on E(x)).
+
+  Returns x_K, or (x_K, per-step gradient norms) when `record_gradient_norms`.
+  Jit it with the model bound in `logits_fn` (see `make_generator`).
+  """
+  if record_gradient_norms:
+    return sgld_chain_with_gradient_norms(logits_fn, x0, y, key, objective, num_steps,
+                                          step_size, noise_std, clip)
+  return sgld_chain(generation_energy(logits_fn, y, objective), x0, key, num_steps, step_size,
+                    noise_std, clip)

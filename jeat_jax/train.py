@@ -29,7 +29,7 @@ from jeat_jax import models
 from jeat_jax import parallel
 from jeat_jax import recipes
 from jeat_jax import sampling
-from jeat_jax.errors import UserError
+from jeat_jax.errors import UserError, WorkdirError
 
 
 class TrainingDiverged(UserError):
@@ -417,6 +417,23 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   if jax.process_index() == 0:
     write_json_atomic(os.path.join(workdir, 'results.json'), results)
   return results
+
+
+def load_trained(config, workdir: str):
+  """The model, the latest checkpointed state of `workdir`, the dataset and the mesh."""
+  checkpointer = ckpt_lib.Checkpointer(workdir, config, for_training=False)
+  ds = data_lib.load_dataset(config)
+  mesh = parallel.make_mesh()
+  model = models.create_model(config.model, ds.num_classes, jnp.dtype(config.model.dtype))
+  steps_per_epoch = ds.x_train.shape[0] // config.batch_size
+  tx = create_optimizer(config, learning_rate_schedule(config, steps_per_epoch, steps_per_epoch))
+  state = create_train_state(config, model, jax.random.PRNGKey(config.seed), ds.x_train.shape[1:],
+                             tx, mesh.size)
+  state = jax.device_put(state, state_shardings(mesh, state))
+  restored = checkpointer.restore_latest(state)
+  if restored is None:
+    raise WorkdirError(f'no checkpoint in {workdir}/checkpoints: train there first')
+  return model, restored, ds, mesh
 
 
 def rollback(checkpointer, config, model, tx, image_shape, num_shards, shardings, retry: int):

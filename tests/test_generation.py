@@ -1,0 +1,83 @@
+"""The jeat_jax.sampling generation API and --mode=sample."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jeat_jax import generation, sampling, train
+from tests.conftest import smoke_config, write_synthetic_npz
+
+
+def test_langevin_on_a_quadratic_energy_reaches_its_mean_and_variance():
+  mu, step, noise = 0.7, 0.1, 0.1
+  quad = lambda z: 0.5 * jnp.sum((z - mu) ** 2, axis=-1)
+  x = sampling.sgld_chain(quad, jnp.zeros((4000, 2)), jax.random.PRNGKey(0), 200, step, noise)
+  # x' = (1 - s) x + s mu + n: stationary mean mu, variance n^2 / (1 - (1 - s)^2).
+  assert abs(float(x.mean()) - mu) < 0.01
+  np.testing.assert_allclose(float(x.var()), noise ** 2 / (1 - (1 - step) ** 2), rtol=0.1)
+
+
+def _linear_logits(num_classes=3):
+  w = jax.random.normal(jax.random.PRNGKey(0), (12, num_classes))
+  return lambda x: x.reshape(x.shape[0], -1) @ w
+
+
+@pytest.mark.parametrize('objective', sampling.OBJECTIVES)
+def test_generate_shapes_ranges_determinism(objective):
+  logits_fn = _linear_logits()
+  y = jnp.asarray(sampling.class_labels(6, 3))
+  x0 = sampling.uniform_images(jax.random.PRNGKey(1), 6, (2, 2, 3))
+  run = lambda k: sampling.generate(logits_fn, x0, y, k, objective=objective, num_steps=5,
+                                    step_size=0.5, noise_std=0.05)
+  a, b, c = run(jax.random.PRNGKey(2)), run(jax.random.PRNGKey(2)), run(jax.random.PRNGKey(3))
+  assert a.shape == x0.shape and float(a.min()) >= 0 and float(a.max()) <= 1
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+  x, norms = sampling.generate(logits_fn, x0, y, jax.random.PRNGKey(2), objective=objective,
+                               num_steps=5, step_size=0.5, noise_std=0.05,
+                               record_gradient_norms=True)
+  np.testing.assert_allclose(x, a, atol=1e-6)  # recording does not change the chain
+  assert norms.shape == (5, 2) and bool(jnp.all(norms > 0))
+
+
+def test_eq17_descends_energy_xy_and_raises_class_probability():
+  logits_fn = _linear_logits()
+  y = jnp.asarray(sampling.class_labels(30, 3))
+  x0 = sampling.uniform_images(jax.random.PRNGKey(1), 30, (2, 2, 3))
+  x = sampling.generate(logits_fn, x0, y, jax.random.PRNGKey(2), num_steps=20, step_size=0.05,
+                        noise_std=0.0)
+  e = lambda z: -jnp.take_along_axis(logits_fn(z), y[:, None], 1)
+  assert float(e(x).mean()) < float(e(x0).mean())
+  assert float(jnp.mean(jnp.argmax(logits_fn(x), -1) == y)) > 0.9
+
+
+def test_class_conditional_gaussian(tmp_path):
+  rng = np.random.default_rng(0)
+  y = np.repeat(np.arange(2), 400)
+  x = np.where(y[:, None, None, None] == 0, 60, 190) + rng.integers(-20, 21, (800, 2, 2, 1))
+  x = x.astype(np.uint8)
+  path = str(tmp_path / 'g.npz')
+  g = sampling.ClassConditionalGaussian.cached(path, x, y, 2)
+  assert os.path.exists(path)
+  g2 = sampling.ClassConditionalGaussian.cached(path, x, y, 2)
+  np.testing.assert_array_equal(g.cholesky, g2.cholesky)
+  samples = g.sample(jax.random.PRNGKey(0), jnp.asarray(np.repeat([0, 1], 2000)), (2, 2, 1))
+  np.testing.assert_allclose(samples[:2000].mean(), 60 / 255, atol=0.01)
+  np.testing.assert_allclose(samples[2000:].mean(), 190 / 255, atol=0.01)
+  np.testing.assert_allclose(samples[:2000].std(), x[y == 0].std() / 255, rtol=0.1)
+
+
+def test_sample_mode_writes_grid_and_npz(tmp_path):
+  data = write_synthetic_npz(tmp_path / 'd.npz', n_train=256, n_test=32)
+  config = smoke_config('jeat', data)
+  workdir = str(tmp_path / 'w')
+  train.train_and_evaluate(config, workdir)
+  config.sample.start = 'buffer'
+  out = generation.sample_run(config, workdir)
+  with np.load(out['samples']) as f:
+    assert f['x'].dtype == np.uint8 and f['x'].shape == (20, 32, 32, 3)
+    np.testing.assert_array_equal(f['y'], np.arange(20) % 10)
+  from PIL import Image
+  assert Image.open(out['grid']).size == (2 * 10 * 32, 2 * 10 * 32)
