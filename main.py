@@ -18,8 +18,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Recipe config file (and :cpu / :smoke).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
-flags.DEFINE_enum('mode', 'train', ['train', 'sample'],
-                  'train (resumes), or sample from the latest checkpoint in --workdir.')
+flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'sample'],
+                  'train (resumes), or evaluate / sample the latest checkpoint in --workdir.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -32,6 +32,9 @@ def run(config, workdir: str, mode: str):
     from jeat_jax import train  # pylint: disable=g-import-not-at-top
     results = train.train_and_evaluate(config, workdir)
     logging.info('results: %s', results)
+  elif mode == 'evaluate':
+    from jeat_jax import evaluate  # pylint: disable=g-import-not-at-top
+    evaluate.evaluate_run(config, workdir)
   elif mode == 'sample':
     from jeat_jax import generation  # pylint: disable=g-import-not-at-top
     logging.info('samples: %s', generation.sample_run(config, workdir))

@@ -64,6 +64,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.perturbation.sigma = 0.0      # gaussian noise std, [0, 1] pixel units
   c.perturbation.free_replays = 8
   c.perturbation.bn_mode = 'batch'  # BatchNorm inside attacks/SGLD: batch | running
+  c.perturbation.unroll = 1       # > 1 unrolls attack loops (XLA:CPU runs conv gradients in
+                                  # while loops on a slow path; the :cpu configs unroll fully)
 
   # Negative samples for the p(x) term (recipes.sample_negatives).
   c.sampler = ml_collections.ConfigDict()
@@ -99,8 +101,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.max_checkpoints_to_keep = 2
   c.dynamics_every_steps = 0      # > 0: log the energy changes of Eq. 15 every N steps
-  c.eval_num_examples = 10000     # test images for the clean accuracy during training
-  c.eval_batch_size = 500
+  add_eval_config(c)
   c.debug_inject_nan_at_step = -1  # testing hook for the divergence guard
   add_sample_config(c)
   return c
@@ -112,8 +113,10 @@ def apply_scale(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict:
     raise ValueError(f'unknown config string {arg!r}; use one of ":cpu", ":smoke" or none')
   if arg == 'cpu':
     c.data.source = 'auto'
+    c.perturbation.unroll = 10
+    c.sampler.unroll = 20
     c.model.depth, c.model.width = 10, 1
-    c.eval_num_examples = 1000
+    c.eval.num_examples = 1000
     c.log_every_steps = 20
     c.eval_every_steps = 500
     c.checkpoint_every_steps = 100
@@ -123,8 +126,11 @@ def apply_scale(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict:
     c.batch_size = 16
     c.num_epochs = 1
     c.num_train_steps = 4
-    c.eval_num_examples = 64
-    c.eval_batch_size = 32
+    c.eval.num_examples = 64
+    c.eval.batch_size = 32
+    c.eval.attacks = 'fgsm,pgd20,energy1,energyk,cw_l2,cw_linf'
+    c.eval.pgd_steps_scale = 0.1
+    c.eval.audit_num_examples = 16
     c.log_every_steps = 2
     c.eval_every_steps = 4
     c.checkpoint_every_steps = 2
@@ -136,6 +142,30 @@ def apply_scale(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict:
     c.sample.num_steps = 3
     c.sample.batch_size = 10
     c.sample.start = 'uniform'
+  return c
+
+
+def add_eval_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Keys of the clean accuracy during training and of --mode=evaluate (jeat_jax.evaluate)."""
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_examples = 10000      # the first test images, as RobustBench
+  c.eval.batch_size = 500
+  c.eval.eps = 8 / 255
+  c.eval.step_size = 2 / 255
+  # fgsm, pgd20, pgd50 (CE), energy1, energyk (Eq. 18), cw_l2 (c = 0.2), cw_linf (PGD on the
+  # CW margin), autoattack
+  c.eval.attacks = 'fgsm,pgd20,pgd50,energy1,energyk,cw_l2,cw_linf,autoattack'
+  c.eval.pgd_restarts = 1
+  c.eval.energy_steps = 20         # k of energyk
+  c.eval.cw_c = 0.2
+  c.eval.cw_steps = 100
+  c.eval.cw_lr = 0.01
+  c.eval.autoattack_version = 'standard'  # standard | rand (for test-time randomness)
+  c.eval.test_noise_std = 0.0      # > 0: the model adds N(0, s^2) to inputs at test time
+  c.eval.pgd_steps_scale = 1.0     # < 1 shortens every iterative attack (smoke tests only)
+  c.eval.audit = True
+  c.eval.audit_num_examples = 200
+  c.eval.seed = 0
   return c
 
 

@@ -19,5 +19,4 @@ def get_config(arg=None):
   if arg == 'cpu':  # WRN-10-1, K = 5 unrolled SGLD steps, 1.5 epochs.
     energy_common.use_cpu_scale(c, epochs=1.5)
     c.sampler.num_steps = 5
-    c.sampler.unroll = 5
   return c

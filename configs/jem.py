@@ -16,5 +16,4 @@ def get_config(arg=None):
   if arg == 'cpu':
     energy_common.use_cpu_scale(c, epochs=1.5)
     c.sampler.num_steps = 5
-    c.sampler.unroll = 5
   return c

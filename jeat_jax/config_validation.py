@@ -1,9 +1,10 @@
 """Checks every config value in one place; each error names its key."""
 import jax
 
-from jeat_jax import data, models, recipes
+from jeat_jax import data, models, recipes, sampling
 from jeat_jax.errors import ConfigError
 
+ATTACKS = ('fgsm', 'pgd20', 'pgd50', 'energy1', 'energyk', 'cw_l2', 'cw_linf', 'autoattack')
 RECIPES = ('natural', 'noise', 'at', 'prejeat', 'jeat', 'jem', 'trades', 'fast', 'free')
 
 
@@ -73,6 +74,7 @@ def validate(config) -> None:
   _positive(p.num_steps, 'perturbation.num_steps')
   _positive(p.free_replays, 'perturbation.free_replays')
   _one_of(config, 'perturbation.bn_mode', ('batch', 'running'))
+  _positive(p.unroll, 'perturbation.unroll')
 
   s = config.sampler
   _one_of(config, 'sampler.name', recipes.SAMPLERS)
@@ -95,9 +97,26 @@ def validate(config) -> None:
   _non_negative(config.loss.trades_beta, 'loss.trades_beta')
 
   for key in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
-              'max_checkpoints_to_keep', 'eval_batch_size'):
+              'max_checkpoints_to_keep'):
     _positive(config[key], key)
-  _require(config.eval_batch_size % devices == 0, 'eval_batch_size',
-           f'must be divisible by the {devices} devices', config.eval_batch_size)
+  e = config.eval
+  _positive(e.batch_size, 'eval.batch_size')
+  _require(e.batch_size % devices == 0, 'eval.batch_size',
+           f'must be divisible by the {devices} devices', e.batch_size)
+  _positive(e.num_examples, 'eval.num_examples')
+  _non_negative(e.eps, 'eval.eps')
+  unknown = [a for a in e.attacks.split(',') if a and a not in ATTACKS]
+  _require(not unknown, 'eval.attacks', f'must be a comma list of {list(ATTACKS)}', e.attacks)
+  _one_of(config, 'eval.autoattack_version', ('standard', 'rand'))
+  _positive(e.pgd_restarts, 'eval.pgd_restarts')
+  _non_negative(e.test_noise_std, 'eval.test_noise_std')
+  s = config.sample
+  _one_of(config, 'sample.objective', sampling.OBJECTIVES)
+  _one_of(config, 'sample.start', sampling.STARTS)
+  _positive(s.num_samples, 'sample.num_samples')
+  _positive(s.num_steps, 'sample.num_steps')
+  _non_negative(s.step_size, 'sample.step_size')
+  _non_negative(s.noise_std, 'sample.noise_std')
+  _positive(s.batch_size, 'sample.batch_size')
   _non_negative(config.divergence.max_retries, 'divergence.max_retries')
   _positive(config.divergence.max_abs_loss, 'divergence.max_abs_loss')

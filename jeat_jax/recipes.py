@@ -40,7 +40,7 @@ def gaussian_noise(x: jax.Array, key: jax.Array, sigma: float) -> jax.Array:
 
 
 def trades_attack(logits_fn: LogitsFn, x: jax.Array, key: jax.Array, eps: float,
-                  step_size: float, num_steps: int) -> jax.Array:
+                  step_size: float, num_steps: int, unroll: int = 1) -> jax.Array:
   """TRADES inner maximisation: PGD on KL(f(x) || f(x')) from x + 0.001 N(0, I)."""
   logits_clean = jax.lax.stop_gradient(logits_fn(x))
   start = x + 0.001 * jax.random.normal(key, x.shape, x.dtype)
@@ -52,7 +52,7 @@ def trades_attack(logits_fn: LogitsFn, x: jax.Array, key: jax.Array, eps: float,
     z = attacks.sign_ascent_step(z, attacks.core.objective_grad(objective, z), step_size)
     return attacks.project_linf(z, x, eps)
 
-  return jax.lax.stop_gradient(jax.lax.fori_loop(0, num_steps, body, start))
+  return jax.lax.stop_gradient(jax.lax.fori_loop(0, num_steps, body, start, unroll=unroll))
 
 
 def perturb(cfg, logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: jax.Array) -> jax.Array:
@@ -64,12 +64,14 @@ def perturb(cfg, logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: jax.Array
     return gaussian_noise(x, key, cfg.sigma)
   if name == 'pgd':
     return attacks.pgd(lambda z: energy.cross_entropy(logits_fn(z), y), x, key, cfg.eps,
-                       cfg.step_size, cfg.num_steps, random_start=cfg.random_start)
+                       cfg.step_size, cfg.num_steps, random_start=cfg.random_start,
+                       unroll=cfg.unroll)
   if name == 'energy':
     return attacks.energy_attack(lambda z: energy.energy_xy(logits_fn(z), y), x, key, cfg.eps,
-                                 cfg.step_size, cfg.num_steps, grad_at_start=cfg.grad_at_start)
+                                 cfg.step_size, cfg.num_steps, grad_at_start=cfg.grad_at_start,
+                                 unroll=cfg.unroll)
   if name == 'trades_kl':
-    return trades_attack(logits_fn, x, key, cfg.eps, cfg.step_size, cfg.num_steps)
+    return trades_attack(logits_fn, x, key, cfg.eps, cfg.step_size, cfg.num_steps, cfg.unroll)
   raise ValueError(f'unknown perturbation {name!r}')
 
 

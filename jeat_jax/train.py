@@ -344,7 +344,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                    out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
       for dyn in (False, True)}
   eval_fn = jax.jit(functools.partial(eval_step, model=model))
-  n_eval = min(config.eval_num_examples, ds.x_test.shape[0]) if config.eval_num_examples > 0 else ds.x_test.shape[0]
+  n_eval = min(config.eval.num_examples, ds.x_test.shape[0]) if config.eval.num_examples > 0 else ds.x_test.shape[0]
   x_eval, y_eval = ds.x_test[:n_eval], ds.y_test[:n_eval]
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -391,7 +391,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                    float(metrics['train_accuracy']), _format_eta(eta))
       last_log_time, last_log_step = now, step
     if step % config.eval_every_steps == 0 or is_last:
-      test_accuracy = evaluate_accuracy(eval_fn, state, mesh, x_eval, y_eval, config.eval_batch_size)
+      test_accuracy = evaluate_accuracy(eval_fn, state, mesh, x_eval, y_eval, config.eval.batch_size)
       writer.write_scalars(step, {'test_accuracy': test_accuracy})
       logging.info('step %d: test accuracy %.4f on %d images', step, test_accuracy, n_eval)
       if 'buffer' in state.extra and jax.process_index() == 0:
@@ -402,7 +402,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   writer.flush()
 
   if test_accuracy is None:  # resumed a finished run
-    test_accuracy = evaluate_accuracy(eval_fn, state, mesh, x_eval, y_eval, config.eval_batch_size)
+    test_accuracy = evaluate_accuracy(eval_fn, state, mesh, x_eval, y_eval, config.eval.batch_size)
   results = {'config': config.recipe, 'step': int(state.step), 'test_accuracy': test_accuracy,
              'test_examples': int(n_eval), 'data_source': ds.source,
              'model': models.model_name(config.model),
@@ -411,7 +411,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   if config.perturbation.name not in ('none', 'gaussian'):  # adversarial recipes
     logits_fn = make_logits_fn(model, state.params, state.batch_stats, 'running')
     results['robust_accuracy_pgd10'] = evaluate.robust_accuracy_pgd(
-        logits_fn, mesh, x_eval, y_eval, config.eval_batch_size, jax.random.PRNGKey(config.seed))
+        logits_fn, mesh, x_eval, y_eval, config.eval.batch_size, jax.random.PRNGKey(config.seed))
     logging.info('PGD-10 (eps 8/255) robust accuracy %.4f on %d images',
                  results['robust_accuracy_pgd10'], n_eval)
   if jax.process_index() == 0:

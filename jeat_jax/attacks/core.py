@@ -68,7 +68,8 @@ def pgd(objective: Objective, x: jax.Array, key: jax.Array, eps: float, step_siz
   """PGD (Eq. 3): `num_steps` projected sign-ascent steps of size `step_size`.
 
   Starts from `uniform_start` when `random_start`, else from x. Also serves as
-  Fast AT's FGSM-RS (one step from a random start).
+  Fast AT's FGSM-RS (one step from a random start). `unroll` > 1 unrolls the
+  loop: XLA:CPU runs convolution gradients inside a while loop on a slow path.
   """
   x_adv = uniform_start(key, x, eps) if random_start else x
 
@@ -80,7 +81,8 @@ def pgd(objective: Objective, x: jax.Array, key: jax.Array, eps: float, step_siz
 
 
 def energy_attack(energy_xy_fn: Objective, x: jax.Array, key: jax.Array, eps: float,
-                  step_size: float, num_steps: int = 1, grad_at_start: bool = True) -> jax.Array:
+                  step_size: float, num_steps: int = 1, grad_at_start: bool = True,
+                  unroll: int = 1) -> jax.Array:
   """The energy attack (Eq. 18; first block of Algorithms 1 and 2).
 
   delta ~ U(-eps, eps); delta += step * sign(grad E(., y)); delta = clip(delta,
@@ -97,5 +99,5 @@ def energy_attack(energy_xy_fn: Objective, x: jax.Array, key: jax.Array, eps: fl
   def body(_, z):
     return project_linf(sign_ascent_step(z, objective_grad(energy_xy_fn, z), step_size), x, eps)
 
-  x_adv = jax.lax.fori_loop(0, num_steps - 1, body, x_adv)
+  x_adv = jax.lax.fori_loop(0, num_steps - 1, body, x_adv, unroll=unroll)
   return jax.lax.stop_gradient(x_adv)

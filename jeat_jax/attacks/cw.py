@@ -14,13 +14,13 @@ batch when the batch's summed objective rises). The margin is `core.cw_margin`.
 This is the L2 optimisation attack; "C&W" in many robustness tables is instead
 l_inf PGD on the CW margin (`core.pgd` with `core.cw_margin`), a different attack.
 """
-import functools
-from typing import Callable
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from jeat_jax.attacks.autoattack.apgd import iterate, jit_call, use_host_loop
 from jeat_jax.attacks.core import cw_margin
 
 TANH_SHRINK = 0.999999   # keeps arctanh finite at pixels equal to 0 or 1 (as Carlini's code)
@@ -46,45 +46,60 @@ def cw_objective(logits_fn: Callable, w: jax.Array, x: jax.Array, y: jax.Array, 
   return sq_l2 + c * margin_term, (sq_l2, logits, x_adv)
 
 
-@functools.partial(jax.jit, static_argnames=('logits_fn', 'steps', 'abort_early'))
+class CwSettings(NamedTuple):
+  logits_fn: Callable
+  c: float = 0.2
+  kappa: float = 0.0
+  steps: int = 50
+  lr: float = 0.01
+  abort_early: bool = True
+
+
+def _cw_init(s: CwSettings, x):
+  w = to_tanh_space(x)
+  batch = x.shape[0]
+  return dict(w=w, opt_state=optax.adam(s.lr).init(w), best_adv=x,
+              best_l2=jnp.full((batch,), jnp.inf, jnp.float32),
+              prev_cost=jnp.full((batch,), jnp.inf, jnp.float32),
+              active=jnp.ones((batch,), bool))
+
+
+def _cw_body(s: CwSettings, x, y, i, state):
+  """One Adam step on w; tracks the smallest misclassified iterate; early-abort check."""
+  def total(w):
+    cost, aux = cw_objective(s.logits_fn, w, x, y, s.c, s.kappa)
+    return jnp.sum(cost), (cost, aux)
+
+  (_, (cost, (sq_l2, logits, x_adv))), grad = jax.value_and_grad(total, has_aux=True)(state['w'])
+  better = (jnp.argmax(logits, -1) != y) & (sq_l2 < state['best_l2'])
+  updates, opt_state = optax.adam(s.lr).update(grad, state['opt_state'], state['w'])
+  check = i % max(s.steps // 10, 1) == 0
+  rose = check & (cost > state['prev_cost']) & s.abort_early
+  return dict(
+      w=state['w'] + updates * state['active'][:, None, None, None], opt_state=opt_state,
+      best_adv=jnp.where(better[:, None, None, None], x_adv, state['best_adv']),
+      best_l2=jnp.where(better, sq_l2, state['best_l2']),
+      prev_cost=jnp.where(check, cost, state['prev_cost']),
+      active=state['active'] & ~rose)
+
+
+def _cw_done(_, state):
+  return ~jnp.any(state['active'])
+
+
 def cw_l2(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array = None, c: float = 0.2,
-          kappa: float = 0.0, steps: int = 50, lr: float = 0.01,
-          abort_early: bool = True) -> jax.Array:
+          kappa: float = 0.0, steps: int = 50, lr: float = 0.01, abort_early: bool = True,
+          host_loop: Optional[bool] = None) -> jax.Array:
   """C&W L2 with fixed c: the smallest-L2 misclassified iterate per example, else x.
 
   Defaults are torchattacks.CW's (kappa 0, 50 Adam steps of lr 0.01) with the
   JEAT paper's c = 0.2. `key` is unused (the attack is deterministic) and
-  accepted for the common attack interface.
+  accepted for the common attack interface. `host_loop`: see
+  `autoattack.apgd.use_host_loop`.
   """
   del key
-  tx = optax.adam(lr)
-  w0 = to_tanh_space(x)
-  check_every = max(steps // 10, 1)
-  batch = x.shape[0]
-
-  def total(w):
-    cost, aux = cw_objective(logits_fn, w, x, y, c, kappa)
-    return jnp.sum(cost), (cost, aux)
-
-  def cond(s):
-    return (s['step'] < steps) & jnp.any(s['active'])
-
-  def body(s):
-    (_, (cost, (sq_l2, logits, x_adv))), grad = jax.value_and_grad(total, has_aux=True)(s['w'])
-    better = (jnp.argmax(logits, -1) != y) & (sq_l2 < s['best_l2'])
-    updates, opt_state = tx.update(grad, s['opt_state'], s['w'])
-    w = s['w'] + updates * s['active'][:, None, None, None]
-    check = s['step'] % check_every == 0
-    rose = check & (cost > s['prev_cost'])
-    return dict(
-        step=s['step'] + 1, w=w, opt_state=opt_state,
-        best_adv=jnp.where(better[:, None, None, None], x_adv, s['best_adv']),
-        best_l2=jnp.where(better, sq_l2, s['best_l2']),
-        prev_cost=jnp.where(check, cost, s['prev_cost']),
-        active=s['active'] & ~rose if abort_early else s['active'])
-
-  init = dict(step=jnp.asarray(0), w=w0, opt_state=tx.init(w0), best_adv=x,
-              best_l2=jnp.full((batch,), jnp.inf, jnp.float32),
-              prev_cost=jnp.full((batch,), jnp.inf, jnp.float32),
-              active=jnp.ones((batch,), bool))
-  return jax.lax.stop_gradient(jax.lax.while_loop(cond, body, init)['best_adv'])
+  s = CwSettings(logits_fn, c, kappa, steps, lr, abort_early)
+  x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32)
+  state = jit_call(_cw_init, s, x)
+  state = iterate(_cw_body, s, (x, y), state, steps, use_host_loop(host_loop), until=_cw_done)
+  return jax.lax.stop_gradient(state['best_adv'])

@@ -11,9 +11,10 @@ a halving restarts the iterate from the best point found so far.
 
 The losses are cross-entropy (`energy.cross_entropy`), the Difference of Logits
 Ratio (DLR, Eq. 6) and its targeted form (Eq. 7). Starting point and projection
-are `core.uniform_start` and `core.project_linf`. One run is one
-`lax.fori_loop`; the loss trace of the best-so-far values is returned so that
-its monotonicity can be checked.
+are `core.uniform_start` and `core.project_linf`. The trace of the best-so-far
+loss is returned so that its monotonicity can be checked. Iterations run
+through `iterate`: one `lax` loop program, or on CPU a Python loop over one
+jitted step (see `use_host_loop`).
 """
 import functools
 from typing import Callable, NamedTuple, Optional
@@ -99,12 +100,65 @@ def call_logits(logits_fn: Callable, x: jax.Array, key: jax.Array, stochastic: b
   return logits_fn(x, key) if stochastic else logits_fn(x)
 
 
+# ---------------------------------------------------------------- iteration driver
+
+def use_host_loop(host_loop: Optional[bool] = None) -> bool:
+  """Whether attack iterations are driven from Python, one jitted step per call.
+
+  XLA:CPU compiles convolution gradients inside a `lax` while-loop to a slow
+  path (jax-ml/jax#12868): on a WRN-16-4 an input-gradient step ran 3x slower in
+  `lax.fori_loop` than as a jitted step called from Python. So the default
+  (None) is the host loop on CPU and one `lax.fori_loop` program elsewhere.
+  """
+  return jax.default_backend() == 'cpu' if host_loop is None else bool(host_loop)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def jit_call(fn: Callable, static, *args):
+  """fn(static, *args), jitted; `static` is hashable (a NamedTuple of settings)."""
+  return fn(static, *args)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _device_loop(body, until, static, n_iter, args, carry):
+  def cond(ic):
+    i, c = ic
+    return (i < n_iter) if until is None else (i < n_iter) & ~until(static, c)
+
+  def step(ic):
+    i, c = ic
+    return i + 1, body(static, *args, i, c)
+
+  return jax.lax.while_loop(cond, step, (jnp.asarray(0), carry))[1]
+
+
+def iterate(body: Callable, static, args: tuple, carry, n_iter: int, host_loop: bool,
+            until: Optional[Callable] = None):
+  """carry after `body(static, *args, i, carry)` for i = 0 .. n_iter - 1.
+
+  Stops early once `until(static, carry)` holds (checked before each step).
+  `body` and `until` are module-level functions, `static` a hashable settings
+  tuple, so compiled steps are reused across calls with the same settings.
+  """
+  if not host_loop:
+    return _device_loop(body, until, static, n_iter, args, carry)
+  for i in range(n_iter):
+    if until is not None and bool(jit_call(until, static, carry)):
+      break
+    carry = jit_call(body, static, *args, i, carry)
+  return carry
+
+
+# ---------------------------------------------------------------- APGD
+
 def eot_value_and_grad(logits_fn: Callable, loss_fn: Callable, x: jax.Array, key: jax.Array,
                        eot_iter: int = 1, stochastic: bool = False):
   """(loss [B], logits, grad) at x; the gradient is averaged over `eot_iter` draws of the model.
 
   Expectation over Transformation (Athalye et al. 2018) as AutoAttack's 'rand'
-  version uses it; loss and logits are those of the last draw, as in the reference.
+  version uses it; loss and logits are those of the last draw, as in the
+  reference. A deterministic model (not `stochastic`) gives identical draws, so
+  one is computed.
   """
   def one(k):
     def total(z):
@@ -114,7 +168,7 @@ def eot_value_and_grad(logits_fn: Callable, loss_fn: Callable, x: jax.Array, key
     (_, (values, logits)), grad = jax.value_and_grad(total, has_aux=True)(x)
     return values, logits, grad
 
-  if eot_iter == 1:
+  if eot_iter == 1 or not stochastic:
     return one(key)
 
   def body(j, carry):
@@ -128,100 +182,122 @@ def eot_value_and_grad(logits_fn: Callable, loss_fn: Callable, x: jax.Array, key
   return values, logits, grad / eot_iter
 
 
-def _where_b(mask: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+def where_per_example(mask: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
   """Per-example select: mask [B] broadcast over the trailing axes."""
   return jnp.where(mask.reshape(mask.shape + (1,) * (a.ndim - 1)), a, b)
 
 
-@functools.partial(jax.jit, static_argnames=('logits_fn', 'n_iter', 'loss', 'rho', 'momentum',
-                                             'eot_iter', 'stochastic'))
-def apgd_run(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array, eps: float = 8 / 255,
-             n_iter: int = 100, loss: str = 'ce', target_rank=None, rho: float = 0.75,
-             momentum: float = 0.75, eot_iter: int = 1, stochastic: bool = False) -> ApgdResult:
-  """One APGD run (Croce & Hein 2020, Alg. 1) on a batch; one restart.
+class ApgdSettings(NamedTuple):
+  logits_fn: Callable
+  n_iter: int = 100
+  loss: str = 'ce'
+  rho: float = 0.75
+  momentum: float = 0.75
+  eot_iter: int = 1
+  stochastic: bool = False
 
-  `target_rank` (2..num_classes; may be traced) selects the target of the
-  targeted losses: the class with that rank in the clean logits. `momentum` is
-  alpha of Eq. 3 (0.75; the first step has none). `rho` is the oscillation
-  threshold of checkpoint condition 1. Condition 1 compares the first step's
-  loss with the start's (the reference code compares it with 0).
-  """
+
+def _apgd_value_and_grad(s: ApgdSettings, x_adv, y, targets, key):
+  return eot_value_and_grad(s.logits_fn, loss_of_logits(s.loss, y, targets), x_adv, key,
+                            s.eot_iter, s.stochastic)
+
+
+def _apgd_init(s: ApgdSettings, x, y, key, eps, target_rank):
+  """Start point, its loss and gradient, the targets, and the loop state."""
   key_start, key_grad, key_clean = jax.random.split(key, 3)
-  targets = None
-  if loss.endswith('targeted'):
-    clean_logits = call_logits(logits_fn, x, key_clean, stochastic)
-    targets = ranked_class(clean_logits, target_rank)
-  loss_fn = loss_of_logits(loss, y, targets)
-  value_and_grad = functools.partial(eot_value_and_grad, logits_fn, loss_fn, eot_iter=eot_iter,
-                                     stochastic=stochastic)
-  is_check, window = _checkpoint_tables(n_iter)
-  batch = x.shape[0]
-
+  targets = jnp.zeros_like(y)
+  if s.loss.endswith('targeted'):
+    targets = ranked_class(call_logits(s.logits_fn, x, key_clean, s.stochastic), target_rank)
   x_start = uniform_start(key_start, x, eps)
-  loss0, logits0, grad0 = value_and_grad(x_start, jax.random.fold_in(key_grad, 0))
-  robust0 = jnp.argmax(logits0, -1) == y
-  trace = jnp.zeros((n_iter + 1, batch), jnp.float32).at[0].set(loss0)
+  loss0, logits0, grad0 = _apgd_value_and_grad(s, x_start, y, targets, jax.random.fold_in(key_grad, 0))
+  batch = x.shape[0]
   carry = dict(
       x_cur=x_start, x_prev=x_start, grad=grad0,
       x_best=x_start, grad_best=grad0, loss_best=loss0, loss_prev=loss0,
-      x_best_adv=x_start, robust=robust0,
+      x_best_adv=x_start, robust=jnp.argmax(logits0, -1) == y,
       step=jnp.full((batch,), 2.0 * eps, jnp.float32),
       n_increase=jnp.zeros((batch,), jnp.float32),
       loss_best_last_check=loss0, reduced_last_check=jnp.ones((batch,), bool),
-      trace=trace)
+      trace=jnp.zeros((s.n_iter + 1, batch), jnp.float32).at[0].set(loss0))
+  return carry, targets, key_grad
 
-  def body(i, c):
-    a = jnp.where(i > 0, momentum, 1.0)
-    z = project_linf(sign_ascent_step(c['x_cur'], c['grad'], c['step'][:, None, None, None]), x, eps)
-    x_new = project_linf(c['x_cur'] + a * (z - c['x_cur']) + (1.0 - a) * (c['x_cur'] - c['x_prev']),
-                         x, eps)
-    values, logits, grad = value_and_grad(x_new, jax.random.fold_in(key_grad, i + 1))
-    correct = jnp.argmax(logits, -1) == y
-    improved = values > c['loss_best']
-    loss_best = jnp.where(improved, values, c['loss_best'])
-    x_best = _where_b(improved, x_new, c['x_best'])
-    grad_best = _where_b(improved, grad, c['grad_best'])
-    n_increase = c['n_increase'] + (values > c['loss_prev'])
 
-    # Step-size checkpoint (Sec. 3.1): halve and restart from the best point.
-    check = is_check[i]
-    oscillating = n_increase <= window[i] * rho
-    stalled = ~c['reduced_last_check'] & (c['loss_best_last_check'] >= loss_best)
-    reduce = check & (oscillating | stalled)
-    return dict(
-        x_cur=_where_b(reduce, x_best, x_new), x_prev=c['x_cur'],
-        grad=_where_b(reduce, grad_best, grad),
-        x_best=x_best, grad_best=grad_best, loss_best=loss_best, loss_prev=values,
-        x_best_adv=_where_b(correct, c['x_best_adv'], x_new), robust=c['robust'] & correct,
-        step=jnp.where(reduce, 0.5 * c['step'], c['step']),
-        n_increase=jnp.where(check, 0.0, n_increase),
-        loss_best_last_check=jnp.where(check, loss_best, c['loss_best_last_check']),
-        reduced_last_check=jnp.where(check, reduce, c['reduced_last_check']),
-        trace=c['trace'].at[i + 1].set(loss_best))
+def _apgd_body(s: ApgdSettings, x, y, targets, eps, key_grad, i, c):
+  """One APGD iteration (Alg. 1): momentum step, bookkeeping, step-size checkpoint."""
+  is_check, window = _checkpoint_tables(s.n_iter)
+  a = jnp.where(i > 0, s.momentum, 1.0)
+  z = project_linf(sign_ascent_step(c['x_cur'], c['grad'], c['step'][:, None, None, None]), x, eps)
+  x_new = project_linf(c['x_cur'] + a * (z - c['x_cur']) + (1.0 - a) * (c['x_cur'] - c['x_prev']),
+                       x, eps)
+  values, logits, grad = _apgd_value_and_grad(s, x_new, y, targets,
+                                              jax.random.fold_in(key_grad, i + 1))
+  correct = jnp.argmax(logits, -1) == y
+  improved = values > c['loss_best']
+  loss_best = jnp.where(improved, values, c['loss_best'])
+  x_best = where_per_example(improved, x_new, c['x_best'])
+  grad_best = where_per_example(improved, grad, c['grad_best'])
+  n_increase = c['n_increase'] + (values > c['loss_prev'])
 
-  c = jax.lax.fori_loop(0, n_iter, body, carry)
-  x_adv = _where_b(c['robust'], c['x_best'], c['x_best_adv'])
+  # Step-size checkpoint (Sec. 3.1): halve and restart from the best point.
+  check = is_check[i]
+  oscillating = n_increase <= window[i] * s.rho
+  stalled = ~c['reduced_last_check'] & (c['loss_best_last_check'] >= loss_best)
+  reduce = check & (oscillating | stalled)
+  return dict(
+      x_cur=where_per_example(reduce, x_best, x_new), x_prev=c['x_cur'],
+      grad=where_per_example(reduce, grad_best, grad),
+      x_best=x_best, grad_best=grad_best, loss_best=loss_best, loss_prev=values,
+      x_best_adv=where_per_example(correct, c['x_best_adv'], x_new), robust=c['robust'] & correct,
+      step=jnp.where(reduce, 0.5 * c['step'], c['step']),
+      n_increase=jnp.where(check, 0.0, n_increase),
+      loss_best_last_check=jnp.where(check, loss_best, c['loss_best_last_check']),
+      reduced_last_check=jnp.where(check, reduce, c['reduced_last_check']),
+      trace=c['trace'].at[i + 1].set(loss_best))
+
+
+def apgd_run(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array, eps: float = 8 / 255,
+             n_iter: int = 100, loss: str = 'ce', target_rank=None, rho: float = 0.75,
+             momentum: float = 0.75, eot_iter: int = 1, stochastic: bool = False,
+             host_loop: Optional[bool] = None) -> ApgdResult:
+  """One APGD run (Croce & Hein 2020, Alg. 1) on a batch; one restart.
+
+  `target_rank` (2..num_classes) selects the target of the targeted losses: the
+  class with that rank in the clean logits. `momentum` is alpha of Eq. 3 (0.75;
+  the first step has none). `rho` is the oscillation threshold of checkpoint
+  condition 1. Condition 1 compares the first step's loss with the start's (the
+  reference code compares it with 0). `host_loop`: see `use_host_loop`.
+  """
+  if loss not in LOSSES:
+    raise ValueError(f'apgd: unknown loss {loss!r}; expected one of {LOSSES}')
+  s = ApgdSettings(logits_fn, n_iter, loss, rho, momentum, eot_iter, stochastic)
+  x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32)
+  eps = jnp.asarray(eps, jnp.float32)
+  rank = jnp.asarray(2 if target_rank is None else target_rank, jnp.int32)
+  carry, targets, key_grad = jit_call(_apgd_init, s, x, y, key, eps, rank)
+  c = iterate(_apgd_body, s, (x, y, targets, eps, key_grad), carry, n_iter, use_host_loop(host_loop))
+  x_adv = where_per_example(c['robust'], c['x_best'], c['x_best_adv'])
   return ApgdResult(jax.lax.stop_gradient(x_adv), c['robust'], c['loss_best'], c['trace'])
 
 
 def apgd_ce(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array, eps: float = 8 / 255,
-            n_iter: int = 100, rho: float = 0.75, eot_iter: int = 1,
-            stochastic: bool = False) -> jax.Array:
+            n_iter: int = 100, rho: float = 0.75, eot_iter: int = 1, stochastic: bool = False,
+            host_loop: Optional[bool] = None) -> jax.Array:
   """APGD on the cross-entropy (AutoAttack's APGD-CE); returns the adversarial images."""
   return apgd_run(logits_fn, x, y, key, eps, n_iter, 'ce', None, rho, 0.75, eot_iter,
-                  stochastic).x_adv
+                  stochastic, host_loop).x_adv
 
 
 def apgd_dlr(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array, eps: float = 8 / 255,
-             n_iter: int = 100, rho: float = 0.75, eot_iter: int = 1,
-             stochastic: bool = False) -> jax.Array:
+             n_iter: int = 100, rho: float = 0.75, eot_iter: int = 1, stochastic: bool = False,
+             host_loop: Optional[bool] = None) -> jax.Array:
   """APGD on the untargeted DLR loss (Eq. 6; the 'rand' version's second attack)."""
   return apgd_run(logits_fn, x, y, key, eps, n_iter, 'dlr', None, rho, 0.75, eot_iter,
-                  stochastic).x_adv
+                  stochastic, host_loop).x_adv
 
 
 def apgd_t(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array, eps: float = 8 / 255,
-           n_iter: int = 100, n_target_classes: int = 9, rho: float = 0.75) -> jax.Array:
+           n_iter: int = 100, n_target_classes: int = 9, rho: float = 0.75,
+           host_loop: Optional[bool] = None) -> jax.Array:
   """APGD-T: APGD on the targeted DLR loss (Eq. 7) for the top `n_target_classes` other classes.
 
   Target ranks 2, 3, ... of the clean logits are tried in turn; a point keeps the
@@ -231,8 +307,8 @@ def apgd_t(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array, eps:
   x_adv, robust = x, jnp.ones(x.shape[:1], bool)
   for rank in range(2, n_target_classes + 2):
     result = apgd_run(logits_fn, x, y, jax.random.fold_in(key, rank), eps, n_iter, 'dlr-targeted',
-                      rank, rho)
+                      rank, rho, host_loop=host_loop)
     fooled = robust & ~result.robust
-    x_adv = _where_b(fooled, result.x_adv, x_adv)
+    x_adv = where_per_example(fooled, result.x_adv, x_adv)
     robust = robust & result.robust
   return x_adv

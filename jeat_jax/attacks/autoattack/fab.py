@@ -16,13 +16,12 @@ perturbation so far and pulled back towards x_0 by beta (the backward step).
 AutoAttack's FAB-T uses the classes with the 2nd..10th largest clean logits
 as targets, one restart, no random start, 100 iterations.
 """
-import functools
-from typing import Callable
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
-from jeat_jax.attacks.autoattack.apgd import _where_b, ranked_class
+from jeat_jax.attacks.autoattack.apgd import where_per_example, iterate, jit_call, ranked_class, use_host_loop
 
 
 def linf_hyperplane_projection(t: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
@@ -63,54 +62,69 @@ def _linf_norm(d: jax.Array) -> jax.Array:
   return jnp.max(jnp.abs(d.reshape(d.shape[0], -1)), axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=('logits_fn', 'n_iter'))
-def fab_targeted_run(logits_fn: Callable, x: jax.Array, y: jax.Array, target_rank,
-                     n_iter: int = 100, alpha_max: float = 0.1, eta: float = 1.05,
-                     beta: float = 0.9):
-  """FAB-T iterations towards the class of clean rank `target_rank` (may be traced).
+class FabSettings(NamedTuple):
+  logits_fn: Callable
+  alpha_max: float = 0.1
+  eta: float = 1.05
+  beta: float = 0.9
 
-  Returns (smallest adversarial image found, its l_inf norm); the norm is +inf
-  (and the image x) where none was found.
-  """
+
+def _fab_init(s: FabSettings, x, target_rank):
+  """Targets, and the loop state: the iterate, the best adversarial image and its norm."""
   batch = x.shape[0]
   x0 = x.reshape(batch, -1)
-  target = ranked_class(logits_fn(x), target_rank)
+  target = ranked_class(s.logits_fn(x), target_rank)
+  return target, (x0, x0, jnp.full((batch,), jnp.inf, jnp.float32))
 
-  def boundary_and_grad(z):
-    def total(z):
-      logits = logits_fn(z).astype(jnp.float32)
-      gap = (jnp.take_along_axis(logits, target[:, None], 1)
-             - jnp.take_along_axis(logits, y[:, None], 1))[:, 0]
-      return jnp.sum(gap), gap
-    grad, gap = jax.grad(total, has_aux=True)(z)
-    return gap, grad.reshape(batch, -1)
 
-  def body(_, carry):
-    x1, adv, best = carry
-    gap, w = boundary_and_grad(x1.reshape(x.shape))
-    b = jnp.sum(w * x1, axis=1) - gap                    # the linearised boundary <w, z> = b
-    d1 = linf_hyperplane_projection(x1, w, b)
-    d0 = linf_hyperplane_projection(x0, w, b)
-    a1 = jnp.maximum(_linf_norm(d1), 1e-8)[:, None]
-    a0 = jnp.maximum(_linf_norm(d0), 1e-8)[:, None]
-    alpha = jnp.clip(a1 / (a1 + a0), 0.0, alpha_max)
-    x1 = jnp.clip((x1 + eta * d1) * (1.0 - alpha) + (x0 + eta * d0) * alpha, 0.0, 1.0)
-    is_adv = jnp.argmax(logits_fn(x1.reshape(x.shape)), -1) != y
-    norm = _linf_norm(x1 - x0)
-    better = is_adv & (norm < best)
-    adv = _where_b(better, x1, adv)
-    best = jnp.where(better, norm, best)
-    x1 = _where_b(is_adv, x0 + (x1 - x0) * beta, x1)     # backward step
-    return x1, adv, best
+def _fab_body(s: FabSettings, x, y, target, _, carry):
+  """One FAB step (Croce & Hein 2020, Alg. 1 with a single target hyperplane)."""
+  x1, adv, best = carry
+  batch = x.shape[0]
+  x0 = x.reshape(batch, -1)
 
-  init = (x0, x0, jnp.full((batch,), jnp.inf, jnp.float32))
-  _, adv, best = jax.lax.fori_loop(0, n_iter, body, init)
+  def gap_sum(z):
+    logits = s.logits_fn(z.reshape(x.shape)).astype(jnp.float32)
+    gap = (jnp.take_along_axis(logits, target[:, None], 1)
+           - jnp.take_along_axis(logits, y[:, None], 1))[:, 0]
+    return jnp.sum(gap), gap
+
+  w, gap = jax.grad(gap_sum, has_aux=True)(x1)
+  b = jnp.sum(w * x1, axis=1) - gap                      # the linearised boundary <w, z> = b
+  d1 = linf_hyperplane_projection(x1, w, b)
+  d0 = linf_hyperplane_projection(x0, w, b)
+  a1 = jnp.maximum(_linf_norm(d1), 1e-8)[:, None]
+  a0 = jnp.maximum(_linf_norm(d0), 1e-8)[:, None]
+  alpha = jnp.clip(a1 / (a1 + a0), 0.0, s.alpha_max)
+  x1 = jnp.clip((x1 + s.eta * d1) * (1.0 - alpha) + (x0 + s.eta * d0) * alpha, 0.0, 1.0)
+  is_adv = jnp.argmax(s.logits_fn(x1.reshape(x.shape)), -1) != y
+  norm = _linf_norm(x1 - x0)
+  better = is_adv & (norm < best)
+  adv = where_per_example(better, x1, adv)
+  best = jnp.where(better, norm, best)
+  x1 = where_per_example(is_adv, x0 + (x1 - x0) * s.beta, x1)     # backward step
+  return x1, adv, best
+
+
+def fab_targeted_run(logits_fn: Callable, x: jax.Array, y: jax.Array, target_rank,
+                     n_iter: int = 100, alpha_max: float = 0.1, eta: float = 1.05,
+                     beta: float = 0.9, host_loop: Optional[bool] = None):
+  """FAB-T iterations towards the class of clean rank `target_rank`.
+
+  Returns (smallest adversarial image found, its l_inf norm); the norm is +inf
+  (and the image x) where none was found. `host_loop`: see `apgd.use_host_loop`.
+  """
+  s = FabSettings(logits_fn, alpha_max, eta, beta)
+  x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32)
+  target, carry = jit_call(_fab_init, s, x, jnp.asarray(target_rank, jnp.int32))
+  _, adv, best = iterate(_fab_body, s, (x, y, target), carry, n_iter, use_host_loop(host_loop))
   return jax.lax.stop_gradient(adv.reshape(x.shape)), best
 
 
 def fab_t(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array = None,
           eps: float = 8 / 255, n_iter: int = 100, n_target_classes: int = 9,
-          alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9) -> jax.Array:
+          alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9,
+          host_loop: Optional[bool] = None) -> jax.Array:
   """FAB-T, l_inf: minimal adversarial images for targets of clean rank 2..n_target_classes+1.
 
   A point takes the first target's result whose norm is within `eps`; others
@@ -120,8 +134,8 @@ def fab_t(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array = None
   del key
   x_adv, robust = x, jnp.ones(x.shape[:1], bool)
   for rank in range(2, n_target_classes + 2):
-    adv, norm = fab_targeted_run(logits_fn, x, y, rank, n_iter, alpha_max, eta, beta)
+    adv, norm = fab_targeted_run(logits_fn, x, y, rank, n_iter, alpha_max, eta, beta, host_loop)
     fooled = robust & (norm <= eps)
-    x_adv = _where_b(fooled, adv, x_adv)
+    x_adv = where_per_example(fooled, adv, x_adv)
     robust = robust & ~fooled
   return x_adv

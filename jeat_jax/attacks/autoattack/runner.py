@@ -67,17 +67,16 @@ def _correct(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array,
   return jnp.argmax(logits, -1) == y
 
 
-@functools.partial(jax.jit, static_argnames=('logits_fn', 'attack', 'settings'))
-def _attack_chunk(logits_fn: Callable, attack: str, settings: Tuple, x: jax.Array, y: jax.Array,
+def _attack_chunk(logits_fn: Callable, attack: str, settings: Dict, x: jax.Array, y: jax.Array,
                   key: jax.Array, rank, eps: float) -> jax.Array:
   """One pass of one attack on a chunk: adversarial candidates (APGD-*, FAB-T)."""
-  s = dict(settings)
+  s = settings
   if attack == 'fab-t':
-    adv, norm = fab_targeted_run(logits_fn, x, y, rank, s['fab_n_iter'])
+    adv, norm = fab_targeted_run(logits_fn, x, y, rank, s['fab_n_iter'], host_loop=s['host_loop'])
     return jnp.where((norm <= eps)[:, None, None, None], adv, x)
   loss = {'apgd-ce': 'ce', 'apgd-dlr': 'dlr', 'apgd-t': 'dlr-targeted'}[attack]
   return apgd_run(logits_fn, x, y, key, eps, s['n_iter'], loss, rank, s['rho'], 0.75,
-                  s['eot_iter'], s['stochastic']).x_adv
+                  s['eot_iter'], s['stochastic'], s['host_loop']).x_adv
 
 
 def _attack_robust_points(logits_fn, attack, settings, x, y, robust, x_adv, *, eps, key, rank,
@@ -131,14 +130,14 @@ def run_autoattack(logits_fn: Callable, x, y, *, eps: float = 8 / 255, key: jax.
                    n_iter: int = 100, n_target_classes: int = 9, fab_n_iter: int = 100,
                    n_queries: int = 5000, p_init: float = 0.8, rho: float = 0.75,
                    eot_iter: int = 20, stochastic: bool = False,
-                   square_segment: int = 250) -> Dict:
+                   square_segment: int = 250, host_loop: Optional[bool] = None) -> Dict:
   """AutoAttack on (x, y): NHWC float images in [0, 1] and integer labels (numpy or jax).
 
   `logits_fn(images) -> logits` is pure and jax-traceable; with `stochastic`
   (version 'rand') it is `logits_fn(images, key)`. Pass the same function object
   again to reuse compiled code. `attacks` overrides the version's list; the
   iteration counts default to the standard version's. `eot_iter` applies to
-  version 'rand' only.
+  version 'rand' only. `host_loop`: see `apgd.use_host_loop`.
 
   Returns a dict: clean_accuracy, robust_accuracy, robust (bool [N] per-example
   mask), x_adv (adversarial images where found, else x), records (one per
@@ -154,8 +153,8 @@ def run_autoattack(logits_fn: Callable, x, y, *, eps: float = 8 / 255, key: jax.
   x = np.asarray(x, np.float32)
   y = np.asarray(y, np.int32)
   n = len(x)
-  settings = tuple(sorted(dict(n_iter=n_iter, rho=rho, fab_n_iter=fab_n_iter, stochastic=stochastic,
-                               eot_iter=eot_iter if version == 'rand' else 1).items()))
+  settings = dict(n_iter=n_iter, rho=rho, fab_n_iter=fab_n_iter, stochastic=stochastic,
+                  eot_iter=eot_iter if version == 'rand' else 1, host_loop=host_loop)
   t_start = time.time()
 
   key, key_clean = jax.random.split(key)
