@@ -117,6 +117,7 @@ def apply_scale(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict:
     c.sampler.unroll = 20
     c.model.depth, c.model.width = 10, 1
     c.eval.num_examples = 1000
+    c.fid.max_reference = 10000
     c.log_every_steps = 20
     c.eval_every_steps = 500
     c.checkpoint_every_steps = 100
@@ -183,4 +184,10 @@ def add_sample_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   c.sample.record_gradient_norms = True
   c.sample.gaussian_cache = ''     # '': <workdir>/../class_gaussian_<dataset>.npz
   c.sample.seed = 0
+  c.fid = ml_collections.ConfigDict()
+  c.fid.weights = ''               # pytorch-fid .pth (has the IS head) or fid-helper .pt; '': pip
+  c.fid.reference = ''             # '': the training set of `data`; or any image / stats .npz
+  c.fid.reference_key = ''
+  c.fid.max_reference = 0          # > 0: a fixed random subset of the reference images
+  c.fid.batch_size = 50
   return c

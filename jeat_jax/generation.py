@@ -98,3 +98,37 @@ def sample_run(config, workdir: str) -> dict:
   logging.info('wrote %s/{grid.png,samples.npz,gradient_norms.npz}', out)
   return {'samples': os.path.join(out, 'samples.npz'), 'grid': os.path.join(out, 'grid.png'),
           'num_samples': int(s.num_samples)}
+
+
+def fid_run(config, workdir: str) -> dict:
+  """--mode=fid: FID (and IS where the weights have the 1008-way head) of
+  WORKDIR/samples/samples.npz against the training set; writes WORKDIR/fid.json."""
+  from jeat_jax.metrics import fid  # pylint: disable=g-import-not-at-top
+  from jeat_jax.train import write_json_atomic  # pylint: disable=g-import-not-at-top
+  samples = os.path.join(workdir, 'samples', 'samples.npz')
+  if not os.path.isfile(samples):
+    from jeat_jax.errors import WorkdirError  # pylint: disable=g-import-not-at-top
+    raise WorkdirError(f'{samples} not found: run --mode=sample first')
+  f = config.fid
+  reference, key = f.reference, f.reference_key or None
+  if not reference:
+    if config.data.source == 'npz' or (config.data.source == 'auto' and os.path.isfile(config.data.path)):
+      reference, key = config.data.path, 'x_train'
+    else:
+      from jeat_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+      ds = data_lib.load_dataset(config)
+      reference = os.path.join(os.path.expanduser('~'), '.cache', 'jeat_jax', f'{config.dataset}_train.npz')
+      os.makedirs(os.path.dirname(reference), exist_ok=True)
+      np.savez(reference, x_train=ds.x_train)
+      key = 'x_train'
+  start = time.time()
+  result = fid.score_npz(samples, reference, weights=f.weights or None, reference_key=key,
+                         max_reference=f.max_reference or None, batch_size=f.batch_size)
+  result.update({'num_samples': int(np.load(samples)['x'].shape[0]), 'reference': reference,
+                 'reference_images': f.max_reference or 'all',
+                 'protocol': 'TTUR/pytorch-fid: pool3 of the TF 2015 Inception at 299x299; '
+                             'IS on the 1008-way logits, 10 splits',
+                 'seconds': round(time.time() - start, 1)})
+  write_json_atomic(os.path.join(workdir, 'fid.json'), result)
+  logging.info('FID: %s', result)
+  return result
