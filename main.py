@@ -18,7 +18,7 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Recipe config file (and :cpu / :smoke).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
-flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'sample', 'fid'],
+flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'sample', 'fid', 'analyze'],
                   'train (resumes), or evaluate / sample the latest checkpoint in --workdir.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -41,6 +41,9 @@ def run(config, workdir: str, mode: str):
   elif mode == 'fid':
     from jeat_jax import generation  # pylint: disable=g-import-not-at-top
     generation.fid_run(config, workdir)
+  elif mode == 'analyze':
+    from jeat_jax import analysis  # pylint: disable=g-import-not-at-top
+    analysis.analyze_run(config, workdir)
 
 
 class _QuietLibraries(std_logging.Filter):

@@ -143,6 +143,7 @@ def apply_scale(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict:
     c.sample.num_steps = 3
     c.sample.batch_size = 10
     c.sample.start = 'uniform'
+    c.analysis.resolution = 9
   return c
 
 
@@ -190,4 +191,9 @@ def add_sample_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   c.fid.reference_key = ''
   c.fid.max_reference = 0          # > 0: a fixed random subset of the reference images
   c.fid.batch_size = 50
+  c.analysis = ml_collections.ConfigDict()
+  c.analysis.image_index = 0       # test image at the centre of the energy landscape
+  c.analysis.radius = 16 / 255     # landscape half-width, l_inf pixel units
+  c.analysis.resolution = 41
+  c.analysis.seed = 0
   return c

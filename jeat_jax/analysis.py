@@ -1,0 +1,167 @@
+"""The paper's analyses as figures: energy landscapes (Fig. 2), energy dynamics
+(Fig. 3, 9-11) and gradient norms during generation (Fig. 12/13).
+
+`python main.py --mode=analyze --config=CONFIG --workdir=DIR` writes every figure
+that applies to the run into DIR/figures/.
+"""
+import glob
+import os
+from typing import Callable, Dict, List, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from jeat_jax import energy
+
+DYNAMICS = ('dx_energy_xy', 'dtheta_energy_xy', 'dx_energy_x', 'dtheta_energy_x')
+
+
+def random_directions(key: jax.Array, image_shape) -> jax.Array:
+  """Two Rademacher directions (every pixel +-1): a step `a` along one moves each
+  pixel by `a`, so grid coordinates are in l_inf pixel units like eps."""
+  return jax.random.rademacher(key, (2, *image_shape), jnp.float32)
+
+
+def energy_landscape(logits_fn: Callable, x: jax.Array, y: int, directions: jax.Array,
+                     radius: float, resolution: int = 41, batch_size: int = 441) -> np.ndarray:
+  """E(x + a d1 + b d2, y) on a resolution x resolution grid of (a, b) in [-radius, radius]
+  (Fig. 2), evaluated in jitted batches. Row i is b = coords[i], column j is a = coords[j]."""
+  coords = jnp.linspace(-radius, radius, resolution)
+  a, b = jnp.meshgrid(coords, coords)
+  offsets = a.reshape(-1, 1, 1, 1) * directions[0] + b.reshape(-1, 1, 1, 1) * directions[1]
+
+  @jax.jit
+  def energies(off):
+    labels = jnp.full((off.shape[0],), y, jnp.int32)
+    return energy.energy_xy(logits_fn(x[None] + off), labels)
+
+  out = [np.asarray(energies(offsets[i:i + batch_size]))
+         for i in range(0, offsets.shape[0], batch_size)]
+  return np.concatenate(out).reshape(resolution, resolution)
+
+
+def plot_landscapes(path: str, landscapes: Dict[str, np.ndarray], radius: float) -> str:
+  """Contour plots side by side (one per model) with the data point marked."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  n = len(landscapes)
+  fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.6), squeeze=False)
+  for ax, (name, grid) in zip(axes[0], landscapes.items()):
+    coords = np.linspace(-radius, radius, grid.shape[0]) * 255
+    cs = ax.contourf(coords, coords, grid, levels=20, cmap='viridis')
+    ax.contour(coords, coords, grid, levels=20, colors='k', linewidths=0.3)
+    ax.plot([0], [0], marker='*', color='tab:blue', markersize=14, markeredgecolor='w')
+    ax.set_title(name)
+    ax.set_xlabel('direction 1 (x/255)')
+    ax.set_ylabel('direction 2 (x/255)')
+    fig.colorbar(cs, ax=ax, label='E(x, y)')
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def read_scalars(workdir: str, prefix_names: Sequence[str]) -> Dict[str, List]:
+  """(step, value) lists of TensorBoard scalars whose tag starts with one of the names."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  out: Dict[str, List] = {}
+  for path in sorted(glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if any(value.tag.startswith(p) for p in prefix_names):
+          v = tf.make_ndarray(value.tensor) if value.HasField('tensor') else value.simple_value
+          out.setdefault(value.tag, []).append((event.step, float(v)))
+  return out
+
+
+def dynamics_per_epoch(scalars: Dict[str, List], steps_per_epoch: int) -> Dict[str, np.ndarray]:
+  """Per epoch: (epoch, mean of the logged batch means, mean of the logged batch stds)."""
+  out = {}
+  for name in DYNAMICS:
+    means, stds = dict(scalars.get(f'{name}_mean', [])), dict(scalars.get(f'{name}_std', []))
+    epochs = {}
+    for step, m in means.items():
+      epochs.setdefault((step - 1) // steps_per_epoch, []).append((m, stds.get(step, 0.0)))
+    if epochs:
+      out[name] = np.array([(e + 1, np.mean([m for m, _ in v]), np.mean([s for _, s in v]))
+                            for e, v in sorted(epochs.items())])
+  return out
+
+
+def plot_dynamics(path: str, per_epoch: Dict[str, np.ndarray], title: str) -> str:
+  """Fig. 3 / 9-11: mean +- std per epoch of the Eq. 15 energy changes."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+  labels = {'dx_energy_xy': r'$\Delta_x E(x,y)$', 'dtheta_energy_xy': r'$\Delta_\theta E(x,y)$',
+            'dx_energy_x': r'$\Delta_x E(x)$', 'dtheta_energy_x': r'$\Delta_\theta E(x)$'}
+  for ax, names in zip(axes, (('dx_energy_xy', 'dtheta_energy_xy'), ('dx_energy_x', 'dtheta_energy_x'))):
+    for name in names:
+      if name in per_epoch:
+        e, m, s = per_epoch[name].T
+        ax.errorbar(e, m, yerr=s, marker='o', capsize=3, label=labels[name])
+    ax.axhline(0, color='gray', lw=0.8)
+    ax.set_xlabel('epoch')
+    ax.legend()
+  axes[0].set_title(f'{title}: E(x, y)')
+  axes[1].set_title(f'{title}: E(x)')
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def plot_gradient_norms(path: str, norms: np.ndarray, title: str) -> str:
+  """Fig. 12/13: mean |grad_x E(x,y)| and |grad_x E(x)| per generation step."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 3.6))
+  steps = np.arange(1, norms.shape[0] + 1)
+  ax.plot(steps, norms[:, 0], label=r'$\|\nabla_x E(x,y)\|$')
+  ax.plot(steps, norms[:, 1], label=r'$\|\nabla_x E(x)\|$')
+  ax.set_xlabel('generation step')
+  ax.set_ylabel('mean L2 norm')
+  ax.set_title(title)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def analyze_run(config, workdir: str) -> Dict[str, str]:
+  """Writes every figure that applies to the run in `workdir` into workdir/figures/."""
+  from jeat_jax import train  # pylint: disable=g-import-not-at-top
+  from jeat_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  out = os.path.join(workdir, 'figures')
+  os.makedirs(out, exist_ok=True)
+  figures = {}
+  model, state, ds, _ = train.load_trained(config, workdir)
+  logits_fn = train.make_logits_fn(model, state.params, state.batch_stats, 'running')
+  a = config.analysis
+  x = data_lib.to_float(jnp.asarray(ds.x_test[a.image_index]))
+  directions = random_directions(jax.random.PRNGKey(a.seed), x.shape)
+  grid = energy_landscape(logits_fn, x, int(ds.y_test[a.image_index]), directions, a.radius,
+                          a.resolution)
+  np.savez(os.path.join(out, 'energy_landscape.npz'), energy=grid, radius=a.radius)
+  figures['energy_landscape'] = plot_landscapes(os.path.join(out, 'energy_landscape.png'),
+                                                {config.recipe: grid}, a.radius)
+  scalars = read_scalars(workdir, DYNAMICS)
+  if scalars:
+    steps_per_epoch = max(1, ds.x_train.shape[0] // config.batch_size)
+    figures['energy_dynamics'] = plot_dynamics(
+        os.path.join(out, 'energy_dynamics.png'), dynamics_per_epoch(scalars, steps_per_epoch),
+        config.recipe)
+  norms_path = os.path.join(workdir, 'samples', 'gradient_norms.npz')
+  if os.path.exists(norms_path):
+    with np.load(norms_path) as f:
+      figures['gradient_norms'] = plot_gradient_norms(
+          os.path.join(out, 'gradient_norms.png'), f['norms'],
+          f'{config.recipe}: generation by {str(f["objective"])}')
+  logging.info('figures: %s', figures)
+  return figures
