@@ -8,14 +8,19 @@ the SPMD style JAX recommends for new code (`jax.pmap` is in maintenance
 mode); the replay buffer is sharded along its shard axis so each device keeps
 its own part.
 """
+from typing import Tuple
+
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = 'data'
 
 
 def make_mesh() -> Mesh:
+  """All devices of all processes on one 'data' axis, in jax.devices() order (process by
+  process), so process p holds a contiguous block of the batch and of the buffer shards."""
   return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
 
 
@@ -34,8 +39,35 @@ def global_batch(mesh: Mesh, *local_arrays: np.ndarray):
   return arrays if len(arrays) > 1 else arrays[0]
 
 
+def first_local_shard(array: jax.Array) -> np.ndarray:
+  """This process's lowest-indexed block of an array sharded on its first axis, on the host.
+
+  On process 0 this is global shard 0. Indexing the global array instead
+  (`array[0]`) is a computation every process must join: run by process 0 alone
+  (e.g. to log images) it blocks forever in a multi-process run.
+  """
+  shard = min(array.addressable_shards, key=lambda s: s.index[0].start or 0)
+  return np.asarray(shard.data)
+
+
+def local_shard_range(array: jax.Array) -> Tuple[int, int]:
+  """[start, stop) of the first-axis indices this process holds."""
+  starts = [s.index[0].start or 0 for s in array.addressable_shards]
+  stops = [s.index[0].stop if s.index[0].stop is not None else array.shape[0]
+           for s in array.addressable_shards]
+  return min(starts), max(stops)
+
+
 def initialize_distributed(config) -> None:
-  """Starts jax.distributed when `config.distributed.enabled` (TPU pods, multi-node GPU)."""
+  """Starts jax.distributed when `config.distributed.enabled` (TPU pods, multi-node GPU, or
+  several CPU processes). Call it before anything touches JAX's devices (jax.devices(),
+  jax.device_count(), a computation): JAX refuses to initialise afterwards.
+
+  With `distributed.coordinator_address` empty, JAX finds the coordinator itself
+  (TPU pods, SLURM, Open MPI); otherwise every process passes the same address
+  (host:port of process 0), the number of processes and its own id. CPU processes
+  exchange their collectives through gloo.
+  """
   if not config.distributed.enabled:
     return
   kwargs = {}
@@ -43,4 +75,9 @@ def initialize_distributed(config) -> None:
     kwargs = dict(coordinator_address=config.distributed.coordinator_address,
                   num_processes=config.distributed.num_processes,
                   process_id=config.distributed.process_id)
+  if jax.config.jax_cpu_collectives_implementation in (None, '', 'none'):
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # default since JAX 0.5
   jax.distributed.initialize(**kwargs)
+  logging.info('jax.distributed: process %d of %d, %d local / %d global devices',
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())
