@@ -24,37 +24,41 @@ import jax.numpy as jnp
 from jeat_jax.attacks.autoattack.apgd import where_per_example, iterate, jit_call, ranked_class, use_host_loop
 
 
-def linf_hyperplane_projection(t: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+def linf_hyperplane_projection(t: jax.Array, w: jax.Array, b: jax.Array,
+                               n_bisect: int = 30) -> jax.Array:
   """Smallest-l_inf step d with <w, t + d> = b and t + d in [0, 1], per row (FAB Sec. 3.1).
 
   t, w: [N, D]; b: [N]. Moving coordinate i by lambda towards the box face that
-  changes <w, z> in the needed direction changes it by |w_i| min(lambda, room_i),
-  room_i being the distance to that face. The total g(lambda) is increasing and
-  piecewise linear with kinks at the rooms, so the rooms are sorted, g is
-  evaluated at every kink, and lambda* is solved for on the segment where g
-  crosses the required change c. If the box does not allow the change, every
-  coordinate moves to its face (the closest point to the hyperplane).
+  changes <w, z> in the needed direction changes <w, z> by
+  g(lambda) = sum_i |w_i| min(lambda, room_i), room_i being the distance to that
+  face; g is increasing and piecewise linear. The crossing g(lambda*) = c of the
+  required change c is bracketed by bisection on [0, max room] and then solved
+  exactly on its linear piece (coordinates with room above the bracket move
+  freely, the others sit on their face). No sort: XLA:CPU sorts slowly. If the
+  box does not allow the change, every coordinate moves to its face (the
+  closest point of the box to the hyperplane). Coordinates with w_i = 0 stay.
   """
   c = jnp.sum(w * t, axis=1) - b                         # <w, t> - b
   w = jnp.where((c < 0)[:, None], -w, w)                 # orient so that <w, z> must decrease by c
-  c = jnp.abs(c)
+  c = jnp.abs(c)[:, None]
   direction = -jnp.sign(w)
   room = jnp.where(w < 0, 1.0 - t, t)
   abs_w = jnp.abs(w)
+  saturated = abs_w * room
+  feasible = c <= jnp.sum(saturated, axis=1, keepdims=True)
 
-  order = jnp.argsort(-room, axis=1)                     # largest room first
-  room_s = jnp.take_along_axis(room, order, axis=1)
-  w_s = jnp.take_along_axis(abs_w, order, axis=1)
-  weight_free = jnp.cumsum(w_s, axis=1)                  # coordinates 0..j still move freely
-  saturated_total = jnp.sum(w_s * room_s, axis=1, keepdims=True)
-  tail = saturated_total - jnp.cumsum(w_s * room_s, axis=1)   # coordinates > j sit on their face
-  g_at_kink = room_s * weight_free + tail                # g(room_s[j]), non-increasing in j
-  j = jnp.sum(g_at_kink > c[:, None], axis=1) - 1        # last kink still above c
-  feasible = j >= 0
-  j = jnp.maximum(j, 0)[:, None]
-  lam = (c[:, None] - jnp.take_along_axis(tail, j, axis=1)) / jnp.maximum(
-      jnp.take_along_axis(weight_free, j, axis=1), 1e-12)
-  lam = jnp.where(feasible[:, None], jnp.maximum(lam, 0.0), jnp.inf)
+  def bisect(_, bracket):
+    lo, hi = bracket
+    mid = 0.5 * (lo + hi)
+    above = jnp.sum(jnp.minimum(abs_w * mid, saturated), axis=1, keepdims=True) >= c
+    return jnp.where(above, lo, mid), jnp.where(above, mid, hi)
+
+  lo, hi = jax.lax.fori_loop(0, n_bisect, bisect,
+                             (jnp.zeros_like(c), jnp.max(room, axis=1, keepdims=True)))
+  free = room > lo
+  lam = (c - jnp.sum(jnp.where(free, 0.0, saturated), axis=1, keepdims=True)) / jnp.maximum(
+      jnp.sum(jnp.where(free, abs_w, 0.0), axis=1, keepdims=True), 1e-12)
+  lam = jnp.where(feasible, jnp.clip(lam, lo, hi), jnp.inf)
   return direction * jnp.minimum(lam, room) * (w != 0)
 
 
