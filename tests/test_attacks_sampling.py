@@ -1,0 +1,113 @@
+"""Attack building blocks and SGLD: invariants and behaviour on fixed models."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jeat_jax import attacks, energy, recipes, sampling
+from jeat_jax.models import WideResNet
+
+EPS = 8 / 255
+
+
+@pytest.fixture(scope='module')
+def model_and_batch():
+  model = WideResNet(depth=10, width=1, norm='none', activation='leaky_relu')
+  x = jax.random.uniform(jax.random.PRNGKey(0), (16, 32, 32, 3))
+  y = jax.random.randint(jax.random.PRNGKey(1), (16,), 0, 10)
+  variables = model.init(jax.random.PRNGKey(2), x)
+  return (lambda z: model.apply(variables, z)), x, y
+
+
+def _inside(x_adv, x, eps=EPS):
+  assert float(jnp.max(jnp.abs(x_adv - x))) <= eps + 1e-6
+  assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+
+
+def test_projection_stays_in_ball_and_box():
+  x = jax.random.uniform(jax.random.PRNGKey(0), (4, 8, 8, 3))
+  wild = x + jax.random.normal(jax.random.PRNGKey(1), x.shape)
+  _inside(attacks.project_linf(wild, x, EPS), x)
+  _inside(attacks.uniform_start(jax.random.PRNGKey(2), x, EPS), x)
+
+
+def test_every_attack_stays_inside(model_and_batch):
+  logits_fn, x, y = model_and_batch
+  key = jax.random.PRNGKey(3)
+  ce = lambda z: energy.cross_entropy(logits_fn(z), y)
+  _inside(attacks.fgsm(ce, x, EPS), x)
+  _inside(attacks.pgd(ce, x, key, EPS, 2 / 255, 5), x)
+  _inside(attacks.energy_attack(lambda z: energy.energy_xy(logits_fn(z), y), x, key, EPS, EPS), x)
+  _inside(recipes.trades_attack(logits_fn, x, key, EPS, 2 / 255, 3), x)
+  cw = lambda z: attacks.cw_margin(logits_fn(z), y)
+  _inside(attacks.pgd(cw, x, key, EPS, 2 / 255, 3), x)
+
+
+def test_energy_attack_raises_energy_xy(model_and_batch):
+  logits_fn, x, y = model_and_batch
+  e_xy = lambda z: energy.energy_xy(logits_fn(z), y)
+  for grad_at_start in (True, False):
+    x_adv = attacks.energy_attack(e_xy, x, jax.random.PRNGKey(4), EPS, 2 / 255, num_steps=5,
+                                  grad_at_start=grad_at_start)
+    assert float(jnp.mean(e_xy(x_adv))) > float(jnp.mean(e_xy(x)))
+  assert float(jnp.mean(e_xy(x_adv) - e_xy(x))) > 0
+
+
+def test_pgd_raises_cross_entropy_more_than_random_noise(model_and_batch):
+  logits_fn, x, y = model_and_batch
+  ce = lambda z: energy.cross_entropy(logits_fn(z), y)
+  x_adv = attacks.pgd(ce, x, jax.random.PRNGKey(5), EPS, 2 / 255, 5)
+  x_rand = attacks.uniform_start(jax.random.PRNGKey(5), x, EPS)
+  assert float(jnp.mean(ce(x_adv))) > float(jnp.mean(ce(x_rand))) > 0
+
+
+def test_cw_margin_and_trades_kl_by_hand():
+  logits = jnp.array([[3.0, 1.0, 2.0]])
+  np.testing.assert_allclose(attacks.cw_margin(logits, jnp.array([0])), [-1.0])
+  np.testing.assert_allclose(attacks.cw_margin(logits, jnp.array([1])), [2.0])
+  np.testing.assert_allclose(attacks.trades_kl(logits, logits), [0.0], atol=1e-7)
+  assert float(attacks.trades_kl(jnp.array([[0.0, 0.0, 0.0]]), logits)[0]) > 0
+
+
+def test_sgld_without_noise_descends_a_convex_energy():
+  target = jnp.full((8, 4), 0.3)
+  quad = lambda z: 0.5 * jnp.sum((z - target) ** 2, axis=-1)
+  x0 = jax.random.uniform(jax.random.PRNGKey(0), (8, 4))
+  x1 = sampling.sgld_chain(quad, x0, jax.random.PRNGKey(1), 1, 0.1, 0.0)
+  x50 = sampling.sgld_chain(quad, x0, jax.random.PRNGKey(1), 50, 0.1, 0.0)
+  assert float(quad(x1).sum()) < float(quad(x0).sum())
+  np.testing.assert_allclose(x50, target, atol=1e-2)
+  unrolled = sampling.sgld_chain(quad, x0, jax.random.PRNGKey(1), 50, 0.1, 0.0, unroll=5)
+  np.testing.assert_allclose(unrolled, x50, atol=1e-6)
+
+
+def test_sgld_noise_and_parametrizations():
+  assert sampling.sgld_parameters('paper', 0.25, 0.005, 0.04) == (0.02, 0.2)
+  assert sampling.sgld_parameters('jem', 0.25, 0.005, 0.04) == (0.25, 0.005)
+  flat = lambda z: jnp.zeros(z.shape[0])
+  x = sampling.sgld_chain(flat, jnp.zeros((2000, 4)), jax.random.PRNGKey(0), 4, 0.1, 0.5)
+  assert abs(float(jnp.std(x)) - 0.5 * 2) < 0.05  # 4 steps of N(0, 0.5^2): std 1.0
+  clipped = sampling.sgld_chain(flat, jnp.zeros((8, 4)), jax.random.PRNGKey(0), 4, 0.1, 0.5,
+                                clip=(0.0, 1.0))
+  assert float(clipped.min()) >= 0.0 and float(clipped.max()) <= 1.0
+
+
+def test_buffer_reinitialisation_rate_is_rho():
+  rho, n = 0.05, 20000
+  buffer = jnp.full((2, 500, 2, 2, 1), 5.0)  # entries far outside U(0, 1)
+  starts, slots = sampling.draw_from_buffer(buffer, jax.random.PRNGKey(0), n, rho)
+  fresh = float(jnp.mean(jnp.all(starts <= 1.0, axis=(1, 2, 3))))
+  assert abs(fresh - rho) < 4 * np.sqrt(rho * (1 - rho) / n)
+  assert slots.shape == (2, n // 2) and int(slots.max()) < 500
+
+
+def test_buffer_write_back_goes_to_the_drawn_slots_of_each_shard():
+  buffer = jnp.zeros((2, 10, 1, 1, 1))
+  starts, slots = sampling.draw_from_buffer(buffer, jax.random.PRNGKey(1), 4, 0.0)
+  values = jnp.arange(1.0, 5.0).reshape(4, 1, 1, 1)
+  new = sampling.write_to_buffer(buffer, slots, values)
+  for shard in range(2):
+    for j in range(2):
+      assert float(new[shard, slots[shard, j], 0, 0, 0]) == float(values[shard * 2 + j, 0, 0, 0]) \
+          or int(jnp.sum(slots[shard] == slots[shard, j])) > 1
+  assert int(jnp.sum(new != 0)) <= 4
