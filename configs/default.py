@@ -121,6 +121,7 @@ def apply_scale(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict:
     c.model.depth, c.model.width = 10, 1
     c.eval.num_examples = 1000
     c.fid.max_reference = 10000
+    c.eval.unroll = 10
     c.log_every_steps = 20
     c.eval_every_steps = 500
     c.checkpoint_every_steps = 100
@@ -168,6 +169,7 @@ def add_eval_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.eval.autoattack_version = 'standard'  # standard | rand (for test-time randomness)
   c.eval.test_noise_std = 0.0      # > 0: the model adds N(0, s^2) to inputs at test time
   c.eval.pgd_steps_scale = 1.0     # < 1 shortens every iterative attack (smoke tests only)
+  c.eval.unroll = 1                # > 1 unrolls attack loops (faster on XLA:CPU)
   c.eval.audit = True
   c.eval.audit_num_examples = 200
   c.eval.seed = 0

@@ -109,6 +109,7 @@ def validate(config) -> None:
   _require(not unknown, 'eval.attacks', f'must be a comma list of {list(ATTACKS)}', e.attacks)
   _one_of(config, 'eval.autoattack_version', ('standard', 'rand'))
   _positive(e.pgd_restarts, 'eval.pgd_restarts')
+  _positive(e.unroll, 'eval.unroll')
   _non_negative(e.test_noise_std, 'eval.test_noise_std')
   s = config.sample
   _one_of(config, 'sample.objective', sampling.OBJECTIVES)

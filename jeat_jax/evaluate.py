@@ -60,15 +60,17 @@ def attack_fn(name: str, cfg, logits_fn, eps: float) -> Callable:
     return lambda x, y, key: attacks.fgsm(ce(y), x, eps)
   if name in ('pgd20', 'pgd50'):
     k = steps(int(name[3:]))
-    return lambda x, y, key: attacks.pgd(ce(y), x, key, eps, cfg.step_size, k)
+    return lambda x, y, key: attacks.pgd(ce(y), x, key, eps, cfg.step_size, k, unroll=cfg.unroll)
   if name == 'energy1':
     return lambda x, y, key: attacks.energy_attack(e_xy(y), x, key, eps, eps, 1)
   if name == 'energyk':
     k = steps(cfg.energy_steps)
-    return lambda x, y, key: attacks.energy_attack(e_xy(y), x, key, eps, cfg.step_size, k)
+    return lambda x, y, key: attacks.energy_attack(e_xy(y), x, key, eps, cfg.step_size, k,
+                                                   unroll=cfg.unroll)
   if name == 'cw_linf':
     k = steps(50)
-    return lambda x, y, key: attacks.pgd(margin(y), x, key, eps, cfg.step_size, k)
+    return lambda x, y, key: attacks.pgd(margin(y), x, key, eps, cfg.step_size, k,
+                                         unroll=cfg.unroll)
   if name == 'cw_l2':
     k = steps(cfg.cw_steps)
     return lambda x, y, key: cw_lib.cw_l2(logits_fn, x, y, key, c=cfg.cw_c, steps=k, lr=cfg.cw_lr)

@@ -1,4 +1,4 @@
-"""The Carlini-Wagner L2 attack with a fixed constant (Carlini & Wagner 2017, Sec. V.A).
+"""The Carlini-Wagner L2 attack with a fixed constant (Carlini & Wagner 2017).
 
   minimise_w  || x'(w) - x ||_2^2 + c * max(z_y(x') - max_{k!=y} z_k(x'), -kappa),
   x'(w) = (tanh(w) + 1) / 2,

@@ -2,7 +2,7 @@
 robustness with an ensemble of diverse parameter-free attacks" (ICML), Alg. 1.
 
 APGD is PGD with momentum whose step size starts at 2 eps and is halved at fixed
-checkpoints w_j (Sec. 3.1) when either
+checkpoints w_j when either
   1. the loss increased in at most a fraction rho of the iterations since the
      previous checkpoint, or
   2. the step size was not halved at the previous checkpoint and the best loss
@@ -10,7 +10,7 @@ checkpoints w_j (Sec. 3.1) when either
 a halving restarts the iterate from the best point found so far.
 
 The losses are cross-entropy (`energy.cross_entropy`), the Difference of Logits
-Ratio (DLR, Eq. 6) and its targeted form (Eq. 7). Starting point and projection
+Ratio (DLR) and its targeted form, both introduced in that paper. Starting point and projection
 are `core.uniform_start` and `core.project_linf`. The trace of the best-so-far
 loss is returned so that its monotonicity can be checked. Iterations run
 through `iterate`: one `lax` loop program, or on CPU a Python loop over one
@@ -37,7 +37,10 @@ class ApgdResult(NamedTuple):
 
 
 def dlr_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Untargeted DLR (Croce & Hein 2020, Eq. 6): -(z_y - max_{i!=y} z_i) / (z_pi1 - z_pi3)."""
+  """Untargeted DLR (Croce & Hein 2020): -(z_y - max_{i!=y} z_i) / (z_pi1 - z_pi3).
+
+  pi sorts the logits in decreasing order.
+  """
   logits = logits.astype(jnp.float32)
   z_sorted = jnp.sort(logits, axis=-1)
   margin = cw_margin(logits, labels, kappa=jnp.inf)       # max_{i!=y} z_i - z_y
@@ -45,7 +48,7 @@ def dlr_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def dlr_loss_targeted(logits: jax.Array, labels: jax.Array, targets: jax.Array) -> jax.Array:
-  """Targeted DLR (Croce & Hein 2020, Eq. 7): -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)."""
+  """Targeted DLR (Croce & Hein 2020): -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)."""
   logits = logits.astype(jnp.float32)
   z_sorted = jnp.sort(logits, axis=-1)
   z_y = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
@@ -74,7 +77,7 @@ def loss_of_logits(loss: str, labels: jax.Array, targets: Optional[jax.Array]) -
 def step_size_checkpoints(n_iter: int):
   """The iterations (0-based) after which APGD checks its step size, with each window length.
 
-  Checkpoints w_j of Sec. 3.1: the first window is 0.22 n_iter long, each next one
+  The checkpoints w_j of APGD: the first window is 0.22 n_iter long, each next one
   0.03 n_iter shorter, but at least 0.06 n_iter (all rounded down, at least 1).
   """
   first, shortest, shrink = (max(int(f * n_iter), 1) for f in (0.22, 0.06, 0.03))
@@ -238,7 +241,7 @@ def _apgd_body(s: ApgdSettings, x, y, targets, eps, key_grad, i, c):
   grad_best = where_per_example(improved, grad, c['grad_best'])
   n_increase = c['n_increase'] + (values > c['loss_prev'])
 
-  # Step-size checkpoint (Sec. 3.1): halve and restart from the best point.
+  # Step-size checkpoint: halve and restart from the best point.
   check = is_check[i]
   oscillating = n_increase <= window[i] * s.rho
   stalled = ~c['reduced_last_check'] & (c['loss_best_last_check'] >= loss_best)
@@ -262,7 +265,7 @@ def apgd_run(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array, ep
   """One APGD run (Croce & Hein 2020, Alg. 1) on a batch; one restart.
 
   `target_rank` (2..num_classes) selects the target of the targeted losses: the
-  class with that rank in the clean logits. `momentum` is alpha of Eq. 3 (0.75;
+  class with that rank in the clean logits. `momentum` is APGD's alpha (0.75;
   the first step has none). `rho` is the oscillation threshold of checkpoint
   condition 1. Condition 1 compares the first step's loss with the start's (the
   reference code compares it with 0). `host_loop`: see `use_host_loop`.
@@ -290,7 +293,7 @@ def apgd_ce(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array, eps
 def apgd_dlr(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array, eps: float = 8 / 255,
              n_iter: int = 100, rho: float = 0.75, eot_iter: int = 1, stochastic: bool = False,
              host_loop: Optional[bool] = None) -> jax.Array:
-  """APGD on the untargeted DLR loss (Eq. 6; the 'rand' version's second attack)."""
+  """APGD on the untargeted DLR loss (the 'rand' version's second attack)."""
   return apgd_run(logits_fn, x, y, key, eps, n_iter, 'dlr', None, rho, 0.75, eot_iter,
                   stochastic, host_loop).x_adv
 
@@ -298,7 +301,7 @@ def apgd_dlr(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array, ep
 def apgd_t(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array, eps: float = 8 / 255,
            n_iter: int = 100, n_target_classes: int = 9, rho: float = 0.75,
            host_loop: Optional[bool] = None) -> jax.Array:
-  """APGD-T: APGD on the targeted DLR loss (Eq. 7) for the top `n_target_classes` other classes.
+  """APGD-T: APGD on the targeted DLR loss for the top `n_target_classes` other classes.
 
   Target ranks 2, 3, ... of the clean logits are tried in turn; a point keeps the
   first adversarial image found. The batch keeps its shape (points already

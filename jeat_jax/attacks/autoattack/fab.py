@@ -1,5 +1,6 @@
-"""Targeted Fast Adaptive Boundary attack, l_inf (FAB-T): Croce & Hein 2019/2020,
-"Minimally distorted adversarial examples with a fast adaptive boundary attack" (ICML 2020).
+"""Targeted Fast Adaptive Boundary attack, l_inf (FAB-T): Croce & Hein 2019, "Minimally
+distorted adversarial examples with a fast adaptive boundary attack" (arXiv:1907.02044,
+ICML 2020), in its targeted form from Croce & Hein 2020 (AutoAttack).
 
 FAB looks for the adversarial example of smallest l_inf norm. For a target
 class t it linearises the decision boundary between the true class y and t at
@@ -8,9 +9,9 @@ the current iterate x_k,
   f(z) = z_t(x) - z_y(x) ~ f(x_k) + <grad f(x_k), z - x_k> = 0,
 
 projects both x_k and the original point x_0 onto that hyperplane within the
-[0, 1] box (`linf_hyperplane_projection`, Sec. 3.1), and steps towards a convex
+[0, 1] box (`linf_hyperplane_projection`), and steps towards a convex
 combination of the two projections, biased towards x_0 by
-alpha = min(|d_k| / (|d_k| + |d_0|), alpha_max), with overshoot eta (Eq. 9).
+alpha = min(|d_k| / (|d_k| + |d_0|), alpha_max), with overshoot eta.
 Whenever the iterate is misclassified it is kept if it is the smallest
 perturbation so far and pulled back towards x_0 by beta (the backward step).
 AutoAttack's FAB-T uses the classes with the 2nd..10th largest clean logits
@@ -21,12 +22,13 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from jeat_jax.attacks.autoattack.apgd import where_per_example, iterate, jit_call, ranked_class, use_host_loop
+from jeat_jax.attacks.autoattack.apgd import (iterate, jit_call, ranked_class, use_host_loop,
+                                              where_per_example)
 
 
 def linf_hyperplane_projection(t: jax.Array, w: jax.Array, b: jax.Array,
                                n_bisect: int = 30) -> jax.Array:
-  """Smallest-l_inf step d with <w, t + d> = b and t + d in [0, 1], per row (FAB Sec. 3.1).
+  """Smallest-l_inf step d with <w, t + d> = b and t + d in [0, 1], per row (FAB's projection).
 
   t, w: [N, D]; b: [N]. Moving coordinate i by lambda towards the box face that
   changes <w, z> in the needed direction changes <w, z> by
@@ -82,7 +84,7 @@ def _fab_init(s: FabSettings, x, target_rank):
 
 
 def _fab_body(s: FabSettings, x, y, target, _, carry):
-  """One FAB step (Croce & Hein 2020, Alg. 1 with a single target hyperplane)."""
+  """One FAB step (Croce & Hein 2019) with the single hyperplane of the target class."""
   x1, adv, best = carry
   batch = x.shape[0]
   x0 = x.reshape(batch, -1)

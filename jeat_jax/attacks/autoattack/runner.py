@@ -7,10 +7,11 @@ Versions, as in fra31/auto-attack:
   rand:     APGD-CE and APGD-DLR, each with Expectation over Transformation
             (20 gradient draws per step), for randomised defences.
 
-Between attacks (and between the target classes of APGD-T and FAB-T, and
-between segments of Square's queries) the still-robust points are compacted in
-numpy and processed in chunks of at most `batch_size`; a chunk is padded to a
-power of two (or to `batch_size`) so that only a few shapes are compiled.
+Between attacks (and between the target classes of APGD-T and FAB-T) the
+still-robust points are compacted in numpy and processed in chunks of at most
+`batch_size`; a chunk is padded to a power of two (or to `batch_size`) so that
+only a few shapes are compiled. Square compacts itself between segments of
+its queries.
 Inside an attack everything is jitted and looped with `lax`. A point counts as
 broken only if the model misclassifies the returned image and the image lies in
 the eps-ball and in [0, 1].
@@ -25,7 +26,7 @@ import numpy as np
 
 from jeat_jax.attacks.autoattack.apgd import apgd_run, call_logits
 from jeat_jax.attacks.autoattack.fab import fab_targeted_run
-from jeat_jax.attacks.autoattack.square import SquareState, square_init, square_steps
+from jeat_jax.attacks.autoattack.square import pad_indices, square
 
 VERSIONS = {
     'standard': ('apgd-ce', 'apgd-t', 'fab-t', 'square'),
@@ -34,20 +35,11 @@ VERSIONS = {
 BALL_TOLERANCE = 1e-5
 
 
-def padded_size(n: int, batch_size: int) -> int:
-  """Chunk size for n points: the next power of two (at least 8), at most batch_size."""
-  size = 8
-  while size < n:
-    size *= 2
-  return min(size, batch_size)
-
-
 def _chunks(idx: np.ndarray, batch_size: int):
-  """(indices, padded indices) per chunk; padding repeats the chunk's first point."""
+  """(indices, padded indices) per chunk of at most batch_size."""
   for start in range(0, len(idx), batch_size):
     sel = idx[start:start + batch_size]
-    pad = padded_size(len(sel), batch_size) - len(sel)
-    yield sel, np.concatenate([sel, np.full(pad, sel[0], sel.dtype)])
+    yield sel, pad_indices(sel, batch_size)
 
 
 @functools.partial(jax.jit, static_argnames=('logits_fn', 'stochastic'))
@@ -69,8 +61,10 @@ def _correct(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array,
 
 def _attack_chunk(logits_fn: Callable, attack: str, settings: Dict, x: jax.Array, y: jax.Array,
                   key: jax.Array, rank, eps: float) -> jax.Array:
-  """One pass of one attack on a chunk: adversarial candidates (APGD-*, FAB-T)."""
+  """One pass of one attack on a chunk: adversarial candidates."""
   s = settings
+  if attack == 'square':
+    return square(logits_fn, x, y, key, eps, s['n_queries'], s['p_init'], s['square_segment'])
   if attack == 'fab-t':
     adv, norm = fab_targeted_run(logits_fn, x, y, rank, s['fab_n_iter'], host_loop=s['host_loop'])
     return jnp.where((norm <= eps)[:, None, None, None], adv, x)
@@ -90,38 +84,6 @@ def _attack_robust_points(logits_fn, attack, settings, x, y, robust, x_adv, *, e
     broken = np.asarray(_broken(logits_fn, adv, xb, yb, eps, k_check, stochastic))[:len(sel)]
     robust[sel[broken]] = False
     x_adv[sel[broken]] = np.asarray(adv)[:len(sel)][broken]
-
-
-def _square_robust_points(logits_fn, x, y, robust, x_adv, *, eps, key, batch_size, n_queries,
-                          p_init, segment):
-  """Square on the robust points, re-compacting the unfooled ones every `segment` queries."""
-  idx = np.flatnonzero(robust)
-  if not len(idx):
-    return
-  x_best, margin = np.array(x), np.full(len(x), np.inf, np.float32)
-  for c, (sel, padded) in enumerate(_chunks(idx, batch_size)):
-    state = square_init(logits_fn, jnp.asarray(x[padded]), jnp.asarray(y[padded]),
-                        jax.random.fold_in(key, c), eps)
-    x_best[sel], margin[sel] = np.asarray(state.x_best)[:len(sel)], np.asarray(state.margin)[:len(sel)]
-  query = 0
-  while query < n_queries:
-    active = np.flatnonzero(robust & (margin > 0))
-    if not len(active):
-      break
-    seg_key = jax.random.fold_in(key, 1_000_000 + query)
-    for c, (sel, padded) in enumerate(_chunks(active, batch_size)):
-      state = SquareState(jnp.asarray(x_best[padded]), jnp.asarray(margin[padded]),
-                          jnp.asarray(query, jnp.int32))
-      state = square_steps(logits_fn, jnp.asarray(x[padded]), jnp.asarray(y[padded]),
-                           jax.random.fold_in(seg_key, c), state, eps, n_queries, p_init, segment)
-      x_best[sel], margin[sel] = np.asarray(state.x_best)[:len(sel)], np.asarray(state.margin)[:len(sel)]
-    query += segment
-  candidates = np.flatnonzero(robust & (margin <= 0))
-  for sel, padded in _chunks(candidates, batch_size):
-    broken = np.asarray(_broken(logits_fn, jnp.asarray(x_best[padded]), jnp.asarray(x[padded]),
-                                jnp.asarray(y[padded]), eps, key))[:len(sel)]
-    robust[sel[broken]] = False
-    x_adv[sel[broken]] = x_best[sel[broken]]
 
 
 def run_autoattack(logits_fn: Callable, x, y, *, eps: float = 8 / 255, key: jax.Array,
@@ -154,7 +116,8 @@ def run_autoattack(logits_fn: Callable, x, y, *, eps: float = 8 / 255, key: jax.
   y = np.asarray(y, np.int32)
   n = len(x)
   settings = dict(n_iter=n_iter, rho=rho, fab_n_iter=fab_n_iter, stochastic=stochastic,
-                  eot_iter=eot_iter if version == 'rand' else 1, host_loop=host_loop)
+                  eot_iter=eot_iter if version == 'rand' else 1, host_loop=host_loop,
+                  n_queries=n_queries, p_init=p_init, square_segment=square_segment)
   t_start = time.time()
 
   key, key_clean = jax.random.split(key)
@@ -172,11 +135,7 @@ def run_autoattack(logits_fn: Callable, x, y, *, eps: float = 8 / 255, key: jax.
   for a, attack in enumerate(attacks):
     t0, n_attacked = time.time(), int(robust.sum())
     k_attack = jax.random.fold_in(key, a)
-    if n_attacked and attack == 'square':
-      _square_robust_points(logits_fn, x, y, robust, x_adv, eps=eps, key=k_attack,
-                            batch_size=batch_size, n_queries=n_queries, p_init=p_init,
-                            segment=square_segment)
-    elif n_attacked:
+    if n_attacked:
       if attack in ('apgd-t', 'fab-t'):
         if num_classes is None:
           num_classes = jax.eval_shape(logits_fn, jax.ShapeDtypeStruct((1,) + x.shape[1:],

@@ -9,8 +9,9 @@ onto the ball and [0, 1]); the proposal is kept when it lowers the margin
 loss z_y - max_{k!=y} z_k, or misclassifies. The fraction p starts at p_init
 and halves at fixed query counts (the schedule of the paper, rescaled to
 n_queries out of 10000). Each example draws its own window and signs.
-The loop is a `lax.while_loop` that stops as soon as every example is
-misclassified; only examples with a positive margin change.
+The search is a forward-only `lax.while_loop` (no gradient, so XLA:CPU's slow
+path for convolution gradients in loops does not apply) that stops once every
+example is misclassified; only examples with a positive margin change.
 """
 import functools
 from typing import Callable, NamedTuple
@@ -68,6 +69,7 @@ def square_proposal(key: jax.Array, x_best: jax.Array, x: jax.Array, eps: float,
   return project_linf(x_best + window * (2.0 * eps) * signs, x, eps)
 
 
+@functools.partial(jax.jit, static_argnames=('logits_fn',))
 def square_init(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array,
                 eps: float) -> SquareState:
   """The stripes start and its margin."""
@@ -100,12 +102,42 @@ def square_steps(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array
   return jax.lax.while_loop(cond, body, state)
 
 
-def square(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array, eps: float = 8 / 255,
-           n_queries: int = 5000, p_init: float = 0.8) -> jax.Array:
+def padded_size(n: int, cap: int) -> int:
+  """Batch size for n examples: the next power of two (at least 8), at most cap."""
+  size = 8
+  while size < n:
+    size *= 2
+  return min(size, cap)
+
+
+def pad_indices(idx: np.ndarray, cap: int) -> np.ndarray:
+  """idx padded (repeating its first entry) to `padded_size`, so few shapes get compiled."""
+  return np.concatenate([idx, np.full(padded_size(len(idx), cap) - len(idx), idx[0], idx.dtype)])
+
+
+def square(logits_fn: Callable, x, y, key: jax.Array, eps: float = 8 / 255,
+           n_queries: int = 5000, p_init: float = 0.8, segment: int = 250) -> jax.Array:
   """Square attack (l_inf, margin loss, one restart); returns the adversarial images.
 
-  Examples never fooled return the last point of their search (within the ball).
+  The queries run in segments of `segment` (each one `lax.while_loop`); between
+  segments the examples already fooled are dropped in numpy and the rest padded
+  to a power of two, so that late queries cost only the unfooled examples.
+  Examples never fooled return the last point of their search (in the ball).
   """
+  x, y = np.asarray(x, np.float32), np.asarray(y, np.int32)
   k_init, k_steps = jax.random.split(key)
-  state = square_init(logits_fn, x, y, k_init, eps)
-  return square_steps(logits_fn, x, y, k_steps, state, eps, n_queries, p_init).x_best
+  state = square_init(logits_fn, jnp.asarray(x), jnp.asarray(y), k_init, eps)
+  x_best, margin = np.array(state.x_best), np.array(state.margin)
+  for query in range(0, n_queries, segment):
+    active = np.flatnonzero(margin > 0)
+    if not len(active):
+      break
+    idx = pad_indices(active, len(x))
+    state = SquareState(jnp.asarray(x_best[idx]), jnp.asarray(margin[idx]),
+                        jnp.asarray(query, jnp.int32))
+    state = square_steps(logits_fn, jnp.asarray(x[idx]), jnp.asarray(y[idx]),
+                         jax.random.fold_in(k_steps, query), state, eps, n_queries, p_init,
+                         segment)
+    x_best[active] = np.asarray(state.x_best)[:len(active)]
+    margin[active] = np.asarray(state.margin)[:len(active)]
+  return jnp.asarray(x_best)
