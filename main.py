@@ -26,8 +26,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def run(config, workdir: str, mode: str):
   from jeat_jax import config_validation  # pylint: disable=g-import-not-at-top
   from jeat_jax import parallel  # pylint: disable=g-import-not-at-top
+  parallel.initialize_distributed(config)  # before anything counts the devices
   config_validation.validate(config)
-  parallel.initialize_distributed(config)
   if mode == 'train':
     from jeat_jax import train  # pylint: disable=g-import-not-at-top
     results = train.train_and_evaluate(config, workdir)

@@ -148,6 +148,7 @@ def apply_scale(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict:
     c.sample.batch_size = 10
     c.sample.start = 'uniform'
     c.analysis.resolution = 9
+    c.schedule.warmup_steps = 0  # so a 4-step run really moves the parameters
   return c
 
 

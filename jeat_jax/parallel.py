@@ -4,12 +4,10 @@ We use `jax.jit` with explicit `NamedSharding`s over a 1-D mesh ('data'):
 the batch is sharded along its first axis, parameters and optimizer state are
 replicated, and the compiler inserts the gradient all-reduce (the loss is a
 mean over the global batch) and the cross-device BatchNorm statistics. This is
-the SPMD style JAX recommends for new code (`jax.pmap` is in maintenance
-mode); the replay buffer is sharded along its shard axis so each device keeps
-its own part.
+the SPMD style JAX recommends for new code (since JAX 0.8 `jax.pmap` is itself
+built on jit and shard_map); the replay buffer is sharded along its shard axis
+so each device keeps its own part. See docs/parallelism.md.
 """
-from typing import Tuple
-
 import jax
 import numpy as np
 from absl import logging
@@ -50,14 +48,6 @@ def first_local_shard(array: jax.Array) -> np.ndarray:
   return np.asarray(shard.data)
 
 
-def local_shard_range(array: jax.Array) -> Tuple[int, int]:
-  """[start, stop) of the first-axis indices this process holds."""
-  starts = [s.index[0].start or 0 for s in array.addressable_shards]
-  stops = [s.index[0].stop if s.index[0].stop is not None else array.shape[0]
-           for s in array.addressable_shards]
-  return min(starts), max(stops)
-
-
 def initialize_distributed(config) -> None:
   """Starts jax.distributed when `config.distributed.enabled` (TPU pods, multi-node GPU, or
   several CPU processes). Call it before anything touches JAX's devices (jax.devices(),
@@ -76,7 +66,7 @@ def initialize_distributed(config) -> None:
                   num_processes=config.distributed.num_processes,
                   process_id=config.distributed.process_id)
   if jax.config.jax_cpu_collectives_implementation in (None, '', 'none'):
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # default since JAX 0.5
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # JAX 0.10's default
   jax.distributed.initialize(**kwargs)
   logging.info('jax.distributed: process %d of %d, %d local / %d global devices',
                jax.process_index(), jax.process_count(), jax.local_device_count(),

@@ -395,7 +395,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
       writer.write_scalars(step, {'test_accuracy': test_accuracy})
       logging.info('step %d: test accuracy %.4f on %d images', step, test_accuracy, n_eval)
       if 'buffer' in state.extra and jax.process_index() == 0:
-        samples = np.asarray(jax.device_get(state.extra['buffer'][0, :64]))
+        samples = parallel.first_local_shard(state.extra['buffer'])[0, :64]
         writer.write_images(step, {'replay_buffer': image_grid(samples, 8)[None]})
     if checkpoint_now:
       checkpointer.save(state)

@@ -1,0 +1,179 @@
+"""Subprocess helper of tests/test_parallel.py: runs with its own device count / process group.
+
+The main pytest process has already initialised JAX with one CPU device, so
+everything that needs several devices or several processes runs here, in a
+fresh interpreter. The parent sets XLA_FLAGS=--xla_force_host_platform_device_count=N
+in the environment before this script imports jax.
+
+  --mode=equivalence  one train step of a recipe on a 1-device mesh and on a mesh
+                      of every local device (same global batch); writes loss,
+                      metrics, parameters and the replay buffer (with its
+                      sharding) to --out (.npz).
+  --mode=train        train.train_and_evaluate in --workdir; with --num_processes > 1
+                      first jax.distributed.initialize (config.distributed.*).
+                      --exit_after_checkpoint=S exits hard (os._exit, no cleanup,
+                      as a SIGKILL would) right after the step-S checkpoint is
+                      written: a crash to resume from. Process 0 writes the
+                      results dict and the wall time to --out (.json).
+"""
+import argparse
+import faulthandler
+import json
+import os
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import jax  # pylint: disable=g-import-not-at-top
+from absl import logging
+import jax.numpy as jnp
+import numpy as np
+
+KILLED_EXIT_CODE = 17
+
+
+def smoke_config(recipe, data_path, overrides_json):
+  from tests.conftest import smoke_config as make  # pylint: disable=g-import-not-at-top
+  return make(recipe, data_path, **json.loads(overrides_json or '{}'))
+
+
+def flat(tree, prefix):
+  """{'prefix/a/b': np.ndarray} of a pytree, for np.savez."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    out[prefix + jax.tree_util.keystr(path)] = np.asarray(jax.device_get(leaf))
+  return out
+
+
+def equivalence(args):
+  """One jitted train step (as train_and_evaluate builds it) on 1 device and on all of them,
+  for each recipe of --recipe (comma-separated)."""
+  out = {'num_devices': np.asarray(jax.device_count())}
+  for recipe in args.recipe.split(','):
+    out.update(equivalence_of(recipe, args, prefix=f'{recipe}/'))
+  np.savez(args.out, **out)
+
+
+def equivalence_of(recipe, args, prefix):
+  import functools  # pylint: disable=g-import-not-at-top
+  from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
+  from jeat_jax import data as data_lib, models, parallel, train  # pylint: disable=g-import-not-at-top
+
+  config = smoke_config(recipe, args.data, args.overrides)
+  ds = data_lib.load_dataset(config)
+  image_shape = ds.x_train.shape[1:]
+  x_np, y_np = data_lib.train_batch(ds, 0, config.batch_size, config.seed)
+  out = {}
+  for name, devices in ((prefix + 'one', jax.devices()[:1]), (prefix + 'all', jax.devices())):
+    mesh = Mesh(np.asarray(devices), (parallel.DATA_AXIS,))
+    model = models.create_model(config.model, ds.num_classes, jnp.dtype(config.model.dtype))
+    tx = train.create_optimizer(config, train.learning_rate_schedule(config, 16, 4))
+    state = train.create_train_state(config, model, jax.random.PRNGKey(config.seed), image_shape,
+                                     tx, mesh.size)
+    if 'buffer' in state.extra:
+      # Every slot of every shard holds the same image: the chain starts are then the
+      # same whatever slots each shard draws, so the SGLD negatives (and the loss) do
+      # not depend on the number of shards. The writes show where each chain went.
+      image = jax.random.uniform(jax.random.PRNGKey(7), image_shape)
+      state = state.replace(extra=dict(
+          state.extra, buffer=jnp.broadcast_to(image, state.extra['buffer'].shape)))
+      out[f'{name}/buffer_before'] = np.asarray(image)
+    shardings = train.state_shardings(mesh, state)
+    state = jax.device_put(state, shardings)
+    batch = parallel.sharded_on_first_axis(mesh)
+    step = jax.jit(functools.partial(train.train_step, model=model, config=config),
+                   in_shardings=(shardings, batch, batch),
+                   out_shardings=(shardings, parallel.replicated(mesh)))
+    x, y = parallel.global_batch(mesh, x_np, y_np)
+    new_state, metrics = step(state, x, y)
+    metrics = jax.device_get(metrics)
+    out.update({f'{name}/metric/{k}': np.asarray(v) for k, v in metrics.items()})
+    out.update(flat(new_state.params, f'{name}/params'))
+    out.update(flat(new_state.batch_stats, f'{name}/batch_stats'))
+    if 'buffer' in new_state.extra:
+      buf = new_state.extra['buffer']
+      out[f'{name}/buffer'] = np.asarray(buf)
+      out[f'{name}/buffer_spec'] = np.asarray(str(buf.sharding.spec))
+      out[f'{name}/buffer_mesh_size'] = np.asarray(buf.sharding.mesh.size)
+      # (device id, index of the shard axis it holds, shape of its block) per device.
+      shards = sorted((s.device.id, s.index[0].start or 0, *s.data.shape)
+                      for s in buf.addressable_shards)
+      out[f'{name}/buffer_shards'] = np.asarray(shards)
+  return out
+
+
+def train_run(args):
+  from jeat_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from jeat_jax import config_validation, parallel, train  # pylint: disable=g-import-not-at-top
+
+  config = smoke_config(args.recipe, args.data, args.overrides)
+  if args.num_processes > 1:
+    config.distributed.enabled = True
+    config.distributed.coordinator_address = args.coordinator
+    config.distributed.num_processes = args.num_processes
+    config.distributed.process_id = args.process_id
+  parallel.initialize_distributed(config)  # before anything asks JAX for its devices
+  config_validation.validate(config)
+
+  if args.exit_after_checkpoint > 0:
+    save = ckpt_lib.Checkpointer.save
+
+    def save_then_die(self, state):
+      save(self, state)
+      if int(state.step) == args.exit_after_checkpoint:
+        print(f'process {jax.process_index()}: checkpoint {args.exit_after_checkpoint} '
+              'written, exiting hard', flush=True)
+        # The other processes go first: process 0 hosts the coordination service, and
+        # a process still inside orbax's last barrier when it vanishes aborts (SIGABRT)
+        # instead of exiting with our code. Each process drops a marker once its save
+        # has returned; process 0 waits for them.
+        marker_dir = os.path.dirname(os.path.abspath(args.out))
+        if jax.process_index() > 0:
+          open(os.path.join(marker_dir, f'exited.{jax.process_index()}'), 'w').close()
+        else:
+          deadline = time.time() + 60
+          while time.time() < deadline and not all(
+              os.path.exists(os.path.join(marker_dir, f'exited.{i}'))
+              for i in range(1, jax.process_count())):
+            time.sleep(0.1)
+        os._exit(KILLED_EXIT_CODE)  # pylint: disable=protected-access
+
+    ckpt_lib.Checkpointer.save = save_then_die
+
+  start = time.time()
+  results = train.train_and_evaluate(config, args.workdir)
+  if jax.process_index() == 0:
+    with open(args.out, 'w') as f:
+      json.dump(dict(results=results, seconds=time.time() - start,
+                     process_count=jax.process_count(), device_count=jax.device_count()), f)
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--mode', choices=('equivalence', 'train'), required=True)
+  parser.add_argument('--recipe', default='jeat')
+  parser.add_argument('--data', required=True)
+  parser.add_argument('--overrides', default='{}', help='JSON {dotted.key: value}')
+  parser.add_argument('--out', required=True)
+  parser.add_argument('--workdir')
+  parser.add_argument('--coordinator', default='')
+  parser.add_argument('--num_processes', type=int, default=1)
+  parser.add_argument('--process_id', type=int, default=0)
+  parser.add_argument('--exit_after_checkpoint', type=int, default=0)
+  parser.add_argument('--timeout', type=float, default=0,
+                      help='> 0: print every thread\'s stack and exit after this many seconds')
+  args = parser.parse_args()
+  logging.use_absl_handler()
+  logging.set_verbosity(logging.INFO)
+  if args.timeout > 0:  # a hung collective shows where it hangs instead of blocking the test
+    faulthandler.dump_traceback_later(args.timeout, exit=True)
+  if args.mode == 'equivalence':
+    equivalence(args)
+  else:
+    train_run(args)
+
+
+if __name__ == '__main__':
+  main()
