@@ -1,0 +1,153 @@
+"""Robust accuracy of the JAX attacks against torchattacks 3.5.1, same weights, same points.
+
+A tiny CNN is trained here in Flax (150 Adam steps on the CIFAR-10 stand-in, or
+on synthetic data where the stand-in is absent), ported to PyTorch
+(`torch_reference.port_small_cnn`), and each attack is run by both libraries
+at the same settings on the same 200 test points at eps = 2/255, where the
+model keeps some robust accuracy. Ours run through `run_autoattack` (one
+attack, or all), which like torchattacks attacks only the points still robust. Each pair must agree within 1 percentage
+point (2 points), and our AutoAttack must not report more than 1 point above
+torchattacks'.
+
+The default settings are reduced so that the file runs in about a minute:
+APGD 25 iterations, 3 target classes for APGD-T and FAB-T, Square 500 queries.
+Square is a random search, so one run of it varies from seed to seed by about
+1 point here; its check compares the mean over 3 seeds of each library.
+The full-strength standard AutoAttack check (100 iterations, 9 targets, 5000
+queries) runs only with JEAT_FULL_CROSSCHECK=1 (a few minutes on 2 cores).
+"""
+import os
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from tests import torch_reference as tr
+
+try:
+  import torch
+  TA = tr.import_torchattacks()
+except ImportError as error:   # torchvision-free fallbacks are tried by import_torchattacks
+  pytest.skip(f'torch / torchattacks not importable: {error}', allow_module_level=True)
+
+from jeat_jax.attacks.autoattack import run_autoattack  # pylint: disable=g-import-not-at-top
+from jeat_jax.attacks.core import pgd  # pylint: disable=g-import-not-at-top
+from jeat_jax.energy import cross_entropy  # pylint: disable=g-import-not-at-top
+
+EPS = 2 / 255
+N_POINTS = 200
+TOLERANCE = 0.01 + 1e-9          # 1 percentage point
+N_ITER, N_TARGETS, N_QUERIES = 25, 3, 500
+FULL = os.environ.get('JEAT_FULL_CROSSCHECK') == '1'
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_torch_thread():
+  """torch with 2 OpenMP threads on 2 shared cores spins; one thread is ~10x faster here."""
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def models():
+  x_train, y_train, x_test, y_test, source = tr.load_data(4000, N_POINTS, seed=1)
+  model = tr.SmallCNN(widths=(8, 16, 32))
+  variables = train_classifier_or_skip(model, x_train, y_train)
+  logits_fn = jax.jit(lambda z: model.apply(variables, z))
+  net = tr.port_small_cnn(variables, model)
+  clean_jax, clean_torch = tr.accuracy(logits_fn, x_test, y_test), tr.torch_accuracy(net, x_test, y_test)
+  assert clean_jax == clean_torch, 'the ported torch model disagrees with the Flax one'
+  assert clean_jax > 0.2, f'the tiny model did not learn on {source}'
+  return dict(logits_fn=logits_fn, net=net, x=x_test, y=y_test, clean=clean_jax)
+
+
+def train_classifier_or_skip(model, x_train, y_train):
+  try:
+    return tr.train_classifier(model, x_train, y_train, steps=150, batch_size=64, seed=1)
+  except Exception as error:  # pylint: disable=broad-except
+    pytest.skip(f'could not train the cross-check model: {error}')
+
+
+def ours(m, attacks, seed=0, **settings):
+  """Our attacks through the runner (on the clean-correct points, as torchattacks does)."""
+  result = run_autoattack(m['logits_fn'], m['x'], m['y'], eps=EPS, key=jax.random.PRNGKey(seed),
+                          batch_size=N_POINTS, attacks=attacks, **settings)
+  assert np.max(np.abs(result['x_adv'] - m['x'])) <= EPS + 1e-6
+  assert tr.accuracy(m['logits_fn'], result['x_adv'], m['y']) == result['robust_accuracy']
+  return result
+
+
+def theirs(m, attack) -> float:
+  return tr.torch_robust_accuracy(m['net'], attack, m['x'], m['y'])[0]
+
+
+def check(name, a, b):
+  print(f'\n{name}: jeat_jax {a:.3f}, torchattacks {b:.3f}')
+  assert abs(a - b) <= TOLERANCE, f'{name}: jeat_jax {a:.3f} vs torchattacks {b:.3f}'
+
+
+def test_pgd(models):
+  f, x, y = models['logits_fn'], jnp.asarray(models['x']), jnp.asarray(models['y'])
+  x_adv = jax.jit(lambda k: pgd(lambda z: cross_entropy(f(z), y), x, k, EPS, EPS / 4, 10))(
+      jax.random.PRNGKey(0))
+  assert np.max(np.abs(np.asarray(x_adv) - models['x'])) <= EPS + 1e-6
+  check('PGD-10', tr.accuracy(f, np.asarray(x_adv), models['y']),
+        theirs(models, TA.PGD(models['net'], eps=EPS, alpha=EPS / 4, steps=10, random_start=True)))
+
+
+def test_apgd_ce(models):
+  check('APGD-CE', ours(models, ('apgd-ce',), n_iter=N_ITER)['robust_accuracy'],
+        theirs(models, TA.APGD(models['net'], norm='Linf', eps=EPS, steps=N_ITER, loss='ce')))
+
+
+def test_apgd_t(models):
+  check('APGD-T',
+        ours(models, ('apgd-t',), n_iter=N_ITER, n_target_classes=N_TARGETS)['robust_accuracy'],
+        theirs(models, TA.APGDT(models['net'], norm='Linf', eps=EPS, steps=N_ITER,
+                                n_classes=N_TARGETS + 1)))
+
+
+def test_fab_t(models):
+  check('FAB-T',
+        ours(models, ('fab-t',), fab_n_iter=N_ITER, n_target_classes=N_TARGETS)['robust_accuracy'],
+        theirs(models, TA.FAB(models['net'], norm='Linf', eps=EPS, steps=N_ITER,
+                              multi_targeted=True, n_classes=N_TARGETS + 1)))
+
+
+def test_square_mean_over_seeds(models):
+  seeds = (0, 1, 2)
+  a = np.mean([ours(models, ('square',), s, n_queries=N_QUERIES)['robust_accuracy'] for s in seeds])
+  b = np.mean([theirs(models, TA.Square(models['net'], norm='Linf', eps=EPS, n_queries=N_QUERIES,
+                                        seed=s)) for s in seeds])
+  check('Square (mean of 3 seeds)', a, b)
+
+
+def _autoattack_pair(models, n_iter, n_targets, n_queries):
+  result = ours(models, None, n_iter=n_iter, n_target_classes=n_targets, fab_n_iter=n_iter,
+                n_queries=n_queries)
+  attack = tr.torch_autoattack_standard(models['net'], EPS, apgd_steps=n_iter, fab_steps=n_iter,
+                                        square_queries=n_queries, n_target_classes=n_targets)
+  return result, theirs(models, attack)
+
+
+def _check_autoattack(name, result, theirs_acc, clean):
+  ours_acc = result['robust_accuracy']
+  assert ours_acc <= clean
+  assert ours_acc <= theirs_acc + TOLERANCE, f'{name}: ours {ours_acc:.3f} above torchattacks {theirs_acc:.3f}'
+  check(name, ours_acc, theirs_acc)
+
+
+def test_autoattack_reduced(models):
+  result, theirs_acc = _autoattack_pair(models, N_ITER, N_TARGETS, 300)
+  _check_autoattack('AutoAttack (25 it, 3 targets, 300 queries)', result, theirs_acc, models['clean'])
+
+
+@pytest.mark.skipif(not FULL, reason='full-strength AutoAttack cross-check: set JEAT_FULL_CROSSCHECK=1')
+def test_autoattack_full_strength(models):
+  result, theirs_acc = _autoattack_pair(models, 100, 9, 5000)
+  _check_autoattack('AutoAttack standard (100 it, 9 targets, 5000 queries)', result, theirs_acc,
+                    models['clean'])

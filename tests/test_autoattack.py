@@ -1,0 +1,206 @@
+"""Properties of the JAX AutoAttack (APGD, FAB-T, Square, runner) and of C&W L2.
+
+A tiny CNN is trained in the module fixture on the CIFAR-10 stand-in (synthetic
+data where the stand-in is absent) and attacked on 64 test points with reduced
+iteration counts; these are property checks, not strength checks (those are in
+test_attack_crosscheck.py).
+"""
+import numpy as np
+import pytest
+import scipy.optimize
+
+import jax
+import jax.numpy as jnp
+
+from jeat_jax.attacks.autoattack import (apgd_ce, apgd_dlr, apgd_run, apgd_t, dlr_loss,
+                                         dlr_loss_targeted, fab_t, linf_hyperplane_projection,
+                                         run_autoattack, square, step_size_checkpoints)
+from jeat_jax.attacks.autoattack.square import schedule_level, window_sides
+from jeat_jax.attacks.cw import cw_l2
+from tests.torch_reference import SmallCNN, accuracy, load_data, train_classifier
+
+EPS = 8 / 255
+N_POINTS = 64
+
+
+@pytest.fixture(scope='module')
+def setup():
+  x_train, y_train, x_test, y_test, _ = load_data(4000, 400, seed=1)
+  model = SmallCNN(widths=(8, 16, 32))
+  variables = train_classifier(model, x_train, y_train, steps=150, batch_size=64, seed=1)
+  logits_fn = jax.jit(lambda z: model.apply(variables, z))
+  clean_correct = np.asarray(jnp.argmax(logits_fn(jnp.asarray(x_test)), -1)) == y_test
+  assert clean_correct.mean() > 0.2, 'the tiny model did not learn'
+  x, y = x_test[:N_POINTS], y_test[:N_POINTS]
+  return logits_fn, jnp.asarray(x), jnp.asarray(y)
+
+
+ATTACKS = {
+    'apgd-ce': lambda f, x, y, k: apgd_ce(f, x, y, k, EPS, n_iter=10),
+    'apgd-dlr': lambda f, x, y, k: apgd_dlr(f, x, y, k, EPS, n_iter=10),
+    'apgd-t': lambda f, x, y, k: apgd_t(f, x, y, k, EPS, n_iter=10, n_target_classes=2),
+    'fab-t': lambda f, x, y, k: fab_t(f, x, y, k, EPS, n_iter=10, n_target_classes=2),
+    'square': lambda f, x, y, k: square(f, x, y, k, EPS, n_queries=100),
+}
+
+
+@pytest.fixture(scope='module')
+def adversarials(setup):
+  logits_fn, x, y = setup
+  return {name: np.asarray(attack(logits_fn, x, y, jax.random.PRNGKey(3)))
+          for name, attack in ATTACKS.items()}
+
+
+@pytest.mark.parametrize('name', list(ATTACKS))
+def test_attack_stays_in_eps_ball_and_box(setup, adversarials, name):
+  _, x, _ = setup
+  x_adv = adversarials[name]
+  assert x_adv.shape == x.shape and x_adv.dtype == np.float32
+  assert np.max(np.abs(x_adv - np.asarray(x))) <= EPS + 1e-6
+  assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
+
+
+@pytest.mark.parametrize('name', list(ATTACKS))
+def test_trained_model_accuracy_drops_under_attack(setup, adversarials, name):
+  logits_fn, x, y = setup
+  clean = accuracy(logits_fn, np.asarray(x), np.asarray(y))
+  robust = accuracy(logits_fn, adversarials[name], np.asarray(y))
+  assert robust < clean - 0.1, (name, clean, robust)
+
+
+def test_apgd_best_loss_trace_is_monotone(setup):
+  logits_fn, x, y = setup
+  for loss, rank in (('ce', None), ('dlr-targeted', 2)):   # n_iter as in ATTACKS: compiled already
+    result = apgd_run(logits_fn, x, y, jax.random.PRNGKey(0), EPS, n_iter=10, loss=loss,
+                      target_rank=rank)
+    trace = np.asarray(result.loss_best_trace)
+    assert trace.shape == (11, N_POINTS)
+    assert np.all(np.diff(trace, axis=0) >= 0.0), loss
+    np.testing.assert_allclose(trace[-1], np.asarray(result.loss_best))
+
+
+def test_apgd_host_and_device_loops_agree(setup):
+  logits_fn, x, y = setup
+  runs = [apgd_run(logits_fn, x, y, jax.random.PRNGKey(1), EPS, n_iter=10, host_loop=host)
+          for host in (True, False)]
+  np.testing.assert_allclose(runs[0].loss_best_trace, runs[1].loss_best_trace, rtol=1e-4,
+                             atol=1e-5)
+  np.testing.assert_array_equal(runs[0].robust, runs[1].robust)
+
+
+def test_step_size_checkpoints_match_the_reference_schedule():
+  # fra31/auto-attack: first window 22 iterations, then 3 shorter each time, at least 6.
+  assert step_size_checkpoints(100) == [(21, 22), (40, 19), (56, 16), (69, 13), (79, 10),
+                                        (86, 7), (92, 6), (98, 6)]
+  assert step_size_checkpoints(10) == [(1, 2), (2, 1), (3, 1), (4, 1), (5, 1), (6, 1), (7, 1),
+                                       (8, 1), (9, 1)]
+
+
+def test_dlr_losses_on_hand_computed_logits():
+  logits = jnp.asarray([[4.0, 1.0, 3.0, 0.0, -1.0]])
+  y, t = jnp.asarray([0]), jnp.asarray([2])
+  # untargeted: -(z_y - max_{i!=y} z_i) / (z_pi1 - z_pi3) = -(4 - 3) / (4 - 1)
+  np.testing.assert_allclose(dlr_loss(logits, y), [-1.0 / 3.0], rtol=1e-6)
+  # targeted: -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2) = -(4 - 3) / (4 - 0.5)
+  np.testing.assert_allclose(dlr_loss_targeted(logits, y, t), [-1.0 / 3.5], rtol=1e-6)
+
+
+def _linprog_min_linf(t, w, b):
+  """min ||d||_inf s.t. <w, t + d> = b, 0 <= t + d <= 1, by linear programming (d, s)."""
+  n = len(t)
+  cost = np.r_[np.zeros(n), 1.0]
+  a_ub = np.block([[np.eye(n), -np.ones((n, 1))], [-np.eye(n), -np.ones((n, 1))]])
+  a_eq = np.r_[w, 0.0][None]
+  bounds = [(-ti, 1.0 - ti) for ti in t] + [(0, None)]
+  res = scipy.optimize.linprog(cost, A_ub=a_ub, b_ub=np.zeros(2 * n), A_eq=a_eq,
+                               b_eq=[b - w @ t], bounds=bounds, method='highs')
+  return res
+
+
+def test_linf_hyperplane_projection_is_the_box_constrained_minimum():
+  rng = np.random.default_rng(0)
+  n = 12
+  t = rng.uniform(0, 1, (40, n)).astype(np.float32)
+  w = rng.normal(size=(40, n)).astype(np.float32)
+  w[:5, :3] = 0.0                                        # zero weights are left alone
+  target = rng.uniform(0.2, 0.8, (40, n)).astype(np.float32)
+  b = np.sum(w * target, axis=1)                         # the hyperplane meets the box
+  b[-4:] = np.sum(np.abs(w[-4:]), axis=1) * 2.0          # ... except for these: infeasible
+  d = np.asarray(linf_hyperplane_projection(jnp.asarray(t), jnp.asarray(w), jnp.asarray(b)))
+  assert np.all(t + d >= -1e-6) and np.all(t + d <= 1 + 1e-6)
+  assert np.all(d[:5, :3] == 0.0)
+  for i in range(36):
+    res = _linprog_min_linf(t[i].astype(np.float64), w[i].astype(np.float64), float(b[i]))
+    assert res.status == 0
+    np.testing.assert_allclose(w[i] @ (t[i] + d[i]), b[i], atol=1e-4)
+    np.testing.assert_allclose(np.abs(d[i]).max(), res.x[-1], atol=1e-5)
+  for i in range(36, 40):                                # infeasible: every coordinate to its face
+    np.testing.assert_allclose(t[i] + d[i], (w[i] > 0).astype(np.float32), atol=1e-6)
+
+
+def test_square_schedule_matches_the_reference_p_selection():
+  def reference_p(it, n_queries, p_init=0.8):   # the schedule of Andriushchenko et al. 2020
+    it = int(it / n_queries * 10000)
+    for bound, div in ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32),
+                       (4000, 64), (6000, 128), (8000, 256)):
+      if it <= bound:
+        return p_init / div
+    return p_init / 512
+
+  sides = window_sides(5000, 0.8, 32, 32)
+  for n_queries in (100, 5000):
+    for query in (0, 5, 6, 25, 26, 99, 100, 101, 1000, 3000, 4999):
+      level = int(schedule_level(jnp.asarray(query), n_queries))
+      expected = max(int(round(np.sqrt(reference_p(query, n_queries) * 32 * 32))), 1)
+      assert sides[level] == expected, (n_queries, query)
+
+
+def test_run_autoattack_robust_accuracy_never_exceeds_clean(setup):
+  logits_fn, x, y = setup
+  lines = []
+  result = run_autoattack(logits_fn, np.asarray(x), np.asarray(y), eps=2 / 255,
+                          key=jax.random.PRNGKey(0), batch_size=16, log_fn=lines.append,
+                          n_iter=10, n_target_classes=2, fab_n_iter=10, n_queries=100)
+  names = [r['name'] for r in result['records']]
+  assert names == ['clean', 'apgd-ce', 'apgd-t', 'fab-t', 'square']
+  accs = [r['robust_accuracy'] for r in result['records']]
+  assert accs[0] == pytest.approx(result['clean_accuracy'])
+  assert all(later <= earlier for earlier, later in zip(accs, accs[1:]))
+  assert result['robust_accuracy'] == pytest.approx(accs[-1])
+  clean_correct = np.asarray(jnp.argmax(logits_fn(x), -1)) == np.asarray(y)
+  robust = result['robust']
+  assert robust.dtype == bool and robust.shape == (N_POINTS,)
+  assert not np.any(robust & ~clean_correct)
+  assert result['robust_accuracy'] == pytest.approx(robust.mean())
+  x_adv = result['x_adv']
+  assert np.max(np.abs(x_adv - np.asarray(x))) <= 2 / 255 + 1e-5
+  fooled = np.asarray(jnp.argmax(logits_fn(jnp.asarray(x_adv)), -1)) != np.asarray(y)
+  np.testing.assert_array_equal(fooled, ~robust)
+  assert len(lines) == 5 and all(r['seconds'] >= 0 for r in result['records'])
+
+
+def test_run_autoattack_rand_version_with_a_stochastic_model(setup):
+  logits_fn, x, y = setup
+
+  def noisy_logits(images, key):   # a randomised defence: Gaussian input noise
+    return logits_fn(jnp.clip(images + 0.02 * jax.random.normal(key, images.shape), 0.0, 1.0))
+
+  result = run_autoattack(noisy_logits, np.asarray(x[:16]), np.asarray(y[:16]), eps=EPS,
+                          key=jax.random.PRNGKey(0), version='rand', batch_size=16, n_iter=5,
+                          eot_iter=3, stochastic=True)
+  assert [r['name'] for r in result['records']] == ['clean', 'apgd-ce', 'apgd-dlr']
+  assert result['robust_accuracy'] <= result['clean_accuracy']
+  assert np.max(np.abs(result['x_adv'] - np.asarray(x[:16]))) <= EPS + 1e-5
+
+
+def test_cw_l2_lowers_accuracy_with_a_finite_perturbation(setup):
+  logits_fn, x, y = setup
+  x_adv = np.asarray(cw_l2(logits_fn, x, y, c=0.2, steps=50, lr=0.01))
+  delta = x_adv - np.asarray(x)
+  assert np.all(np.isfinite(delta))
+  assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
+  clean = accuracy(logits_fn, np.asarray(x), np.asarray(y))
+  robust = accuracy(logits_fn, x_adv, np.asarray(y))
+  assert robust <= clean - 4 / N_POINTS, (clean, robust)   # c = 0.2 is a weak constant
+  fooled = np.asarray(jnp.argmax(logits_fn(jnp.asarray(x_adv)), -1)) != np.asarray(y)
+  assert np.all(np.linalg.norm(delta[~fooled].reshape(np.sum(~fooled), -1), axis=1) == 0.0)
