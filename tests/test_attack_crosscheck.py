@@ -5,11 +5,11 @@ on synthetic data where the stand-in is absent), ported to PyTorch
 (`torch_reference.port_small_cnn`), and each attack is run by both libraries
 at the same settings on the same 200 test points at eps = 2/255, where the
 model keeps some robust accuracy. Ours run through `run_autoattack` (one
-attack, or all), which like torchattacks attacks only the points still robust. Each pair must agree within 1 percentage
-point (2 points), and our AutoAttack must not report more than 1 point above
-torchattacks'.
+attack, or all), which like torchattacks attacks only the points still
+robust. Each pair must agree within 1 percentage point (2 points), and our
+AutoAttack must not report more than 1 point above torchattacks'.
 
-The default settings are reduced so that the file runs in about a minute:
+The default settings are reduced so that the file runs in a minute or two:
 APGD 25 iterations, 3 target classes for APGD-T and FAB-T, Square 500 queries.
 Square is a random search, so one run of it varies from seed to seed by about
 1 point here; its check compares the mean over 3 seeds of each library.
@@ -28,9 +28,9 @@ from tests import torch_reference as tr
 
 try:
   import torch
-  TA = tr.import_torchattacks()
-except ImportError as error:   # torchvision-free fallbacks are tried by import_torchattacks
-  pytest.skip(f'torch / torchattacks not importable: {error}', allow_module_level=True)
+  TA = tr.import_torchattacks()   # falls back to the attack submodules without torchvision
+except Exception as error:  # pylint: disable=broad-except
+  pytest.skip(f'torch / torchattacks not importable: {error!r}', allow_module_level=True)
 
 from jeat_jax.attacks.autoattack import run_autoattack  # pylint: disable=g-import-not-at-top
 from jeat_jax.attacks.core import pgd  # pylint: disable=g-import-not-at-top
@@ -56,20 +56,13 @@ def one_torch_thread():
 def models():
   x_train, y_train, x_test, y_test, source = tr.load_data(4000, N_POINTS, seed=1)
   model = tr.SmallCNN(widths=(8, 16, 32))
-  variables = train_classifier_or_skip(model, x_train, y_train)
+  variables = tr.train_classifier(model, x_train, y_train, steps=150, batch_size=64, seed=1)
   logits_fn = jax.jit(lambda z: model.apply(variables, z))
   net = tr.port_small_cnn(variables, model)
   clean_jax, clean_torch = tr.accuracy(logits_fn, x_test, y_test), tr.torch_accuracy(net, x_test, y_test)
-  assert clean_jax == clean_torch, 'the ported torch model disagrees with the Flax one'
+  assert abs(clean_jax - clean_torch) <= 1 / N_POINTS, 'the ported torch model disagrees'
   assert clean_jax > 0.2, f'the tiny model did not learn on {source}'
   return dict(logits_fn=logits_fn, net=net, x=x_test, y=y_test, clean=clean_jax)
-
-
-def train_classifier_or_skip(model, x_train, y_train):
-  try:
-    return tr.train_classifier(model, x_train, y_train, steps=150, batch_size=64, seed=1)
-  except Exception as error:  # pylint: disable=broad-except
-    pytest.skip(f'could not train the cross-check model: {error}')
 
 
 def ours(m, attacks, seed=0, **settings):
@@ -77,7 +70,8 @@ def ours(m, attacks, seed=0, **settings):
   result = run_autoattack(m['logits_fn'], m['x'], m['y'], eps=EPS, key=jax.random.PRNGKey(seed),
                           batch_size=N_POINTS, attacks=attacks, **settings)
   assert np.max(np.abs(result['x_adv'] - m['x'])) <= EPS + 1e-6
-  assert tr.accuracy(m['logits_fn'], result['x_adv'], m['y']) == result['robust_accuracy']
+  recheck = tr.accuracy(m['logits_fn'], result['x_adv'], m['y'])
+  assert abs(recheck - result['robust_accuracy']) <= 1 / N_POINTS   # a boundary point may flip
   return result
 
 

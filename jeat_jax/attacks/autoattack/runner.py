@@ -9,12 +9,12 @@ Versions, as in fra31/auto-attack:
 
 Between attacks (and between the target classes of APGD-T and FAB-T) the
 still-robust points are compacted in numpy and processed in chunks of at most
-`batch_size`; a chunk is padded to a power of two (or to `batch_size`) so that
-only a few shapes are compiled. Square compacts itself between segments of
-its queries.
-Inside an attack everything is jitted and looped with `lax`. A point counts as
-broken only if the model misclassifies the returned image and the image lies in
-the eps-ball and in [0, 1].
+`batch_size`; a chunk is padded (`square.padded_size`: 8, 12, 16, 24, ...) so
+that only a few shapes are compiled. Square compacts itself between segments
+of its queries. Inside an attack every step is jitted; the steps run in one
+`lax` loop, or on CPU from a Python loop (`apgd.use_host_loop`). A point
+counts as broken only if the model misclassifies the returned image and the
+image lies in the eps-ball and in [0, 1].
 """
 import functools
 import time

@@ -103,15 +103,19 @@ def square_steps(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array
 
 
 def padded_size(n: int, cap: int) -> int:
-  """Batch size for n examples: the next power of two (at least 8), at most cap."""
+  """Batch size for n examples: the next of 8, 12, 16, 24, 32, 48, ... (at most cap).
+
+  Powers of two and their halfway points: at most a third of a batch is padding,
+  and only a few shapes get compiled as the robust points dwindle.
+  """
   size = 8
   while size < n:
-    size *= 2
+    size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
   return min(size, cap)
 
 
 def pad_indices(idx: np.ndarray, cap: int) -> np.ndarray:
-  """idx padded (repeating its first entry) to `padded_size`, so few shapes get compiled."""
+  """idx padded (repeating its first entry) to `padded_size`."""
   return np.concatenate([idx, np.full(padded_size(len(idx), cap) - len(idx), idx[0], idx.dtype)])
 
 
@@ -121,7 +125,7 @@ def square(logits_fn: Callable, x, y, key: jax.Array, eps: float = 8 / 255,
 
   The queries run in segments of `segment` (each one `lax.while_loop`); between
   segments the examples already fooled are dropped in numpy and the rest padded
-  to a power of two, so that late queries cost only the unfooled examples.
+  (`padded_size`), so that late queries cost only the unfooled examples.
   Examples never fooled return the last point of their search (in the ball).
   """
   x, y = np.asarray(x, np.float32), np.asarray(y, np.int32)
