@@ -37,9 +37,10 @@ def cpu_name():
   return platform.processor()
 
 
-def make_config(recipe, depth, width, batch, sgld_steps, unroll):
+def make_config(recipe, depth, width, batch, sgld_steps, unroll, dtype):
   c = (natural_config if recipe == 'natural' else jeat_config).get_config()
   c.model.depth, c.model.width = depth, width
+  c.model.dtype = dtype
   c.batch_size = batch
   c.data.augment = False
   c.sampler.num_steps = sgld_steps
@@ -138,6 +139,8 @@ def main():
   parser.add_argument('--steps', type=int, default=3)
   parser.add_argument('--sgld_steps', type=int, default=20)
   parser.add_argument('--unroll', type=int, default=1)
+  parser.add_argument('--dtype', default='float32',
+                      help='model compute dtype (bfloat16 is emulated, hence slow, on most CPUs)')
   parser.add_argument('--peak_gflops', type=float, default=2 * 2.0 * 32)
   args = parser.parse_args()
   torch = torch_reference._torch()  # pylint: disable=protected-access
@@ -150,7 +153,7 @@ def main():
     for spec in args.models.split(','):
       depth, width = map(int, spec.split('-'))
       batch = args.batch or (128 if recipe == 'natural' else 64)
-      config = make_config(recipe, depth, width, batch, args.sgld_steps, args.unroll)
+      config = make_config(recipe, depth, width, batch, args.sgld_steps, args.unroll, args.dtype)
       steps = 1 if depth * width >= 280 else args.steps
       jax_ips, flops_per_s, state, model = time_jax(config, steps)
       torch_ips = time_torch(config, (state, model), steps)

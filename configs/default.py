@@ -122,6 +122,7 @@ def apply_scale(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict:
     c.eval.num_examples = 1000
     c.fid.max_reference = 10000
     c.eval.unroll = 10
+    c.sample.unroll = 10
     c.log_every_steps = 20
     c.eval_every_steps = 500
     c.checkpoint_every_steps = 100
@@ -147,6 +148,7 @@ def apply_scale(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict:
     c.sample.num_steps = 3
     c.sample.batch_size = 10
     c.sample.start = 'uniform'
+    c.sample.neighbour_pool = 256
     c.analysis.resolution = 9
     c.schedule.warmup_steps = 0  # so a 4-step run really moves the parameters
   return c
@@ -191,6 +193,10 @@ def add_sample_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   c.sample.record_gradient_norms = True
   c.sample.gaussian_cache = ''     # '': <workdir>/../class_gaussian_<dataset>.npz
   c.sample.seed = 0
+  c.sample.unroll = 1              # > 1 unrolls the chain (faster on XLA:CPU)
+  c.sample.neighbours = 10         # Fig. 7: k nearest training images by SSIM (0: skip)
+  c.sample.neighbour_queries = 10  # generated images shown (one per class, in class order)
+  c.sample.neighbour_pool = 0      # > 0: search only the first N training images
   c.fid = ml_collections.ConfigDict()
   c.fid.weights = ''               # pytorch-fid .pth (has the IS head) or fid-helper .pt; '': pip
   c.fid.reference = ''             # '': the training set of `data`; or any image / stats .npz

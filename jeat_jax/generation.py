@@ -2,8 +2,9 @@
 
 Writes WORKDIR/samples/grid.png (one row per class), samples.npz (`x` uint8
 N x H x W x C, `y` the conditioning labels: the layout FID tools read),
-gradient_norms.npz (per-step mean |grad E(x,y)| and |grad E(x)|, Fig. 12/13)
-and logs the grid to TensorBoard.
+gradient_norms.npz (per-step mean |grad E(x,y)| and |grad E(x)|, Fig. 12/13),
+neighbours.png/.npz (the nearest training images by SSIM, Fig. 7) and logs the
+grid to TensorBoard.
 """
 import functools
 import hashlib
@@ -17,6 +18,7 @@ from absl import logging
 from clu import metric_writers
 
 from jeat_jax import parallel, sampling, train
+from jeat_jax.metrics import ssim as ssim_lib
 
 
 def gaussian_cache_path(config) -> str:
@@ -59,6 +61,21 @@ def save_png(path: str, image: np.ndarray, scale: int = 2) -> None:
   img.resize((image.shape[1] * scale, image.shape[0] * scale), Image.NEAREST).save(path)
 
 
+def write_neighbours(out: str, x_uint8: np.ndarray, labels: np.ndarray, ds, s) -> None:
+  """Fig. 7: for one generated image per class, its `s.neighbours` most SSIM-similar
+  training images; writes neighbours.png and neighbours.npz (indices, ssim, query)."""
+  queries = np.array([np.flatnonzero(labels == c)[0] for c in np.unique(labels)])
+  queries = queries[:s.neighbour_queries]
+  pool = ds.x_train[:s.neighbour_pool] if s.neighbour_pool > 0 else ds.x_train
+  start = time.time()
+  idx, val = ssim_lib.nearest_by_ssim(x_uint8[queries], pool, k=s.neighbours)
+  logging.info('nearest training images by SSIM: %d queries x %d images in %.0fs',
+               len(queries), pool.shape[0], time.time() - start)
+  np.savez(os.path.join(out, 'neighbours.npz'), query=queries, indices=idx, ssim=val)
+  ssim_lib.plot_neighbours(os.path.join(out, 'neighbours.png'), x_uint8[queries], pool, idx, val,
+                           f'generated ({s.objective}) and nearest training images by SSIM')
+
+
 def sample_run(config, workdir: str) -> dict:
   """Generates `sample.num_samples` images from the latest checkpoint of `workdir`."""
   model, state, ds, mesh = train.load_trained(config, workdir)
@@ -67,7 +84,7 @@ def sample_run(config, workdir: str) -> dict:
   gen = jax.jit(functools.partial(
       sampling.generate, logits_fn, objective=s.objective, num_steps=s.num_steps,
       step_size=s.step_size, noise_std=s.noise_std, clip=(0.0, 1.0) if s.clip else None,
-      record_gradient_norms=True))
+      record_gradient_norms=s.record_gradient_norms, unroll=s.unroll))
   labels = sampling.class_labels(s.num_samples, ds.num_classes)
   key = jax.random.PRNGKey(s.seed)
   xs, norms = [], []
@@ -76,9 +93,11 @@ def sample_run(config, workdir: str) -> dict:
     y = labels[i:i + s.batch_size]
     k_start, k_chain = jax.random.split(jax.random.fold_in(key, i))
     x0 = chain_starts(config, k_start, y, ds, state)
-    x, n = gen(x0, jnp.asarray(y), k_chain)
+    out = gen(x0, jnp.asarray(y), k_chain)
+    x, n = out if s.record_gradient_norms else (out, None)
     xs.append(np.asarray(x))
-    norms.append(np.asarray(n))
+    if n is not None:
+      norms.append(np.asarray(n))
     done = i + y.shape[0]
     rate = done / (time.time() - start_time)
     logging.info('sampled %d/%d | %.1f img/s | ETA %.0fs', done, s.num_samples, rate,
@@ -87,10 +106,13 @@ def sample_run(config, workdir: str) -> dict:
   out = os.path.join(workdir, 'samples')
   os.makedirs(out, exist_ok=True)
   np.savez(os.path.join(out, 'samples.npz'), x=x_uint8, y=labels)
-  np.savez(os.path.join(out, 'gradient_norms.npz'), norms=np.mean(np.stack(norms), axis=0),
-           columns=np.array(['grad_energy_xy', 'grad_energy_x']), objective=s.objective)
+  if norms:
+    np.savez(os.path.join(out, 'gradient_norms.npz'), norms=np.mean(np.stack(norms), axis=0),
+             columns=np.array(['grad_energy_xy', 'grad_energy_x']), objective=s.objective)
   grid = class_grid(x_uint8, labels, ds.num_classes)
   save_png(os.path.join(out, 'grid.png'), grid)
+  if s.neighbours > 0:
+    write_neighbours(out, x_uint8, labels, ds, s)
   if jax.process_index() == 0:
     writer = metric_writers.create_default_writer(workdir)
     writer.write_images(int(state.step), {f'samples_{s.objective}': grid[None]})

@@ -116,29 +116,30 @@ def generation_energy(logits_fn: Callable[[jax.Array], jax.Array], y: jax.Array,
 
 def sgld_chain_with_gradient_norms(logits_fn, x0: jax.Array, y: jax.Array, key: jax.Array,
                                    objective: str, num_steps: int, step_size: float,
-                                   noise_std: float, clip=None):
+                                   noise_std: float, clip=None, unroll: int = 1):
   """A generation chain that also records, per step, the mean L2 norms of
   grad_x E(x, y) and grad_x E(x) over the batch (the quantities of Fig. 12/13).
 
-  Returns (x_K, norms) with norms of shape (num_steps, 2): [|grad E(x,y)|, |grad E(x)|].
+  One forward pass per step; both gradients are pulled back from it
+  (dE(x,y)/dlogits = -onehot(y), dE(x)/dlogits = -softmax). Returns (x_K, norms)
+  with norms of shape (num_steps, 2): [|grad E(x,y)|, |grad E(x)|].
   """
-  from jeat_jax import energy  # pylint: disable=g-import-not-at-top
-  grad_xy = jax.grad(lambda z: jnp.sum(energy.energy_xy(logits_fn(z), y)))
-  grad_x = jax.grad(lambda z: jnp.sum(energy.energy_x(logits_fn(z))))
-
   def mean_norm(g):
     return jnp.mean(jnp.sqrt(jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=-1)))
 
   def body(t, carry):
     x, norms = carry
-    g_xy, g_x = grad_xy(x), grad_x(x)
+    logits, pullback = jax.vjp(logits_fn, x)
+    g_xy, = pullback(-jax.nn.one_hot(y, logits.shape[-1], dtype=logits.dtype))
+    g_x, = pullback(-jax.nn.softmax(logits))
     g = {'eq17': g_xy, 'eq16': g_xy - g_x, 'unconditional': g_x}[objective]
     noise = jax.random.normal(jax.random.fold_in(key, t), x.shape, x.dtype)
     x = x - step_size * g + noise_std * noise
     x = x if clip is None else jnp.clip(x, *clip)
     return x, norms.at[t].set(jnp.stack([mean_norm(g_xy), mean_norm(g_x)]))
 
-  x, norms = jax.lax.fori_loop(0, num_steps, body, (x0, jnp.zeros((num_steps, 2), jnp.float32)))
+  x, norms = jax.lax.fori_loop(0, num_steps, body, (x0, jnp.zeros((num_steps, 2), jnp.float32)),
+                               unroll=unroll)
   return jax.lax.stop_gradient(x), norms
 
 
@@ -203,14 +204,14 @@ def class_labels(num_samples: int, num_classes: int) -> np.ndarray:
 
 def generate(logits_fn, x0: jax.Array, y: jax.Array, key: jax.Array, *, objective: str = 'eq17',
              num_steps: int = 100, step_size: float = 1.0, noise_std: float = 0.01,
-             clip=(0.0, 1.0), record_gradient_norms: bool = False):
+             clip=(0.0, 1.0), record_gradient_norms: bool = False, unroll: int = 1):
   """Generation by SGLD from x0 (Eq. 16, 17 or unconditional on E(x)).
 
   Returns x_K, or (x_K, per-step gradient norms) when `record_gradient_norms`.
-  Jit it with the model bound in `logits_fn` (see `make_generator`).
+  Jit it with the model bound in `logits_fn` (as `generation.sample_run` does).
   """
   if record_gradient_norms:
     return sgld_chain_with_gradient_norms(logits_fn, x0, y, key, objective, num_steps,
-                                          step_size, noise_std, clip)
+                                          step_size, noise_std, clip, unroll)
   return sgld_chain(generation_energy(logits_fn, y, objective), x0, key, num_steps, step_size,
-                    noise_std, clip)
+                    noise_std, clip, unroll)

@@ -81,3 +81,9 @@ def test_sample_mode_writes_grid_and_npz(tmp_path):
     np.testing.assert_array_equal(f['y'], np.arange(20) % 10)
   from PIL import Image
   assert Image.open(out['grid']).size == (2 * 10 * 32, 2 * 10 * 32)
+  neighbours = os.path.join(workdir, 'samples', 'neighbours')
+  with np.load(neighbours + '.npz') as f:
+    assert f['indices'].shape == f['ssim'].shape == (10, config.sample.neighbours)
+    assert np.all(np.diff(f['ssim'], axis=1) <= 0)  # best first
+    assert f['indices'].max() < config.sample.neighbour_pool
+  assert Image.open(neighbours + '.png').format == 'PNG'
