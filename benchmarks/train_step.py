@@ -1,8 +1,11 @@
 """Images/s of a train step, JAX (the package's jitted step) beside PyTorch eager.
 
   python benchmarks/train_step.py --models=10-2,16-4,28-10 --recipes=natural,jeat
+  python benchmarks/train_step.py --models=16-4 --recipes=all
 
-Both sides run the same pre-activation WRN (ported weights), batch and step:
+JAX runs the package's jitted train step of any recipe (its paper config, the
+model and batch overridden). PyTorch eager runs the same pre-activation WRN
+(ported weights), batch and step for two of them:
   natural: CE on the batch, one SGD update;
   jeat:    the energy attack (Eq. 18), K SGLD steps on E(x) from a replay buffer,
            CE(x_adv) + E(x_adv) - E(x_sgld), one Adam update (Algorithm 1).
@@ -10,6 +13,7 @@ MFU = XLA's FLOP count of the compiled step / time / --peak_gflops (the machine'
 float32 peak; the default assumes 2 cores x 2.0 GHz x 32 FLOP/cycle (one AVX-512 FMA unit)).
 """
 import argparse
+import importlib
 import os
 import platform
 import sys
@@ -21,7 +25,6 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
 
-from configs import jeat as jeat_config, natural as natural_config
 from jeat_jax import models, train
 from tests import torch_reference
 
@@ -37,14 +40,20 @@ def cpu_name():
   return platform.processor()
 
 
+RECIPES = ('natural', 'noise', 'at', 'prejeat', 'jeat', 'jem', 'trades', 'fast', 'free')
+TORCH_RECIPES = ('natural', 'jeat')
+
+
 def make_config(recipe, depth, width, batch, sgld_steps, unroll, dtype):
-  c = (natural_config if recipe == 'natural' else jeat_config).get_config()
+  c = importlib.import_module(f'configs.{recipe}').get_config()
   c.model.depth, c.model.width = depth, width
   c.model.dtype = dtype
-  c.batch_size = batch
+  c.batch_size = batch or c.batch_size
   c.data.augment = False
-  c.sampler.num_steps = sgld_steps
+  if c.sampler.name != 'none':
+    c.sampler.num_steps = sgld_steps
   c.sampler.unroll = unroll
+  c.perturbation.unroll = unroll
   c.sampler.buffer_size = 1000
   return c
 
@@ -134,8 +143,8 @@ def time_torch(config, variables_model, steps):
 def main():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument('--models', default='10-2,16-4,28-10')
-  parser.add_argument('--recipes', default='natural')
-  parser.add_argument('--batch', type=int, default=0, help='0: the recipe default (128 / 64)')
+  parser.add_argument('--recipes', default='natural', help=f'comma-separated, or all: {RECIPES}')
+  parser.add_argument('--batch', type=int, default=0, help="0: the recipe's paper batch size")
   parser.add_argument('--steps', type=int, default=3)
   parser.add_argument('--sgld_steps', type=int, default=20)
   parser.add_argument('--unroll', type=int, default=1)
@@ -149,16 +158,21 @@ def main():
         f'{jax.devices()[0].platform}; torch {torch.__version__}')
   print('| recipe | model | batch | JAX img/s | PyTorch eager img/s | JAX/PyTorch | JAX GFLOP/s | MFU |')
   print('|---|---|---|---|---|---|---|---|')
-  for recipe in args.recipes.split(','):
+  recipes = RECIPES if args.recipes == 'all' else args.recipes.split(',')
+  for recipe in recipes:
     for spec in args.models.split(','):
       depth, width = map(int, spec.split('-'))
-      batch = args.batch or (128 if recipe == 'natural' else 64)
-      config = make_config(recipe, depth, width, batch, args.sgld_steps, args.unroll, args.dtype)
+      config = make_config(recipe, depth, width, args.batch, args.sgld_steps, args.unroll,
+                           args.dtype)
       steps = 1 if depth * width >= 280 else args.steps
       jax_ips, flops_per_s, state, model = time_jax(config, steps)
-      torch_ips = time_torch(config, (state, model), steps)
-      print(f'| {recipe} | WRN-{depth}-{width} | {batch} | {jax_ips:.1f} | {torch_ips:.1f} | '
-            f'{jax_ips / torch_ips:.2f}x | {flops_per_s / 1e9:.1f} | '
+      if recipe in TORCH_RECIPES:
+        torch_ips = time_torch(config, (state, model), steps)
+        torch_cols = f'{torch_ips:.1f} | {jax_ips / torch_ips:.2f}x'
+      else:
+        torch_cols = '- | -'
+      print(f'| {recipe} | WRN-{depth}-{width} | {config.batch_size} | {jax_ips:.1f} | '
+            f'{torch_cols} | {flops_per_s / 1e9:.1f} | '
             f'{flops_per_s / 1e9 / args.peak_gflops:.1%} |', flush=True)
 
 

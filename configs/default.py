@@ -193,6 +193,7 @@ def add_sample_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   c.sample.record_gradient_norms = True
   c.sample.gaussian_cache = ''     # '': <workdir>/../class_gaussian_<dataset>.npz
   c.sample.seed = 0
+  c.sample.subdir = 'samples'      # output directory inside the workdir (fid reads it too)
   c.sample.unroll = 1              # > 1 unrolls the chain (faster on XLA:CPU)
   c.sample.neighbours = 10         # Fig. 7: k nearest training images by SSIM (0: skip)
   c.sample.neighbour_queries = 10  # generated images shown (one per class, in class order)

@@ -157,7 +157,7 @@ def analyze_run(config, workdir: str) -> Dict[str, str]:
     figures['energy_dynamics'] = plot_dynamics(
         os.path.join(out, 'energy_dynamics.png'), dynamics_per_epoch(scalars, steps_per_epoch),
         config.recipe)
-  norms_path = os.path.join(workdir, 'samples', 'gradient_norms.npz')
+  norms_path = os.path.join(workdir, config.sample.subdir, 'gradient_norms.npz')
   if os.path.exists(norms_path):
     with np.load(norms_path) as f:
       figures['gradient_norms'] = plot_gradient_norms(

@@ -1,4 +1,6 @@
 """Checks every config value in one place; each error names its key."""
+import os
+
 import jax
 
 from jeat_jax import data, models, recipes, sampling
@@ -119,5 +121,11 @@ def validate(config) -> None:
   _non_negative(s.step_size, 'sample.step_size')
   _non_negative(s.noise_std, 'sample.noise_std')
   _positive(s.batch_size, 'sample.batch_size')
+  _positive(s.unroll, 'sample.unroll')
+  _non_negative(s.neighbours, 'sample.neighbours')
+  _positive(s.neighbour_queries, 'sample.neighbour_queries')
+  _non_negative(s.neighbour_pool, 'sample.neighbour_pool')
+  _require(bool(s.subdir) and not os.path.isabs(s.subdir) and '..' not in s.subdir.split('/'),
+           'sample.subdir', 'must be a directory name inside the workdir', s.subdir)
   _non_negative(config.divergence.max_retries, 'divergence.max_retries')
   _positive(config.divergence.max_abs_loss, 'divergence.max_abs_loss')

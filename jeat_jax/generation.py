@@ -76,6 +76,18 @@ def write_neighbours(out: str, x_uint8: np.ndarray, labels: np.ndarray, ds, s) -
                            f'generated ({s.objective}) and nearest training images by SSIM')
 
 
+def samples_dir(config, workdir: str) -> str:
+  """WORKDIR/samples, or WORKDIR/<sample.subdir> to keep several samplings of one run apart."""
+  return os.path.join(workdir, config.sample.subdir)
+
+
+def fid_json_path(config, workdir: str) -> str:
+  """WORKDIR/fid.json for the default samples, else beside the samples in their subdir."""
+  if config.sample.subdir == 'samples':
+    return os.path.join(workdir, 'fid.json')
+  return os.path.join(samples_dir(config, workdir), 'fid.json')
+
+
 def sample_run(config, workdir: str) -> dict:
   """Generates `sample.num_samples` images from the latest checkpoint of `workdir`."""
   model, state, ds, mesh = train.load_trained(config, workdir)
@@ -103,7 +115,7 @@ def sample_run(config, workdir: str) -> dict:
     logging.info('sampled %d/%d | %.1f img/s | ETA %.0fs', done, s.num_samples, rate,
                  (s.num_samples - done) / rate)
   x_uint8 = np.round(np.concatenate(xs) * 255).clip(0, 255).astype(np.uint8)
-  out = os.path.join(workdir, 'samples')
+  out = samples_dir(config, workdir)
   os.makedirs(out, exist_ok=True)
   np.savez(os.path.join(out, 'samples.npz'), x=x_uint8, y=labels)
   if norms:
@@ -124,10 +136,11 @@ def sample_run(config, workdir: str) -> dict:
 
 def fid_run(config, workdir: str) -> dict:
   """--mode=fid: FID (and IS where the weights have the 1008-way head) of
-  WORKDIR/samples/samples.npz against the training set; writes WORKDIR/fid.json."""
+  WORKDIR/samples/samples.npz against the training set; writes WORKDIR/fid.json
+  (with `sample.subdir`: that directory's samples.npz and fid.json)."""
   from jeat_jax.metrics import fid  # pylint: disable=g-import-not-at-top
   from jeat_jax.train import write_json_atomic  # pylint: disable=g-import-not-at-top
-  samples = os.path.join(workdir, 'samples', 'samples.npz')
+  samples = os.path.join(samples_dir(config, workdir), 'samples.npz')
   if not os.path.isfile(samples):
     from jeat_jax.errors import WorkdirError  # pylint: disable=g-import-not-at-top
     raise WorkdirError(f'{samples} not found: run --mode=sample first')
@@ -151,6 +164,6 @@ def fid_run(config, workdir: str) -> dict:
                  'protocol': 'TTUR/pytorch-fid: pool3 of the TF 2015 Inception at 299x299; '
                              'IS on the 1008-way logits, 10 splits',
                  'seconds': round(time.time() - start, 1)})
-  write_json_atomic(os.path.join(workdir, 'fid.json'), result)
+  write_json_atomic(fid_json_path(config, workdir), result)
   logging.info('FID: %s', result)
   return result
