@@ -1,0 +1,356 @@
+"""The paper end to end at a chosen scale: train, evaluate, sample, score, plot, report.
+
+  python -m jeat_jax.reproduce --scale=cpu --workdir=runs/repro_cpu \\
+      --data_path=../shared/data/cifar10-jpeg-standin.npz
+
+Every run of `RUNS` (the recipes of the paper, noise injection at three
+strengths) trains in WORKDIR/<run> with `configs/<recipe>.py:<scale>`, then is
+evaluated (`--mode=evaluate`), sampled and scored (`--mode=sample`, `fid`) and
+analysed (`--mode=analyze`). A stage whose output exists is skipped, so an
+interrupted reproduction resumes where it stopped and a recipe already trained
+is not trained again. Finally WORKDIR/REPORT.md gets the paper's Table 1 and
+Table 2 layouts and the IS/FID row of Fig. 6 filled with this run's numbers,
+the paper's beside them, the figures inline and a verdict per claim.
+"""
+import dataclasses
+import importlib
+import json
+import os
+import platform
+import shutil
+import time
+from typing import Dict, List, Optional, Tuple
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+from jeat_jax import analysis, evaluate, generation, train
+
+SCALES = ('cpu', 'paper', 'smoke')
+STAGES = ('train', 'evaluate', 'sample', 'fid', 'analyze', 'report')
+
+# Paper numbers (CIFAR-10, WRN-28-10): Table 1, Table 2, Fig. 6 (IS, FID).
+PAPER_TABLE1 = {'clean': 0.9439, 'pgd': 0.0012, 'energy': 0.0011}
+PAPER_TABLE2 = {  # clean, PGD (8/255), C&W, AutoAttack
+    'trades': (0.8425, 0.5581, 0.8006, 0.5157), 'fast': (0.8416, 0.4934, 0.7319, 0.4532),
+    'free': (0.8596, 0.4633, 0.7254, 0.4534), 'jem': (0.9290, 0.2167, 0.4167, 0.1912),
+    'jeat': (0.8516, 0.6429, 0.8047, 0.6204)}
+PAPER_GENERATION = {'at': (7.50, 60.90), 'prejeat': (7.91, 56.85), 'jem': (8.66, 38.40),
+                    'jeat': (8.80, 38.24)}  # (IS, FID)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  name: str
+  recipe: str
+  overrides: Tuple[Tuple[str, object], ...] = ()
+  eq16: bool = False  # also sample by Eq. 16 (into samples_eq16/)
+
+
+RUNS = (
+    Run('natural', 'natural', eq16=True),
+    Run('noise8', 'noise', (('perturbation.sigma', 8 / 255),)),
+    Run('noise16', 'noise', (('perturbation.sigma', 16 / 255),)),
+    Run('noise24', 'noise', (('perturbation.sigma', 24 / 255),)),
+    Run('at', 'at', eq16=True),
+    Run('prejeat', 'prejeat'),
+    Run('jeat', 'jeat'),
+    Run('jem', 'jem'),
+    Run('trades', 'trades'),
+    Run('fast', 'fast'),
+    Run('free', 'free'),
+)
+ADVERSARIAL = ('at', 'prejeat', 'jeat', 'trades', 'fast', 'free')
+
+
+def scale_overrides(scale: str) -> Dict[str, object]:
+  """What the reproduction measures at each scale, on top of each recipe's config."""
+  if scale == 'cpu':
+    return {'eval.attacks': 'pgd20,energyk,cw_linf,autoattack', 'eval.num_examples': 1000,
+            'sample.num_samples': 2000}
+  if scale == 'smoke':
+    return {'eval.attacks': 'pgd20,energyk,cw_linf'}
+  return {'eval.attacks': 'pgd20,pgd50,energyk,cw_l2,cw_linf,autoattack',
+          'sample.num_samples': 10000}
+
+
+def make_config(run: Run, scale: str, data_path: str):
+  config = importlib.import_module(f'configs.{run.recipe}').get_config(
+      None if scale == 'paper' else scale)
+  settings = dict(scale_overrides(scale))
+  settings.update(dict(run.overrides))
+  if data_path:
+    settings.update({'data.source': 'npz', 'data.path': data_path})
+  for key, value in settings.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def sample_subdirs(run: Run) -> List[Tuple[str, str]]:
+  return [('samples', 'eq17')] + ([('samples_eq16', 'eq16')] if run.eq16 else [])
+
+
+def run_stages(run: Run, config, workdir: str, stages) -> None:
+  """Each stage once: skipped when its output is already in `workdir`."""
+  done = lambda *p: os.path.exists(os.path.join(workdir, *p))
+  if 'train' in stages and not done('results.json'):
+    train.train_and_evaluate(config, workdir)
+  if 'evaluate' in stages and not done('eval', 'robustness.json'):
+    evaluate.evaluate_run(config, workdir)
+  for subdir, objective in sample_subdirs(run):
+    c = config.copy_and_resolve_references()
+    c.sample.subdir, c.sample.objective = subdir, objective
+    if 'sample' in stages and not done(subdir, 'samples.npz'):
+      generation.sample_run(c, workdir)
+    if 'fid' in stages and not os.path.exists(generation.fid_json_path(c, workdir)):
+      try:
+        generation.fid_run(c, workdir)
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning('%s: FID not computed (%s); the report shows "-"', run.name, e)
+  if 'analyze' in stages and not done('figures', 'energy_landscape.npz'):
+    analysis.analyze_run(config, workdir)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _load_json(path: str) -> Optional[dict]:
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def collect(root: str) -> Dict[str, dict]:
+  """Everything the runs wrote, per run name."""
+  out = {}
+  for run in RUNS:
+    d = os.path.join(root, run.name)
+    if not os.path.isdir(d):
+      continue
+    ev = _load_json(os.path.join(d, 'eval', 'robustness.json'))
+    out[run.name] = {
+        'results': _load_json(os.path.join(d, 'results.json')),
+        'attacks': {a['name']: a for a in ev['attacks']} if ev else {},
+        'clean': ev['clean_accuracy'] if ev else None,
+        'audit': (ev or {}).get('audit', {}).get('warnings', []),
+        'fid': _load_json(os.path.join(d, 'fid.json')),
+        'fid_eq16': _load_json(os.path.join(d, 'samples_eq16', 'fid.json')),
+    }
+  return out
+
+
+def _pct(v) -> str:
+  return '-' if v is None else f'{100 * v:.2f}%'
+
+
+def _acc(r: dict, attack: str):
+  a = r['attacks'].get(attack)
+  return None if a is None else a['robust_accuracy']
+
+
+def _fid(r: Optional[dict], key='fid') -> Optional[float]:
+  return None if not r or r.get(key) is None else float(r[key])
+
+
+def _num(v, fmt='{:.2f}') -> str:
+  return '-' if v is None else fmt.format(v)
+
+
+def table1(runs: Dict[str, dict]) -> str:
+  r = runs.get('natural')
+  ours = (r['clean'], _acc(r, 'pgd20'), _acc(r, 'energyk')) if r else (None, None, None)
+  rows = [('No attack', ours[0], PAPER_TABLE1['clean']),
+          ('Normal attack (PGD-20 on CE, Eq. 14)', ours[1], PAPER_TABLE1['pgd']),
+          ('Energy attack (k steps on E(x, y), Eq. 18)', ours[2], PAPER_TABLE1['energy'])]
+  lines = ['| Attack | this run | paper (CIFAR-10, WRN-28-10) |', '|---|---|---|']
+  lines += [f'| {name} | {_pct(v)} | {_pct(p)} |' for name, v, p in rows]
+  return '\n'.join(lines)
+
+
+def table2(runs: Dict[str, dict]) -> str:
+  lines = ['| METHOD | ACCURACY | PGD-20 (8/255) | C&W (CW-inf) | AUTOATTACK | paper: acc / PGD / C&W / AA |',
+           '|---|---|---|---|---|---|']
+  for name, r in runs.items():
+    paper = PAPER_TABLE2.get(name)
+    paper_cell = ' / '.join(_pct(v) for v in paper) if paper else '-'
+    lines.append(f'| {name} | {_pct(r["clean"])} | {_pct(_acc(r, "pgd20"))} | '
+                 f'{_pct(_acc(r, "cw_linf"))} | {_pct(_acc(r, "autoattack"))} | {paper_cell} |')
+  return '\n'.join(lines)
+
+
+def generation_table(runs: Dict[str, dict]) -> str:
+  lines = ['| model | sampler | FID (this run) | IS (this run) | paper IS / FID |', '|---|---|---|---|---|']
+  for name, r in runs.items():
+    paper = PAPER_GENERATION.get(name)
+    for label, key in (('Eq. 17', 'fid'), ('Eq. 16', 'fid_eq16')):
+      f = r[key]
+      if f is None and key == 'fid_eq16':
+        continue
+      is_ = _fid(f, 'inception_score')
+      lines.append(f'| {name} | {label} | {_num(_fid(f))} | {_num(is_)} | '
+                   f'{f"{paper[0]:.2f} / {paper[1]:.2f}" if paper and key == "fid" else "-"} |')
+  return '\n'.join(lines)
+
+
+def verdicts(runs: Dict[str, dict], flatness: Dict[str, float]) -> List[str]:
+  """One sentence per claim of the paper, from this run's numbers."""
+  out = []
+  nat = runs.get('natural')
+  if nat and _acc(nat, 'pgd20') is not None and _acc(nat, 'energyk') is not None:
+    p, e = _acc(nat, 'pgd20'), _acc(nat, 'energyk')
+    holds = abs(p - e) <= 0.02 and max(p, e) <= 0.05
+    out.append(f'Table 1, the energy attack is as strong as PGD on a natural model: '
+               f'{"holds" if holds else "does not hold"} (PGD {_pct(p)}, energy {_pct(e)}).')
+  adv = {n: _acc(r, 'autoattack') if _acc(r, 'autoattack') is not None else _acc(r, 'pgd20')
+         for n, r in runs.items() if n in ADVERSARIAL}
+  adv = {n: v for n, v in adv.items() if v is not None}
+  if 'jeat' in adv and len(adv) > 1:
+    best = max(adv, key=adv.get)
+    out.append(f'Table 2, JEAT is the most robust method: {"holds" if best == "jeat" else "does not hold"} '
+               f'(robust accuracy, AutoAttack where run: ' +
+               ', '.join(f'{n} {_pct(v)}' for n, v in sorted(adv.items(), key=lambda t: -t[1])) + ').')
+  fids = {n: _fid(r['fid']) for n, r in runs.items() if _fid(r['fid']) is not None}
+  if 'at' in fids and 'natural' in fids:
+    holds = fids['at'] < fids['natural']
+    out.append(f'Sec. 3.1, a robust classifier generates better images than a natural one: '
+               f'{"holds" if holds else "does not hold"} (FID {fids["at"]:.1f} vs {fids["natural"]:.1f}).')
+  at = runs.get('at')
+  if at and _fid(at['fid']) is not None and _fid(at['fid_eq16']) is not None:
+    a17, a16 = _fid(at['fid']), _fid(at['fid_eq16'])
+    out.append(f'Sec. 3.4, generating by E(x, y) alone (Eq. 17) beats Eq. 16 on the AT model: '
+               f'{"holds" if a17 < a16 else "does not hold"} (FID {a17:.1f} vs {a16:.1f}).')
+  gen = {n: fids[n] for n in ('at', 'prejeat', 'jem', 'jeat') if n in fids}
+  if 'jeat' in gen and len(gen) > 1:
+    best = min(gen, key=gen.get)
+    out.append(f'Fig. 6, JEAT generates the best images (lowest FID): '
+               f'{"holds" if best == "jeat" else "does not hold"} (' +
+               ', '.join(f'{n} {v:.1f}' for n, v in sorted(gen.items(), key=lambda t: t[1])) + ').')
+  noise = [(s, fids.get(f'noise{s}')) for s in (8, 16, 24)]
+  if all(v is not None for _, v in noise):
+    holds = noise[2][1] < noise[1][1] < noise[0][1]
+    out.append(f'Fig. 5, stronger noise injection gives better generation: '
+               f'{"holds" if holds else "does not hold"} (FID ' +
+               ', '.join(f'sigma {s}/255: {v:.1f}' for s, v in noise) + ').')
+  if 'natural' in flatness and len(flatness) > 1:
+    flatter = [n for n, v in flatness.items() if n != 'natural' and v < flatness['natural']]
+    out.append('Fig. 2, adversarial training flattens the energy around the data (mean |E - E(x)| over '
+               f'the landscape grid): flatter than natural for {", ".join(flatter) or "none"} (' +
+               ', '.join(f'{n} {v:.2f}' for n, v in flatness.items()) + ').')
+  return out
+
+
+def landscapes(root: str, scale: str, data_path: str, names) -> Dict[str, np.ndarray]:
+  """E(x, y) around one test image for several models, same image and directions (Fig. 2)."""
+  from jeat_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  grids = {}
+  for run in RUNS:
+    if run.name not in names or not os.path.exists(os.path.join(root, run.name, 'results.json')):
+      continue
+    config = make_config(run, scale, data_path)
+    model, state, ds, _ = train.load_trained(config, os.path.join(root, run.name))
+    a = config.analysis
+    x = data_lib.to_float(jax.numpy.asarray(ds.x_test[a.image_index]))
+    directions = analysis.random_directions(jax.random.PRNGKey(a.seed), x.shape)
+    logits_fn = train.make_logits_fn(model, state.params, state.batch_stats, 'running')
+    grids[run.name] = analysis.energy_landscape(logits_fn, x, int(ds.y_test[a.image_index]),
+                                                directions, a.radius, a.resolution)
+  return grids
+
+
+def copy_figure(src: str, figdir: str, name: str) -> Optional[str]:
+  if not os.path.exists(src):
+    return None
+  shutil.copyfile(src, os.path.join(figdir, name))
+  return f'figures/{name}'
+
+
+def write_report(root: str, scale: str, data_path: str, wall_seconds: float) -> str:
+  runs = collect(root)
+  figdir = os.path.join(root, 'figures')
+  os.makedirs(figdir, exist_ok=True)
+  grids = landscapes(root, scale, data_path, ('natural', 'at', 'prejeat', 'jeat'))
+  flatness = {n: float(np.mean(np.abs(g - g[g.shape[0] // 2, g.shape[1] // 2])))
+              for n, g in grids.items()}
+  figs = []
+  if grids:
+    radius = make_config(RUNS[0], scale, data_path).analysis.radius
+    analysis.plot_landscapes(os.path.join(figdir, 'energy_landscapes.png'), grids, radius)
+    figs.append(('Fig. 2: E(x, y) around one test image (same image and directions)',
+                 'figures/energy_landscapes.png'))
+  for name in runs:
+    for sub, label in (('samples/grid.png', 'Eq. 17'), ('samples_eq16/grid.png', 'Eq. 16')):
+      rel = copy_figure(os.path.join(root, name, sub), figdir,
+                        f'{name}_{sub.split("/")[0]}.png')
+      if rel:
+        figs.append((f'{name}: samples by {label}', rel))
+    for fig in ('energy_dynamics', 'gradient_norms'):
+      rel = copy_figure(os.path.join(root, name, 'figures', f'{fig}.png'), figdir, f'{name}_{fig}.png')
+      if rel:
+        figs.append((f'{name}: {fig.replace("_", " ")}', rel))
+    rel = copy_figure(os.path.join(root, name, 'samples', 'neighbours.png'), figdir,
+                      f'{name}_neighbours.png')
+    if rel and name == 'jeat':
+      figs.append(('Fig. 7: JEAT samples and their nearest training images (SSIM)', rel))
+  audits = [f'- {n}: {w}' for n, r in runs.items() for w in r['audit']]
+  cpu = platform.processor() or platform.machine()
+  lines = [
+      f'# jeat-jax reproduction, scale `{scale}`', '',
+      ('> **Data caveat:** trained and evaluated on the offline CIFAR-10 stand-in (a lossy JPEG '
+       'copy of CIFAR-10), not on CIFAR-10 itself; absolute numbers are not comparable with the '
+       'paper\'s, which are WRN-28-10 on CIFAR-10 after 200 epochs.' if data_path else
+       '> Data: CIFAR-10 from TFDS.'), '',
+      f'Machine: {cpu}, {os.cpu_count()} cores, jax {jax.__version__} on {jax.devices()[0].platform} '
+      f'({len(jax.devices())} devices). Wall time of this invocation: {wall_seconds / 60:.1f} min '
+      '(stages found done were not rerun). Every number below comes from the runs in this directory.', '',
+      '## Table 1: PGD and the energy attack on the natural model', '', table1(runs), '',
+      '## Table 2: robustness', '', table2(runs), '',
+      'Robust accuracies on the first `eval.num_examples` test images at eps 8/255; C&W is the '
+      'l_inf PGD on the CW margin.', '',
+      '## Generation (Fig. 6 IS / FID)', '', generation_table(runs), '',
+      '## Verdicts', ''] + [f'- {v}' for v in verdicts(runs, flatness)] + [
+      '', '## Gradient-masking audit warnings', ''] + (audits or ['- none']) + ['', '## Figures', '']
+  for caption, rel in figs:
+    lines += [f'**{caption}**', '', f'![{caption}]({rel})', '']
+  path = os.path.join(root, 'REPORT.md')
+  with open(path, 'w') as f:
+    f.write('\n'.join(lines))
+  return path
+
+
+# ----------------------------------------------------------------------------- CLI
+
+flags.DEFINE_enum('scale', 'cpu', SCALES, 'cpu: the :cpu configs on 2 cores; paper: WRN-28-10.')
+flags.DEFINE_string('workdir', None, 'Root directory: one subdirectory per run, REPORT.md.')
+flags.DEFINE_string('data_path', '', 'An npz dataset (the offline stand-in); empty: TFDS.')
+flags.DEFINE_list('runs', [r.name for r in RUNS], 'Which runs (default: all).')
+flags.DEFINE_list('stages', list(STAGES), f'Which stages, of {STAGES}.')
+
+
+def main(argv):
+  del argv
+  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+  if not FLAGS.workdir:
+    raise app.UsageError('--workdir is required')
+  unknown = set(FLAGS.runs) - {r.name for r in RUNS}
+  if unknown:
+    raise app.UsageError(f'unknown runs {sorted(unknown)}; choose from {[r.name for r in RUNS]}')
+  start = time.time()
+  for run in RUNS:
+    if run.name not in FLAGS.runs:
+      continue
+    config = make_config(run, FLAGS.scale, FLAGS.data_path)
+    logging.info('=== %s (%s)', run.name, run.recipe)
+    run_stages(run, config, os.path.join(FLAGS.workdir, run.name), FLAGS.stages)
+  if 'report' in FLAGS.stages:
+    path = write_report(FLAGS.workdir, FLAGS.scale, FLAGS.data_path, time.time() - start)
+    logging.info('wrote %s', path)
+
+
+if __name__ == '__main__':
+  app.run(main)
