@@ -86,6 +86,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.loss.name = 'ce'              # ce | joint_energy | trades
   c.loss.trades_beta = 6.0
   c.loss.energy_weight = 1.0
+  c.loss.energy_l2 = 0.0          # > 0: + l2 * mean(E(x+)^2 + E(x-)^2) (Du & Mordatch; not the paper's)
 
   c.divergence = ml_collections.ConfigDict()
   c.divergence.max_retries = 3

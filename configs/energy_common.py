@@ -31,4 +31,10 @@ def use_cpu_scale(c, epochs: float):
   c.schedule.warmup_steps = 100
   c.num_epochs = 1
   c.num_train_steps = int(epochs * 50000 / c.batch_size)
+  # A 500-image replay buffer, not 10000: each entry is revisited every ~8 steps, so the
+  # persistent chains accumulate ~100 SGLD steps in the first 200 updates. With 10000
+  # entries (revisited every ~156 steps) the short run's negatives stay near U(0, 1),
+  # the model separates them at will and JEAT:cpu diverged at step ~100 in 4 of 4 tries
+  # (also at lr 1e-4); with 500 it trains stably (measured 2026-11-26, 2 cores).
+  c.sampler.buffer_size = 500
   return c

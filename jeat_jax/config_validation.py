@@ -97,6 +97,7 @@ def validate(config) -> None:
   if config.loss.name == 'joint_energy':
     _require(s.name != 'none', 'sampler.name', 'must be a sampler for loss.name=joint_energy', s.name)
   _non_negative(config.loss.trades_beta, 'loss.trades_beta')
+  _non_negative(config.loss.energy_l2, 'loss.energy_l2')
 
   for key in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
               'max_checkpoints_to_keep'):

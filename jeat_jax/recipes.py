@@ -96,14 +96,20 @@ def ce_loss(logits_pos, y):
   return jnp.mean(energy.cross_entropy(logits_pos, y))
 
 
-def joint_energy_loss(logits_pos, y, logits_neg, energy_weight: float = 1.0):
+def joint_energy_loss(logits_pos, y, logits_neg, energy_weight: float = 1.0,
+                      energy_l2: float = 0.0):
   """-log p(x, y) = -log p(y|x) - log p(x) (Eq. 19), as in Algorithm 1:
 
   CE(x_adv, y) + [mean E(x_adv) - mean E(x~_K)], whose theta-gradient is Eq. 20
   with the expectation over p_theta(x) estimated by the SGLD samples x~_K.
+  `energy_l2` > 0 adds energy_l2 * mean(E(x_adv)^2 + E(x~_K)^2), the energy
+  magnitude penalty of Du & Mordatch (2019); not in the paper (default 0).
   """
-  p_x = jnp.mean(energy.energy_x(logits_pos)) - jnp.mean(energy.energy_x(logits_neg))
-  return ce_loss(logits_pos, y) + energy_weight * p_x
+  e_pos, e_neg = energy.energy_x(logits_pos), energy.energy_x(logits_neg)
+  loss = ce_loss(logits_pos, y) + energy_weight * (jnp.mean(e_pos) - jnp.mean(e_neg))
+  if energy_l2:
+    loss = loss + energy_l2 * jnp.mean(e_pos ** 2 + e_neg ** 2)
+  return loss
 
 
 def trades_loss(logits_clean, logits_adv, y, beta: float):

@@ -194,7 +194,8 @@ def recipe_loss(config, model, params, batch_stats, x, x_pos, y, x_neg, key):
     logits_pos, batch_stats = train_forward(model, params, batch_stats, x_pos, k1)
     if config.loss.name == 'joint_energy':
       logits_neg, batch_stats = train_forward(model, params, batch_stats, x_neg, k2)
-      loss = recipes.joint_energy_loss(logits_pos, y, logits_neg, config.loss.energy_weight)
+      loss = recipes.joint_energy_loss(logits_pos, y, logits_neg, config.loss.energy_weight,
+                                        config.loss.energy_l2)
       metrics['energy_x_neg'] = jnp.mean(energy.energy_x(logits_neg))
     else:
       loss = recipes.ce_loss(logits_pos, y)

@@ -57,3 +57,17 @@ def test_energy_gradients_match_finite_differences():
     numeric = _finite_difference(lambda z: float(f(jnp.asarray(z, jnp.float32))), x, 1e-2)
     np.testing.assert_allclose(analytic, numeric, rtol=1e-2, atol=2e-3)
     assert np.abs(analytic).max() > 0.1  # a real, non-vanishing gradient was compared
+
+
+def test_joint_energy_loss_by_hand():
+  from jeat_jax import recipes
+  pos = jnp.array([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]])
+  neg = jnp.array([[0.0, 0.0, 0.0], [3.0, -2.0, 1.0]])
+  y = jnp.array([0, 1])
+  lse = lambda v: np.log(np.sum(np.exp(np.asarray(v, np.float64)), -1))
+  ce = np.mean(lse(pos) - np.asarray(pos)[[0, 1], [0, 1]])
+  e_pos, e_neg = -lse(pos), -lse(neg)
+  expected = ce + e_pos.mean() - e_neg.mean()
+  np.testing.assert_allclose(recipes.joint_energy_loss(pos, y, neg), expected, rtol=1e-6)
+  np.testing.assert_allclose(recipes.joint_energy_loss(pos, y, neg, energy_l2=0.1),
+                             expected + 0.1 * np.mean(e_pos ** 2 + e_neg ** 2), rtol=1e-6)
