@@ -30,18 +30,18 @@ def gaussian_cache_path(config) -> str:
                       f'class_gaussian_{config.dataset}_{digest}.npz')
 
 
-def chain_starts(config, key, labels, ds, state):
-  """x_0 for every label, from `config.sample.start`."""
+def chain_starts(config, ds, state):
+  """A function (key, labels) -> x_0 for every label, from `config.sample.start`."""
   shape = ds.x_train.shape[1:]
   if config.sample.start == 'uniform':
-    return sampling.uniform_images(key, labels.shape[0], shape)
+    return lambda key, labels: sampling.uniform_images(key, labels.shape[0], shape)
   if config.sample.start == 'buffer':
     if 'buffer' not in state.extra:
       raise ValueError('sample.start=buffer needs a run with a replay buffer (jem, jeat)')
-    return sampling.buffer_images(key, state.extra['buffer'], labels.shape[0])
+    return lambda key, labels: sampling.buffer_images(key, state.extra['buffer'], labels.shape[0])
   gaussian = sampling.ClassConditionalGaussian.cached(gaussian_cache_path(config), ds.x_train,
                                                       ds.y_train, ds.num_classes)
-  return gaussian.sample(key, jnp.asarray(labels), shape)
+  return lambda key, labels: gaussian.sample(key, labels, shape)
 
 
 def class_grid(x: np.ndarray, y: np.ndarray, num_classes: int, per_class: int = 10) -> np.ndarray:
@@ -98,13 +98,14 @@ def sample_run(config, workdir: str) -> dict:
       step_size=s.step_size, noise_std=s.noise_std, clip=(0.0, 1.0) if s.clip else None,
       record_gradient_norms=s.record_gradient_norms, unroll=s.unroll))
   labels = sampling.class_labels(s.num_samples, ds.num_classes)
+  starts = chain_starts(config, ds, state)
   key = jax.random.PRNGKey(s.seed)
   xs, norms = [], []
   start_time = time.time()
   for i in range(0, s.num_samples, s.batch_size):
     y = labels[i:i + s.batch_size]
     k_start, k_chain = jax.random.split(jax.random.fold_in(key, i))
-    x0 = chain_starts(config, k_start, y, ds, state)
+    x0 = starts(k_start, y)
     out = gen(x0, jnp.asarray(y), k_chain)
     x, n = out if s.record_gradient_norms else (out, None)
     xs.append(np.asarray(x))

@@ -184,10 +184,15 @@ class ClassConditionalGaussian:
     os.replace(tmp, path)
     return fitted
 
-  def sample(self, key: jax.Array, labels: jax.Array, image_shape) -> jax.Array:
+  def sample(self, key: jax.Array, labels, image_shape) -> jax.Array:
+    """mu_y + L_y z, clipped to [0, 1]; one matrix product per class present in `labels`
+    (a per-example gather of the D x D factors would take N * D^2 memory)."""
+    labels = np.asarray(labels)
     z = jax.random.normal(key, (labels.shape[0], self.means.shape[1]), jnp.float32)
-    means, chol = jnp.asarray(self.means)[labels], jnp.asarray(self.cholesky)[labels]
-    x = means + jnp.einsum('nij,nj->ni', chol, z)
+    x = jnp.asarray(self.means)[labels]
+    for c in np.unique(labels):
+      idx = np.flatnonzero(labels == c)
+      x = x.at[idx].add(z[idx] @ jnp.asarray(self.cholesky[c]).T)
     return jnp.clip(x, 0.0, 1.0).reshape((labels.shape[0], *image_shape))
 
 

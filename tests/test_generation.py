@@ -67,6 +67,13 @@ def test_class_conditional_gaussian(tmp_path):
   np.testing.assert_allclose(samples[:2000].mean(), 60 / 255, atol=0.01)
   np.testing.assert_allclose(samples[2000:].mean(), 190 / 255, atol=0.01)
   np.testing.assert_allclose(samples[:2000].std(), x[y == 0].std() / 255, rtol=0.1)
+  # the full covariance: pixel 1 copies pixel 0 (plus a little noise) in class 1
+  x1 = rng.normal(0.5, 0.1, (400, 1))
+  x_corr = np.concatenate([x1, x1 + rng.normal(0, 0.01, (400, 1))], 1).reshape(400, 1, 2, 1)
+  g = sampling.ClassConditionalGaussian.fit((x_corr * 255).astype(np.uint8),
+                                            np.ones(400, np.int64), 2)
+  s = np.asarray(g.sample(jax.random.PRNGKey(1), np.ones(4000, np.int64), (1, 2, 1))).reshape(4000, 2)
+  assert np.corrcoef(s.T)[0, 1] > 0.95
 
 
 def test_sample_mode_writes_grid_and_npz(tmp_path):
