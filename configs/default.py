@@ -123,7 +123,8 @@ def apply_scale(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict:
     c.eval.num_examples = 1000
     c.fid.max_reference = 10000
     c.eval.unroll = 10
-    c.sample.unroll = 10
+    c.sample.unroll = 10            # with steps_per_call 10: no while loop at all
+    c.sample.steps_per_call = 10
     c.log_every_steps = 20
     c.eval_every_steps = 500
     c.checkpoint_every_steps = 100
@@ -196,6 +197,7 @@ def add_sample_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   c.sample.seed = 0
   c.sample.subdir = 'samples'      # output directory inside the workdir (fid reads it too)
   c.sample.unroll = 1              # > 1 unrolls the chain (faster on XLA:CPU)
+  c.sample.steps_per_call = 0      # > 0: the chain as jitted pieces of this many steps
   c.sample.neighbours = 10         # Fig. 7: k nearest training images by SSIM (0: skip)
   c.sample.neighbour_queries = 10  # generated images shown (one per class, in class order)
   c.sample.neighbour_pool = 0      # > 0: search only the first N training images

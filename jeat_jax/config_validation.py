@@ -123,6 +123,9 @@ def validate(config) -> None:
   _non_negative(s.noise_std, 'sample.noise_std')
   _positive(s.batch_size, 'sample.batch_size')
   _positive(s.unroll, 'sample.unroll')
+  _require(s.steps_per_call >= 0 and (s.steps_per_call == 0 or s.num_steps % s.steps_per_call == 0),
+           'sample.steps_per_call', f'must be 0 or divide sample.num_steps={s.num_steps}',
+           s.steps_per_call)
   _non_negative(s.neighbours, 'sample.neighbours')
   _positive(s.neighbour_queries, 'sample.neighbour_queries')
   _non_negative(s.neighbour_pool, 'sample.neighbour_pool')
