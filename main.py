@@ -75,6 +75,7 @@ def parse_flags(argv):
 
 def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  std_logging.getLogger('jeat_jax').setLevel(std_logging.INFO)  # modules on std logging (metrics)
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   from jeat_jax.errors import UserError  # pylint: disable=g-import-not-at-top

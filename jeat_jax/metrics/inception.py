@@ -357,7 +357,8 @@ def compute_activations(images, variables: Variables, batch_size: int = 50,
     if log_every and ((b + 1) % log_every == 0 or b + 1 == num_batches):
       done = min((b + 1) * batch_size, n)
       rate = done / max(time.perf_counter() - start, 1e-9)
-      logger.info('%s: %d/%d images, %.1f images/s', desc, done, n, rate)
+      logger.info('%s: %d/%d images, %.1f images/s, ETA %.0fs', desc, done, n, rate,
+                  (n - done) / rate)
   if not outputs:
     dims = {'pool3': POOL3_DIM, 'logits': NUM_LOGITS, 'logits_unbiased': NUM_LOGITS}
     keys = list(dims) if include_logits else ['pool3']
