@@ -6,7 +6,8 @@ Both sides run the same chain on the same WRN (the JEAT architecture: no
 normalisation, leaky ReLU; weights ported with tests/torch_reference): K steps
 of x <- clip(x - step * grad_x E(x, y) + noise * N(0, I)) on E(x, y) (Eq. 17),
 a batch of --batch chains from U(0, 1). images/s = batch / seconds per chain
-(K steps). MFU = XLA's FLOP count of the compiled chain / time / --peak_gflops.
+(K steps). MFU = XLA's FLOP count of the compiled chain / time / --peak_gflops
+(default as benchmarks/train_step.py: 2 cores x 2.0 GHz x 64 FLOP/cycle).
 """
 import argparse
 import functools
@@ -75,7 +76,7 @@ def main():
   parser.add_argument('--steps', type=int, default=20, help='K, SGLD steps per chain')
   parser.add_argument('--unroll', type=int, default=20, help='fori_loop unroll (CPU: unroll fully)')
   parser.add_argument('--repeats', type=int, default=2)
-  parser.add_argument('--peak_gflops', type=float, default=2 * 2.0 * 32)
+  parser.add_argument('--peak_gflops', type=float, default=2 * 2.0 * 64)
   args = parser.parse_args()
   torch = torch_reference._torch()  # pylint: disable=protected-access
   torch.set_num_threads(os.cpu_count())
