@@ -109,3 +109,17 @@ def test_sampling_in_jitted_pieces(tmp_path):
   first = np.load(out['samples'])['x']
   generation.sample_run(config, workdir)  # the same key: the same images
   np.testing.assert_array_equal(np.load(out['samples'])['x'], first)
+
+
+def test_recorded_gradient_norms_match_jax_grad():
+  from jeat_jax import energy
+  w = jax.random.normal(jax.random.PRNGKey(0), (12, 5))
+  logits_fn = lambda x: jnp.tanh(x.reshape(x.shape[0], -1)) @ w
+  x0 = jax.random.uniform(jax.random.PRNGKey(1), (6, 2, 2, 3))
+  y = jnp.arange(6) % 5
+  _, norms = sampling.sgld_chain_with_gradient_norms(logits_fn, x0, y, jax.random.PRNGKey(2),
+                                                     'eq16', 1, 0.1, 0.0)
+  norm = lambda g: jnp.mean(jnp.sqrt(jnp.sum(g.reshape(6, -1) ** 2, -1)))
+  g_xy = jax.grad(lambda z: jnp.sum(energy.energy_xy(logits_fn(z), y)))(x0)
+  g_x = jax.grad(lambda z: jnp.sum(energy.energy_x(logits_fn(z))))(x0)
+  np.testing.assert_allclose(norms[0], [norm(g_xy), norm(g_x)], rtol=1e-5)
