@@ -21,7 +21,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.train_step import cpu_name
+from benchmarks.train_step import images_per_second, start_torch_and_print_machine
 from configs import jeat as jeat_config
 from jeat_jax import models, sampling
 from tests import torch_reference
@@ -62,11 +62,7 @@ def time_torch(model, variables, batch, steps, repeats):
       x = (x - 1.0 * g + 0.01 * torch.randn_like(x)).clamp(0, 1).detach()
     return x
 
-  chain()
-  start = time.perf_counter()
-  for _ in range(repeats):
-    chain()
-  return batch / ((time.perf_counter() - start) / repeats)
+  return images_per_second(chain, batch, repeats)
 
 
 def main():
@@ -78,10 +74,7 @@ def main():
   parser.add_argument('--repeats', type=int, default=2)
   parser.add_argument('--peak_gflops', type=float, default=2 * 2.0 * 64)
   args = parser.parse_args()
-  torch = torch_reference._torch()  # pylint: disable=protected-access
-  torch.set_num_threads(os.cpu_count())
-  print(f'machine: {cpu_name()}, {os.cpu_count()} cores; jax {jax.__version__} on '
-        f'{jax.devices()[0].platform}; torch {torch.__version__}')
+  start_torch_and_print_machine()
   print('| model | batch | K | unroll | JAX img/s | PyTorch eager img/s | JAX/PyTorch | '
         'JAX GFLOP/s | MFU |')
   print('|---|---|---|---|---|---|---|---|---|')

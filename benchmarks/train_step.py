@@ -42,6 +42,24 @@ def cpu_name():
   return platform.processor()
 
 
+def images_per_second(fn, batch: int, repeats: int) -> float:
+  """batch / mean seconds of fn(), after one warm-up call (eager PyTorch loops)."""
+  fn()
+  start = time.perf_counter()
+  for _ in range(repeats):
+    fn()
+  return batch / ((time.perf_counter() - start) / repeats)
+
+
+def start_torch_and_print_machine():
+  """torch on every core; prints the machine line of every benchmark table."""
+  torch = torch_reference._torch()  # pylint: disable=protected-access
+  torch.set_num_threads(os.cpu_count())
+  print(f'machine: {cpu_name()}, {os.cpu_count()} cores; jax {jax.__version__} on '
+        f'{jax.devices()[0].platform}; torch {torch.__version__}')
+  return torch
+
+
 RECIPES = ('natural', 'noise', 'at', 'prejeat', 'jeat', 'jem', 'trades', 'fast', 'free')
 TORCH_RECIPES = ('natural', 'jeat')
 
@@ -135,11 +153,7 @@ def time_torch(config, variables_model, steps):
     loss.backward()
     opt.step()
 
-  one_step()
-  start = time.perf_counter()
-  for _ in range(steps):
-    one_step()
-  return b / ((time.perf_counter() - start) / steps)
+  return images_per_second(one_step, b, steps)
 
 
 def main():
@@ -154,10 +168,7 @@ def main():
                       help='model compute dtype (bfloat16 is emulated, hence slow, on most CPUs)')
   parser.add_argument('--peak_gflops', type=float, default=2 * 2.0 * 64)
   args = parser.parse_args()
-  torch = torch_reference._torch()  # pylint: disable=protected-access
-  torch.set_num_threads(os.cpu_count())
-  print(f'machine: {cpu_name()}, {os.cpu_count()} cores; jax {jax.__version__} on '
-        f'{jax.devices()[0].platform}; torch {torch.__version__}')
+  start_torch_and_print_machine()
   print('| recipe | model | batch | JAX img/s | PyTorch eager img/s | JAX/PyTorch | JAX GFLOP/s | MFU |')
   print('|---|---|---|---|---|---|---|---|')
   recipes = RECIPES if args.recipes == 'all' else args.recipes.split(',')
