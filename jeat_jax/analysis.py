@@ -1,5 +1,6 @@
 """The paper's analyses as figures: energy landscapes (Fig. 2), energy dynamics
-(Fig. 3, 9-11) and gradient norms during generation (Fig. 12/13).
+(Fig. 3, 9-11), gradient norms during generation (Fig. 12/13) and generated
+images of several models side by side (Fig. 5).
 
 `python main.py --mode=analyze --config=CONFIG --workdir=DIR` writes every figure
 that applies to the run into DIR/figures/.
@@ -130,6 +131,27 @@ def plot_gradient_norms(path: str, norms: np.ndarray, title: str) -> str:
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def plot_image_panels(path: str, images: Dict[str, np.ndarray], title: str = '') -> str:
+  """Fig. 5: images (e.g. the sample grids of the noise-injection models) side by side,
+  one titled panel each, at their native resolution."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  n = len(images)
+  height = max(im.shape[0] for im in images.values())
+  fig, axes = plt.subplots(1, n, figsize=(n * 3.2, 3.2 * 1.1), squeeze=False)
+  for ax, (name, im) in zip(axes[0], images.items()):
+    ax.imshow(im, interpolation='nearest')
+    ax.set_title(name)
+    ax.axis('off')
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=max(100, height // 3))
   plt.close(fig)
   return path
 

@@ -49,7 +49,7 @@ class Run:
 
 
 RUNS = (
-    Run('natural', 'natural', eq16=True),
+    Run('natural', 'natural'),
     Run('noise8', 'noise', (('perturbation.sigma', 8 / 255),)),
     Run('noise16', 'noise', (('perturbation.sigma', 16 / 255),)),
     Run('noise24', 'noise', (('perturbation.sigma', 24 / 255),)),
@@ -61,14 +61,28 @@ RUNS = (
     Run('fast', 'fast'),
     Run('free', 'free'),
 )
+RUNS_BY_NAME = {r.name: r for r in RUNS}
 ADVERSARIAL = ('at', 'prejeat', 'jeat', 'trades', 'fast', 'free')
 
 
-def scale_overrides(scale: str) -> Dict[str, object]:
-  """What the reproduction measures at each scale, on top of each recipe's config."""
+# At `cpu` scale the reproduction must finish in about 2 hours on 2 cores: the
+# recipes without a robustness target in the issue train shorter than their
+# `:cpu` configs (which are sized for 20 minutes each), and each run is attacked
+# with what its table needs.
+CPU_TRAINING = {
+    'noise8': {'num_epochs': 1}, 'noise16': {'num_epochs': 1}, 'noise24': {'num_epochs': 1},
+    'jem': {'num_train_steps': 781}, 'trades': {'num_epochs': 1}, 'fast': {'num_epochs': 2},
+}
+CPU_ATTACKS = {'natural': 'pgd20,energyk', 'noise8': 'pgd20', 'noise16': 'pgd20',
+               'noise24': 'pgd20'}
+
+
+def scale_overrides(scale: str, run: Run) -> Dict[str, object]:
+  """What the reproduction trains and measures at each scale, on top of each recipe's config."""
   if scale == 'cpu':
-    return {'eval.attacks': 'pgd20,energyk,cw_linf,autoattack', 'eval.num_examples': 1000,
-            'sample.num_samples': 2000}
+    return {'eval.attacks': CPU_ATTACKS.get(run.name, 'pgd20,cw_linf,autoattack'),
+            'eval.num_examples': 1000, 'eval.audit_num_examples': 100,
+            'sample.num_samples': 500, 'fid.max_reference': 2000, **CPU_TRAINING.get(run.name, {})}
   if scale == 'smoke':
     return {'eval.attacks': 'pgd20,energyk,cw_linf'}
   return {'eval.attacks': 'pgd20,pgd50,energyk,cw_l2,cw_linf,autoattack',
@@ -78,7 +92,7 @@ def scale_overrides(scale: str) -> Dict[str, object]:
 def make_config(run: Run, scale: str, data_path: str):
   config = importlib.import_module(f'configs.{run.recipe}').get_config(
       None if scale == 'paper' else scale)
-  settings = dict(scale_overrides(scale))
+  settings = dict(scale_overrides(scale, run))
   settings.update(dict(run.overrides))
   if data_path:
     settings.update({'data.source': 'npz', 'data.path': data_path})
@@ -95,25 +109,37 @@ def sample_subdirs(run: Run) -> List[Tuple[str, str]]:
   return [('samples', 'eq17')] + ([('samples_eq16', 'eq16')] if run.eq16 else [])
 
 
+def _timed(workdir: str, stage: str, fn, *args):
+  """Runs one stage and adds its wall seconds to WORKDIR/timings.json."""
+  start = time.time()
+  fn(*args)
+  path = os.path.join(workdir, 'timings.json')
+  timings = _load_json(path) or {}
+  timings[stage] = round(timings.get(stage, 0.0) + time.time() - start, 1)
+  with open(path + '.tmp', 'w') as f:
+    json.dump(timings, f, indent=1)
+  os.replace(path + '.tmp', path)
+
+
 def run_stages(run: Run, config, workdir: str, stages) -> None:
   """Each stage once: skipped when its output is already in `workdir`."""
   done = lambda *p: os.path.exists(os.path.join(workdir, *p))
   if 'train' in stages and not done('results.json'):
-    train.train_and_evaluate(config, workdir)
+    _timed(workdir, 'train', train.train_and_evaluate, config, workdir)
   if 'evaluate' in stages and not done('eval', 'robustness.json'):
-    evaluate.evaluate_run(config, workdir)
+    _timed(workdir, 'evaluate', evaluate.evaluate_run, config, workdir)
   for subdir, objective in sample_subdirs(run):
     c = config.copy_and_resolve_references()
     c.sample.subdir, c.sample.objective = subdir, objective
     if 'sample' in stages and not done(subdir, 'samples.npz'):
-      generation.sample_run(c, workdir)
+      _timed(workdir, 'sample', generation.sample_run, c, workdir)
     if 'fid' in stages and not os.path.exists(generation.fid_json_path(c, workdir)):
       try:
-        generation.fid_run(c, workdir)
+        _timed(workdir, 'fid', generation.fid_run, c, workdir)
       except Exception as e:  # pylint: disable=broad-except
         logging.warning('%s: FID not computed (%s); the report shows "-"', run.name, e)
   if 'analyze' in stages and not done('figures', 'energy_landscape.npz'):
-    analysis.analyze_run(config, workdir)
+    _timed(workdir, 'analyze', analysis.analyze_run, config, workdir)
 
 
 # ----------------------------------------------------------------------------- report
@@ -141,6 +167,7 @@ def collect(root: str) -> Dict[str, dict]:
         'audit': (ev or {}).get('audit', {}).get('warnings', []),
         'fid': _load_json(os.path.join(d, 'fid.json')),
         'fid_eq16': _load_json(os.path.join(d, 'samples_eq16', 'fid.json')),
+        'timings': _load_json(os.path.join(d, 'timings.json')) or {},
     }
   return out
 
@@ -196,6 +223,26 @@ def generation_table(runs: Dict[str, dict]) -> str:
       lines.append(f'| {name} | {label} | {_num(_fid(f))} | {_num(is_)} | '
                    f'{f"{paper[0]:.2f} / {paper[1]:.2f}" if paper and key == "fid" else "-"} |')
   return '\n'.join(lines)
+
+
+def timing_table(runs: Dict[str, dict]) -> Tuple[str, float]:
+  """Wall minutes per run and stage, as the stages recorded them (timings.json); a
+  training found done before this reproduction shows the time its results.json recorded."""
+  stages = ('train', 'evaluate', 'sample', 'fid', 'analyze')
+  lines = ['| run | ' + ' | '.join(stages) + ' | total |', '|---' * (len(stages) + 2) + '|']
+  grand = 0.0
+  for name, r in runs.items():
+    t = dict(r['timings'])
+    trained_before = 'train' not in t and r['results']
+    if trained_before:
+      t['train'] = r['results'].get('wall_seconds_this_session')
+    cells = [_num(t.get(s) and t[s] / 60, '{:.1f}') for s in stages]
+    if trained_before:
+      cells[0] += '*'
+    total = sum(t.get(s) or 0.0 for s in stages)
+    grand += total
+    lines.append(f'| {name} | ' + ' | '.join(cells) + f' | {total / 60:.1f} |')
+  return '\n'.join(lines), grand
 
 
 def verdicts(runs: Dict[str, dict], flatness: Dict[str, float]) -> List[str]:
@@ -297,6 +344,16 @@ def write_report(root: str, scale: str, data_path: str, wall_seconds: float) -> 
                       f'{name}_neighbours.png')
     if rel and name == 'jeat':
       figs.append(('Fig. 7: JEAT samples and their nearest training images (SSIM)', rel))
+  noise = {f'sigma = {n[5:]}/255': os.path.join(root, n, 'samples', 'grid.png')
+           for n in ('noise8', 'noise16', 'noise24')}
+  if all(os.path.exists(p) for p in noise.values()):
+    import matplotlib.image  # pylint: disable=g-import-not-at-top
+    analysis.plot_image_panels(os.path.join(figdir, 'noise_injection.png'),
+                               {k: matplotlib.image.imread(p) for k, p in noise.items()},
+                               'Noise injection: samples by Eq. 17')
+    figs.insert(1, ('Fig. 5: samples of the noise-injection models, sigma 8, 16, 24 / 255',
+                    'figures/noise_injection.png'))
+  timings, compute_seconds = timing_table(runs)
   audits = [f'- {n}: {w}' for n, r in runs.items() for w in r['audit']]
   cpu = platform.processor() or platform.machine()
   lines = [
@@ -314,6 +371,10 @@ def write_report(root: str, scale: str, data_path: str, wall_seconds: float) -> 
       'l_inf PGD on the CW margin.', '',
       '## Generation (Fig. 6 IS / FID)', '', generation_table(runs), '',
       '## Verdicts', ''] + [f'- {v}' for v in verdicts(runs, flatness)] + [
+      '', '## Compute time (wall minutes per stage)', '', timings, '',
+      f'Sum over runs and stages: {compute_seconds / 60:.1f} min. `*`: trained before this '
+      'reproduction started (a workdir found trained is not trained again); the time is the '
+      'one its results.json recorded.'] + [
       '', '## Gradient-masking audit warnings', ''] + (audits or ['- none']) + ['', '## Figures', '']
   for caption, rel in figs:
     lines += [f'**{caption}**', '', f'![{caption}]({rel})', '']

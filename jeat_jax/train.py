@@ -266,7 +266,10 @@ def free_train_step(state: TrainState, x, y, key, *, model, config):
 
   keys = jax.random.split(key, config.perturbation.free_replays)
   carry = (state.params, state.opt_state, state.batch_stats, state.extra['free_delta'])
-  (params, opt_state, batch_stats, delta), (losses, accs) = jax.lax.scan(replay, carry, keys)
+  # On XLA:CPU a scan over the replays runs its conv weight gradients several times
+  # slower than straight-line code: `perturbation.unroll` > 1 unrolls the m replays.
+  (params, opt_state, batch_stats, delta), (losses, accs) = jax.lax.scan(
+      replay, carry, keys, unroll=config.perturbation.unroll > 1)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             batch_stats=batch_stats, extra=dict(state.extra, free_delta=delta))
   return new_state, {'loss': losses[-1], 'train_accuracy': accs[-1],

@@ -38,3 +38,17 @@ def test_dynamics_and_gradient_norm_plots(tmp_path):
   np.testing.assert_allclose(per_epoch['dx_energy_xy'], [[1, 1.5, 0.15], [2, 3.5, 0.35]])
   _png_ok(analysis.plot_dynamics(str(tmp_path / 'd.png'), per_epoch, 'at'))
   _png_ok(analysis.plot_gradient_norms(str(tmp_path / 'g.png'), np.random.rand(10, 2), 'at'))
+
+
+def test_image_panels_show_each_image(tmp_path):
+  red = np.zeros((40, 40, 3), np.uint8)
+  red[..., 0] = 255
+  blue = np.zeros((40, 40, 3), np.uint8)
+  blue[..., 2] = 255
+  path = analysis.plot_image_panels(str(tmp_path / 'p.png'), {'8/255': red, '24/255': blue}, 'noise')
+  _png_ok(path)
+  with Image.open(path) as img:
+    pixels = np.asarray(img.convert('RGB')).reshape(-1, 3).astype(int)
+  # Both panels are drawn: pure red and pure blue pixels are both present.
+  assert ((pixels[:, 0] > 240) & (pixels[:, 1] < 15) & (pixels[:, 2] < 15)).any()
+  assert ((pixels[:, 2] > 240) & (pixels[:, 0] < 15) & (pixels[:, 1] < 15)).any()

@@ -47,3 +47,28 @@ def test_energy_dynamics_are_logged(tmp_path, data_path):
   # clu's logging writer echoes scalars to the log; the TensorBoard file holds them too.
   import glob
   assert glob.glob(str(tmp_path / 'events.out.tfevents.*'))
+
+
+def test_free_replays_unrolled_equal_scanned():
+  """`perturbation.unroll` > 1 unrolls Free AT's m replays; the update is the same."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jeat_jax import models
+
+  def one_step(unroll):
+    config = smoke_config('free', None, **{'perturbation.unroll': unroll})
+    model = models.create_model(config.model, 10)
+    tx = train.create_optimizer(config, train.learning_rate_schedule(config, 10, 1))
+    state = train.create_train_state(config, model, jax.random.PRNGKey(0), (32, 32, 3), tx, 1)
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), np.uint8))
+    y = jnp.arange(16) % 10
+    state, _ = jax.jit(lambda s: train.train_step(s, x, y, model=model, config=config))(state)
+    return state
+
+  scanned, unrolled = one_step(1), one_step(4)
+  assert int(scanned.step) == 1
+  for a, b in zip(jax.tree.leaves((scanned.params, scanned.extra['free_delta'])),
+                  jax.tree.leaves((unrolled.params, unrolled.extra['free_delta']))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  assert float(jnp.abs(unrolled.extra['free_delta']).max()) > 0   # delta was carried

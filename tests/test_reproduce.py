@@ -4,6 +4,7 @@ import os
 
 
 from tests.conftest import write_synthetic_npz
+from configs import at as at_config
 from jeat_jax import reproduce
 
 
@@ -17,8 +18,11 @@ def test_reproduce_smoke_writes_report_and_resumes(tmp_path):
                          stages)
   for name in ('natural', 'at'):
     for out in ('results.json', 'eval/robustness.json', 'samples/samples.npz',
-                'samples_eq16/samples.npz', 'figures/energy_landscape.npz'):
+                'figures/energy_landscape.npz', 'timings.json'):
       assert os.path.exists(os.path.join(root, name, out)), (name, out)
+  assert os.path.exists(os.path.join(root, 'at', 'samples_eq16', 'samples.npz'))
+  with open(os.path.join(root, 'at', 'timings.json')) as f:
+    assert set(json.load(f)) == {'train', 'evaluate', 'sample', 'analyze'}
   # A second pass finds every stage done: nothing is trained again.
   before = os.path.getmtime(os.path.join(root, 'at', 'results.json'))
   reproduce.run_stages(runs[1], reproduce.make_config(runs[1], 'smoke', data),
@@ -36,6 +40,17 @@ def test_reproduce_smoke_writes_report_and_resumes(tmp_path):
   for rel in ('figures/energy_landscapes.png', 'figures/at_samples_eq16.png'):
     assert f']({rel})' in report and os.path.exists(os.path.join(root, rel))
   assert 'Fig. 2, adversarial training flattens' in report
+  assert '## Compute time' in report and '| at |' in report.split('## Compute time')[1]
+
+
+def test_cpu_scale_is_sized_per_run():
+  at = reproduce.make_config(reproduce.RUNS_BY_NAME['at'], 'cpu', '')
+  noise = reproduce.make_config(reproduce.RUNS_BY_NAME['noise16'], 'cpu', '')
+  natural = reproduce.make_config(reproduce.RUNS_BY_NAME['natural'], 'cpu', '')
+  assert 'autoattack' in at.eval.attacks and at.eval.num_examples == 1000
+  assert noise.num_epochs == 1 and abs(noise.perturbation.sigma - 16 / 255) < 1e-9
+  assert 'energyk' in natural.eval.attacks            # Table 1
+  assert at.num_epochs == at_config.get_config('cpu').num_epochs  # else the :cpu config itself
 
 
 def test_verdicts_follow_the_numbers():
