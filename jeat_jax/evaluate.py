@@ -128,9 +128,11 @@ def run_autoattack(cfg, logits_fn, x, y, eps, key) -> Dict:
   from jeat_jax.attacks.autoattack import runner  # pylint: disable=g-import-not-at-top
   stochastic = cfg.autoattack_version == 'rand'
   fn = stochastic_logits(logits_fn, cfg.test_noise_std) if stochastic else logits_fn
+  scaled = lambda k: max(1, int(round(k * cfg.pgd_steps_scale)))  # 1.0: the reference counts
   return runner.run_autoattack(fn, data_lib.to_float(jnp.asarray(x)), y, eps=eps, key=key,
                                version=cfg.autoattack_version, batch_size=cfg.batch_size,
-                               stochastic=stochastic, log_fn=logging.info)
+                               stochastic=stochastic, log_fn=logging.info, n_iter=scaled(100),
+                               fab_n_iter=scaled(100), n_queries=scaled(5000))
 
 
 # ----------------------------------------------------------------------------- audit
@@ -208,16 +210,19 @@ def evaluate_run(config, workdir: str) -> Dict:
   for i, name in enumerate(names):
     start = time.time()
     k = jax.random.fold_in(key, i)
+    m = n
     if name == 'autoattack':
-      out = run_autoattack(cfg, logits_fn, x, y, cfg.eps, k)
+      # AutoAttack may run on the first `eval.autoattack_num_examples` points only (0: all n).
+      m = min(cfg.autoattack_num_examples or n, n)
+      out = run_autoattack(cfg, logits_fn, x[:m], y[:m], cfg.eps, k)
       robust = np.asarray(out['robust'])
       stages = [{'name': s['name'], 'robust_accuracy': float(s['robust_accuracy'])}
                 for s in out['records']]
     else:
       robust = robust_mask(name, cfg, logits_fn, mesh, x, y, cfg.eps, k, cfg.pgd_restarts)
       stages = None
-    record = {'name': name, 'eps': float(cfg.eps), 'num_examples': int(n),
-              'robust_accuracy': float(np.mean(robust & clean)),
+    record = {'name': name, 'eps': float(cfg.eps), 'num_examples': int(m),
+              'robust_accuracy': float(np.mean(robust & clean[:m])),
               'seconds': round(time.time() - start, 2)}
     if stages:
       record['stages'] = stages

@@ -38,3 +38,15 @@ def test_evaluate_writes_json_and_table(trained_workdir):
   table = open(os.path.join(workdir, 'eval', 'robustness.md')).read()
   assert '| MODELS | METHODS | ACCURACY |' in table and 'PGD-20 (CE)' in table
   assert on_disk['audit']['eps_sweep_pgd20']['128'] <= 0.05  # a natural model falls to ~0
+
+
+def test_autoattack_on_a_subset(trained_workdir):
+  config, workdir = trained_workdir
+  config.eval.attacks = 'pgd20,autoattack'
+  config.eval.pgd_steps_scale = 0.05
+  config.eval.autoattack_num_examples = 24
+  config.eval.audit = False
+  result = evaluate.evaluate_run(config, workdir)
+  pgd, aa = result['attacks']
+  assert pgd['num_examples'] == 96 and aa['num_examples'] == 24
+  assert [s['name'] for s in aa['stages']] == ['apgd-ce', 'apgd-t', 'fab-t', 'square']
