@@ -11,7 +11,7 @@ import functools
 import json
 import os
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import jax
 import jax.numpy as jnp
@@ -81,29 +81,40 @@ def is_linf_attack(name: str) -> bool:
   return name != 'cw_l2'
 
 
-def robust_mask(name, cfg, logits_fn, mesh, x, y, eps, key, restarts: int) -> np.ndarray:
-  """Per-example robustness under attack `name` (robust under every restart)."""
-  fn = attack_fn(name, cfg, logits_fn, eps)
-  # C&W drives its own (host or device) loop of jitted steps; the others jit whole.
-  attack = fn if name == 'cw_l2' else jax.jit(fn)
+def make_attack_check(name, cfg, logits_fn) -> Callable:
+  """(x_uint8, y, key, eps) -> (correct after the attack, x_adv inside the eps-ball and [0, 1]).
 
-  @jax.jit
-  def check(x_adv, xb, yb):
+  Compiled once per attack: eps is an argument, so the audit's eps sweep reuses it.
+  """
+  attack = lambda xb, yb, k, eps: attack_fn(name, cfg, logits_fn, eps)(xb, yb, k)
+
+  def check(x_adv, xb, yb, eps):
     inside = jnp.max(jnp.abs(x_adv - xb).reshape(xb.shape[0], -1), axis=1) <= eps + 1e-6
     inside = inside | (not is_linf_attack(name))
     in_box = jnp.all(((x_adv >= 0) & (x_adv <= 1)).reshape(xb.shape[0], -1), axis=1)
     return (jnp.argmax(logits_fn(x_adv), -1) == yb), inside & in_box
 
-  def correct_after_attack(xb_uint8, yb, k):
+  def correct_after_attack(xb_uint8, yb, k, eps):
     xb = data_lib.to_float(xb_uint8)
-    return check(attack(xb, yb, k), xb, yb)
+    return check(attack(xb, yb, k, eps), xb, yb, eps)
 
+  if name == 'cw_l2':  # C&W drives its own (host or device) loop of jitted steps
+    check = jax.jit(check)
+    return correct_after_attack
+  return jax.jit(correct_after_attack)
+
+
+def robust_mask(name, cfg, logits_fn, mesh, x, y, eps, key, restarts: int,
+                attack_check: Optional[Callable] = None) -> np.ndarray:
+  """Per-example robustness under attack `name` (robust under every restart)."""
+  attack_check = attack_check or make_attack_check(name, cfg, logits_fn)
   robust = []
   for i, (xb, yb, mb) in enumerate(data_lib.eval_batches(x, y, cfg.batch_size)):
     ok = np.ones(mb.shape, bool)
     for r in range(restarts if name in ('pgd20', 'pgd50', 'cw_linf', 'energyk') else 1):
       k = jax.random.fold_in(jax.random.fold_in(key, i), r)
-      correct, valid = jax.device_get(correct_after_attack(*parallel.global_batch(mesh, xb, yb), k))
+      correct, valid = jax.device_get(
+          attack_check(*parallel.global_batch(mesh, xb, yb), k, jnp.float32(eps)))
       if not valid.all():
         raise AssertionError(f'{name} returned images outside the eps-ball or [0, 1]')
       ok &= correct
@@ -153,9 +164,10 @@ def audit(cfg, logits_fn, mesh, x, y, records: List[Dict], key) -> List[str]:
   n = min(cfg.audit_num_examples, x.shape[0])
   xs, ys = x[:n], y[:n]
   sweep = {}
+  pgd20 = make_attack_check('pgd20', cfg, logits_fn)
   for eps_255 in (8, 16, 32, 64, 128):
     eps = eps_255 / 255
-    mask = robust_mask('pgd20', cfg, logits_fn, mesh, xs, ys, eps, key, 1)
+    mask = robust_mask('pgd20', cfg, logits_fn, mesh, xs, ys, eps, key, 1, pgd20)
     sweep[eps_255] = float(mask.mean())
   if sweep[128] > 0.05:
     warnings.append(f'PGD-20 robust accuracy is still {sweep[128]:.3f} at eps 128/255 (sweep '

@@ -126,10 +126,25 @@ def _timed(workdir: str, stage: str, fn, *args):
 
 
 def run_stages(run: Run, config, workdir: str, stages) -> None:
-  """Each stage once: skipped when its output is already in `workdir`."""
+  """Each stage once: skipped when its output is already in `workdir`.
+
+  A training that diverges past its retries is recorded in WORKDIR/failed.json
+  and the run is left out from then on (delete that file to try again).
+  """
   done = lambda *p: os.path.exists(os.path.join(workdir, *p))
+  if done('failed.json'):
+    logging.warning('%s: skipped, it failed before (%s)', run.name, os.path.join(workdir, 'failed.json'))
+    return
   if 'train' in stages and not done('results.json'):
-    _timed(workdir, 'train', train.train_and_evaluate, config, workdir)
+    try:
+      _timed(workdir, 'train', train.train_and_evaluate, config, workdir)
+    except train.TrainingDiverged as e:
+      logging.error('%s: %s; going on with the other runs', run.name, e)
+      with open(os.path.join(workdir, 'failed.json'), 'w') as f:
+        json.dump({'stage': 'train', 'error': str(e)}, f)
+      return
+  if not done('results.json'):
+    return
   if 'evaluate' in stages and not done('eval', 'robustness.json'):
     _timed(workdir, 'evaluate', evaluate.evaluate_run, config, workdir)
   for subdir, objective in sample_subdirs(run):
@@ -172,6 +187,7 @@ def collect(root: str) -> Dict[str, dict]:
         'fid': _load_json(os.path.join(d, 'fid.json')),
         'fid_eq16': _load_json(os.path.join(d, 'samples_eq16', 'fid.json')),
         'timings': _load_json(os.path.join(d, 'timings.json')) or {},
+        'failed': _load_json(os.path.join(d, 'failed.json')),
     }
   return out
 
@@ -368,6 +384,8 @@ def write_report(root: str, scale: str, data_path: str, wall_seconds: float) -> 
                     'figures/noise_injection.png'))
   timings, compute_seconds = timing_table(runs)
   audits = [f'- {n}: {w}' for n, r in runs.items() for w in r['audit']]
+  failures = [f'- **{n}** failed in its {r["failed"]["stage"]} stage: {r["failed"]["error"]}'
+              for n, r in runs.items() if r['failed']]
   cpu = platform.processor() or platform.machine()
   lines = [
       f'# jeat-jax reproduction, scale `{scale}`', '',
@@ -383,7 +401,8 @@ def write_report(root: str, scale: str, data_path: str, wall_seconds: float) -> 
       f'Robust accuracies at eps 8/255 on the first test images: {_counts(runs)}. C&W is the '
       'l_inf PGD on the CW margin ("-": not run at this scale).', '',
       '## Generation (Fig. 6 IS / FID)', '', generation_table(runs), '',
-      '## Verdicts', ''] + [f'- {v}' for v in verdicts(runs, flatness)] + [
+      '## Verdicts', ''] + [f'- {v}' for v in verdicts(runs, flatness)] + (
+      ['', '## Runs that failed', ''] + failures if failures else []) + [
       '', '## Compute time (wall minutes per stage)', '', timings, '',
       f'Sum over runs and stages: {compute_seconds / 60:.1f} min. `*`: trained before this '
       'reproduction started (a workdir found trained is not trained again); the time is the '

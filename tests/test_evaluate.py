@@ -49,4 +49,6 @@ def test_autoattack_on_a_subset(trained_workdir):
   result = evaluate.evaluate_run(config, workdir)
   pgd, aa = result['attacks']
   assert pgd['num_examples'] == 96 and aa['num_examples'] == 24
-  assert [s['name'] for s in aa['stages']] == ['apgd-ce', 'apgd-t', 'fab-t', 'square']
+  assert [s['name'] for s in aa['stages']] == ['clean', 'apgd-ce', 'apgd-t', 'fab-t', 'square']
+  accs = [s['robust_accuracy'] for s in aa['stages']]
+  assert accs == sorted(accs, reverse=True) and accs[-1] == aa['robust_accuracy']

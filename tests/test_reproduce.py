@@ -68,3 +68,16 @@ def test_verdicts_follow_the_numbers():
   assert 'better images than a natural one: holds' in text
   assert 'beats Eq. 16 on the AT model: does not hold' in text
   assert 'flatter than natural for at' in text
+
+
+def test_a_failed_run_is_skipped_and_reported(tmp_path):
+  run_dir = tmp_path / 'jem'
+  run_dir.mkdir()
+  with open(run_dir / 'failed.json', 'w') as f:
+    json.dump({'stage': 'train', 'error': 'training diverged at step 9'}, f)
+  run = reproduce.RUNS_BY_NAME['jem']
+  reproduce.run_stages(run, reproduce.make_config(run, 'smoke', str(tmp_path / 'absent.npz')),
+                       str(run_dir), reproduce.STAGES)
+  assert sorted(os.listdir(run_dir)) == ['failed.json']      # nothing was trained or evaluated
+  report = open(reproduce.write_report(str(tmp_path), 'smoke', '', 1.0)).read()
+  assert '**jem** failed in its train stage: training diverged at step 9' in report
