@@ -399,7 +399,9 @@ def write_report(root: str, scale: str, data_path: str, wall_seconds: float) -> 
       '## Table 1: PGD and the energy attack on the natural model', '', table1(runs), '',
       '## Table 2: robustness', '', table2(runs), '',
       f'Robust accuracies at eps 8/255 on the first test images: {_counts(runs)}. C&W is the '
-      'l_inf PGD on the CW margin ("-": not run at this scale).', '',
+      'l_inf PGD on the CW margin ("-": not run at this scale). The recipes train for different '
+      'budgets (see Compute time): at reduced scales this table compares short runs, not '
+      'converged models.', '',
       '## Generation (Fig. 6 IS / FID)', '', generation_table(runs), '',
       '## Verdicts', ''] + [f'- {v}' for v in verdicts(runs, flatness)] + (
       ['', '## Runs that failed', ''] + failures if failures else []) + [
