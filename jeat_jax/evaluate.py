@@ -105,11 +105,12 @@ def make_attack_check(name, cfg, logits_fn) -> Callable:
 
 
 def robust_mask(name, cfg, logits_fn, mesh, x, y, eps, key, restarts: int,
-                attack_check: Optional[Callable] = None) -> np.ndarray:
+                attack_check: Optional[Callable] = None,
+                batch_size: Optional[int] = None) -> np.ndarray:
   """Per-example robustness under attack `name` (robust under every restart)."""
   attack_check = attack_check or make_attack_check(name, cfg, logits_fn)
   robust = []
-  for i, (xb, yb, mb) in enumerate(data_lib.eval_batches(x, y, cfg.batch_size)):
+  for i, (xb, yb, mb) in enumerate(data_lib.eval_batches(x, y, batch_size or cfg.batch_size)):
     ok = np.ones(mb.shape, bool)
     for r in range(restarts if name in ('pgd20', 'pgd50', 'cw_linf', 'energyk') else 1):
       k = jax.random.fold_in(jax.random.fold_in(key, i), r)
@@ -165,9 +166,11 @@ def audit(cfg, logits_fn, mesh, x, y, records: List[Dict], key) -> List[str]:
   xs, ys = x[:n], y[:n]
   sweep = {}
   pgd20 = make_attack_check('pgd20', cfg, logits_fn)
+  devices = jax.device_count()  # one batch of the subset, not one padded to eval.batch_size
+  sweep_batch = min(cfg.batch_size, -(-n // devices) * devices)
   for eps_255 in (8, 16, 32, 64, 128):
     eps = eps_255 / 255
-    mask = robust_mask('pgd20', cfg, logits_fn, mesh, xs, ys, eps, key, 1, pgd20)
+    mask = robust_mask('pgd20', cfg, logits_fn, mesh, xs, ys, eps, key, 1, pgd20, sweep_batch)
     sweep[eps_255] = float(mask.mean())
   if sweep[128] > 0.05:
     warnings.append(f'PGD-20 robust accuracy is still {sweep[128]:.3f} at eps 128/255 (sweep '
