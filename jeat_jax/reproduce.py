@@ -86,11 +86,12 @@ def scale_overrides(scale: str, run: Run) -> Dict[str, object]:
     return {'eval.attacks': CPU_ATTACKS.get(run.name, 'pgd20,autoattack'),
             'eval.num_examples': 1000, 'eval.autoattack_num_examples': 200,
             'eval.audit_num_examples': 100,
-            'sample.num_samples': 500, 'fid.max_reference': 2000, **CPU_TRAINING.get(run.name, {})}
+            'sample.num_samples': 500, 'fid.max_reference': 2000, 'dynamics_every_steps': 50,
+            **CPU_TRAINING.get(run.name, {})}
   if scale == 'smoke':
     return {'eval.attacks': 'pgd20,energyk,cw_linf'}
   return {'eval.attacks': 'pgd20,pgd50,energyk,cw_l2,cw_linf,autoattack',
-          'sample.num_samples': 10000}
+          'sample.num_samples': 10000, 'dynamics_every_steps': 500}
 
 
 def make_config(run: Run, scale: str, data_path: str):
@@ -114,15 +115,17 @@ def sample_subdirs(run: Run) -> List[Tuple[str, str]]:
 
 
 def _timed(workdir: str, stage: str, fn, *args):
-  """Runs one stage and adds its wall seconds to WORKDIR/timings.json."""
+  """Runs one stage and adds its wall seconds to WORKDIR/timings.json (also when it fails)."""
   start = time.time()
-  fn(*args)
-  path = os.path.join(workdir, 'timings.json')
-  timings = _load_json(path) or {}
-  timings[stage] = round(timings.get(stage, 0.0) + time.time() - start, 1)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(timings, f, indent=1)
-  os.replace(path + '.tmp', path)
+  try:
+    fn(*args)
+  finally:
+    path = os.path.join(workdir, 'timings.json')
+    timings = _load_json(path) or {}
+    timings[stage] = round(timings.get(stage, 0.0) + time.time() - start, 1)
+    with open(path + '.tmp', 'w') as f:
+      json.dump(timings, f, indent=1)
+    os.replace(path + '.tmp', path)
 
 
 def run_stages(run: Run, config, workdir: str, stages) -> None:
@@ -387,6 +390,9 @@ def write_report(root: str, scale: str, data_path: str, wall_seconds: float) -> 
   failures = [f'- **{n}** failed in its {r["failed"]["stage"]} stage: {r["failed"]["error"]}'
               for n, r in runs.items() if r['failed']]
   cpu = platform.processor() or platform.machine()
+  if os.path.exists('/proc/cpuinfo'):
+    with open('/proc/cpuinfo') as f:
+      cpu = next((l.split(':', 1)[1].strip() for l in f if l.startswith('model name')), cpu)
   lines = [
       f'# jeat-jax reproduction, scale `{scale}`', '',
       ('> **Data caveat:** trained and evaluated on the offline CIFAR-10 stand-in (a lossy JPEG '
@@ -395,7 +401,8 @@ def write_report(root: str, scale: str, data_path: str, wall_seconds: float) -> 
        '> Data: CIFAR-10 from TFDS.'), '',
       f'Machine: {cpu}, {os.cpu_count()} cores, jax {jax.__version__} on {jax.devices()[0].platform} '
       f'({len(jax.devices())} devices). Wall time of this invocation: {wall_seconds / 60:.1f} min '
-      '(stages found done were not rerun). Every number below comes from the runs in this directory.', '',
+      '(stages found done were not rerun: the time of every stage is under Compute time). Every '
+      'number below comes from the runs in this directory.', '',
       '## Table 1: PGD and the energy attack on the natural model', '', table1(runs), '',
       '## Table 2: robustness', '', table2(runs), '',
       f'Robust accuracies at eps 8/255 on the first test images: {_counts(runs)}. C&W is the '

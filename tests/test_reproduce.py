@@ -49,6 +49,7 @@ def test_cpu_scale_is_sized_per_run():
   natural = reproduce.make_config(reproduce.RUNS_BY_NAME['natural'], 'cpu', '')
   assert 'autoattack' in at.eval.attacks and at.eval.num_examples == 1000
   assert at.eval.autoattack_num_examples == 200
+  assert at.dynamics_every_steps == 50                 # Fig. 3 needs the logged energy changes
   assert noise.num_epochs == 1 and abs(noise.perturbation.sigma - 16 / 255) < 1e-9
   assert 'energyk' in natural.eval.attacks            # Table 1
   assert at.num_epochs == at_config.get_config('cpu').num_epochs  # else the :cpu config itself
@@ -81,3 +82,15 @@ def test_a_failed_run_is_skipped_and_reported(tmp_path):
   assert sorted(os.listdir(run_dir)) == ['failed.json']      # nothing was trained or evaluated
   report = open(reproduce.write_report(str(tmp_path), 'smoke', '', 1.0)).read()
   assert '**jem** failed in its train stage: training diverged at step 9' in report
+
+
+def test_stage_time_is_recorded_even_when_the_stage_fails(tmp_path):
+  def diverges():
+    raise RuntimeError('diverged')
+  try:
+    reproduce._timed(str(tmp_path), 'train', diverges)  # pylint: disable=protected-access
+  except RuntimeError:
+    pass
+  reproduce._timed(str(tmp_path), 'evaluate', lambda: None)  # pylint: disable=protected-access
+  with open(tmp_path / 'timings.json') as f:
+    assert set(json.load(f)) == {'train', 'evaluate'}
