@@ -40,8 +40,10 @@ def check_run_info(workdir: str, config) -> None:
           f'{mine["recipe"]!r} with {mine["dataset"]} / {mine["model"]}. Use another --workdir.')
   elif jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    with open(path, 'w') as f:
+    # Atomic: another process of a multi-host run may read it while this one writes.
+    with open(path + '.tmp', 'w') as f:
       json.dump(mine, f, indent=2)
+    os.replace(path + '.tmp', path)
 
 
 class Checkpointer:
