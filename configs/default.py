@@ -128,6 +128,7 @@ def apply_scale(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict:
     c.log_every_steps = 20
     c.eval_every_steps = 500
     c.checkpoint_every_steps = 100
+    c.analysis.dynamics_period_steps = 100  # runs of 1-5 epochs: a point per 100 steps
   elif arg == 'smoke':
     c.data.train_subset = 256
     c.model.depth, c.model.width = 10, 1
@@ -213,4 +214,5 @@ def add_sample_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   c.analysis.radius = 16 / 255     # landscape half-width, l_inf pixel units
   c.analysis.resolution = 41
   c.analysis.seed = 0
+  c.analysis.dynamics_period_steps = 0  # Fig. 3 x-axis: 0 per epoch (paper), > 0 per N steps
   return c

@@ -7,7 +7,7 @@ that applies to the run into DIR/figures/.
 """
 import glob
 import os
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -92,8 +92,20 @@ def dynamics_per_epoch(scalars: Dict[str, List], steps_per_epoch: int) -> Dict[s
   return out
 
 
-def plot_dynamics(path: str, per_epoch: Dict[str, np.ndarray], title: str) -> str:
-  """Fig. 3 / 9-11: mean +- std per epoch of the Eq. 15 energy changes."""
+def dynamics_curve(scalars: Dict[str, List], steps_per_epoch: int,
+                   period_steps: int = 0) -> Tuple[Dict[str, np.ndarray], str]:
+  """The Eq. 15 changes per epoch (the paper's Fig. 3), or per `period_steps` training steps
+  when > 0 (a short run has too few epochs for a curve); the x column is then the period's
+  last step. Returns the curves and their x-axis label."""
+  if period_steps <= 0:
+    return dynamics_per_epoch(scalars, steps_per_epoch), 'epoch'
+  curves = dynamics_per_epoch(scalars, period_steps)
+  return {k: v * np.array([period_steps, 1.0, 1.0]) for k, v in curves.items()}, 'training step'
+
+
+def plot_dynamics(path: str, per_epoch: Dict[str, np.ndarray], title: str,
+                  xlabel: str = 'epoch') -> str:
+  """Fig. 3 / 9-11: mean +- std per epoch (or per period) of the Eq. 15 energy changes."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -106,7 +118,7 @@ def plot_dynamics(path: str, per_epoch: Dict[str, np.ndarray], title: str) -> st
         e, m, s = per_epoch[name].T
         ax.errorbar(e, m, yerr=s, marker='o', capsize=3, label=labels[name])
     ax.axhline(0, color='gray', lw=0.8)
-    ax.set_xlabel('epoch')
+    ax.set_xlabel(xlabel)
     ax.legend()
   axes[0].set_title(f'{title}: E(x, y)')
   axes[1].set_title(f'{title}: E(x)')
@@ -176,9 +188,9 @@ def analyze_run(config, workdir: str) -> Dict[str, str]:
   scalars = read_scalars(workdir, DYNAMICS)
   if scalars:
     steps_per_epoch = max(1, ds.x_train.shape[0] // config.batch_size)
-    figures['energy_dynamics'] = plot_dynamics(
-        os.path.join(out, 'energy_dynamics.png'), dynamics_per_epoch(scalars, steps_per_epoch),
-        config.recipe)
+    curves, xlabel = dynamics_curve(scalars, steps_per_epoch, a.dynamics_period_steps)
+    figures['energy_dynamics'] = plot_dynamics(os.path.join(out, 'energy_dynamics.png'), curves,
+                                               config.recipe, xlabel)
   norms_path = os.path.join(workdir, config.sample.subdir, 'gradient_norms.npz')
   if os.path.exists(norms_path):
     with np.load(norms_path) as f:

@@ -132,5 +132,6 @@ def validate(config) -> None:
   _non_negative(s.neighbour_pool, 'sample.neighbour_pool')
   _require(bool(s.subdir) and not os.path.isabs(s.subdir) and '..' not in s.subdir.split('/'),
            'sample.subdir', 'must be a directory name inside the workdir', s.subdir)
+  _non_negative(config.analysis.dynamics_period_steps, 'analysis.dynamics_period_steps')
   _non_negative(config.divergence.max_retries, 'divergence.max_retries')
   _positive(config.divergence.max_abs_loss, 'divergence.max_abs_loss')

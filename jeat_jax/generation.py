@@ -161,7 +161,9 @@ def fid_run(config, workdir: str) -> dict:
       ds = data_lib.load_dataset(config)
       reference = os.path.join(os.path.expanduser('~'), '.cache', 'jeat_jax', f'{config.dataset}_train.npz')
       os.makedirs(os.path.dirname(reference), exist_ok=True)
-      np.savez(reference, x_train=ds.x_train)
+      tmp = f'{reference}.tmp{os.getpid()}.npz'
+      np.savez(tmp, x_train=ds.x_train)
+      os.replace(tmp, reference)
       key = 'x_train'
   start = time.time()
   result = fid.score_npz(samples, reference, weights=f.weights or None, reference_key=key,

@@ -179,7 +179,7 @@ class ClassConditionalGaussian:
         return cls(f['means'], f['cholesky'])
     fitted = cls.fit(x_uint8, y, num_classes)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + '.tmp.npz'
+    tmp = f'{path}.tmp{os.getpid()}.npz'  # unique: runs of a reproduction sample side by side
     np.savez(tmp, means=fitted.means, cholesky=fitted.cholesky)
     os.replace(tmp, path)
     return fitted

@@ -37,6 +37,10 @@ def test_dynamics_and_gradient_norm_plots(tmp_path):
   per_epoch = analysis.dynamics_per_epoch(scalars, steps_per_epoch=2)
   np.testing.assert_allclose(per_epoch['dx_energy_xy'], [[1, 1.5, 0.15], [2, 3.5, 0.35]])
   _png_ok(analysis.plot_dynamics(str(tmp_path / 'd.png'), per_epoch, 'at'))
+  per_period, xlabel = analysis.dynamics_curve(scalars, steps_per_epoch=4, period_steps=2)
+  assert xlabel == 'training step'   # a short run: one point per 2 steps, x = the period's end
+  np.testing.assert_allclose(per_period['dx_energy_xy'], [[2, 1.5, 0.15], [4, 3.5, 0.35]])
+  assert analysis.dynamics_curve(scalars, steps_per_epoch=4)[1] == 'epoch'
   _png_ok(analysis.plot_gradient_norms(str(tmp_path / 'g.png'), np.random.rand(10, 2), 'at'))
 
 

@@ -63,12 +63,18 @@ def test_verdicts_follow_the_numbers():
           'jeat': run(0.4, pgd20=0.2)}
   runs['at']['fid'], runs['natural']['fid'] = {'fid': 80.0}, {'fid': 120.0}
   runs['at']['fid_eq16'] = {'fid': 70.0}
+  runs['at']['dynamics'] = {'dx_energy_xy_mean': 0.5, 'dtheta_energy_xy_mean': -0.4,
+                            'dx_energy_x_mean': 0.1, 'dtheta_energy_x_mean': 0.6}
+  runs['at']['gradient_norms'] = {'grad_energy_xy': 2.0, 'grad_energy_x': 0.5}
   text = '\n'.join(reproduce.verdicts(runs, {'natural': 1.0, 'at': 0.5}))
   assert 'as strong as PGD on a natural model: holds' in text
   assert 'JEAT is the most robust method: does not hold' in text
   assert 'better images than a natural one: holds' in text
   assert 'beats Eq. 16 on the AT model: does not hold' in text
   assert 'flatter than natural for at' in text
+  assert 'the update lowers it again: holds' in text
+  assert 'E(x) is left alone (Delta_theta E(x) near zero): does not hold' in text
+  assert 'E(x, y) drives generation by the PGD-AT model (|grad_x E(x, y)| > |grad_x E(x)|): holds' in text
 
 
 def test_a_failed_run_is_skipped_and_reported(tmp_path):
@@ -94,3 +100,17 @@ def test_stage_time_is_recorded_even_when_the_stage_fails(tmp_path):
   reproduce._timed(str(tmp_path), 'evaluate', lambda: None)  # pylint: disable=protected-access
   with open(tmp_path / 'timings.json') as f:
     assert set(json.load(f)) == {'train', 'evaluate'}
+
+
+def test_runs_side_by_side_in_subprocesses(tmp_path):
+  # jem failed before (its process skips it and exits 0); natural has no data (its process
+  # fails, names the file in its log, and does not stop the other).
+  (tmp_path / 'jem').mkdir()
+  with open(tmp_path / 'jem' / 'failed.json', 'w') as f:
+    json.dump({'stage': 'train', 'error': 'diverged'}, f)
+  missing = str(tmp_path / 'absent.npz')
+  failed = reproduce.run_in_subprocesses(str(tmp_path), 'smoke', missing, ['natural', 'jem'],
+                                         ['train', 'evaluate'], jobs=2)
+  assert failed == ['natural']
+  assert missing in (tmp_path / 'natural' / 'reproduce.log').read_text()
+  assert 'skipped, it failed before' in (tmp_path / 'jem' / 'reproduce.log').read_text()
