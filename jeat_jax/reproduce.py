@@ -85,6 +85,12 @@ CPU_ATTACKS = {'natural': 'pgd20,energyk', 'noise8': 'pgd20', 'noise16': 'pgd20'
 
 def scale_overrides(scale: str, run: Run) -> Dict[str, object]:
   """What the reproduction trains and measures at each scale, on top of each recipe's config."""
+  if run.name != 'jeat':  # Fig. 7 (SSIM neighbours of the samples) is JEAT's only
+    return {'sample.neighbours': 0, **_scale_overrides(scale, run)}
+  return _scale_overrides(scale, run)
+
+
+def _scale_overrides(scale: str, run: Run) -> Dict[str, object]:
   if scale == 'cpu':
     return {'eval.attacks': CPU_ATTACKS.get(run.name, 'pgd20,autoattack'),
             'eval.num_examples': 1000, 'eval.autoattack_num_examples': 200,

@@ -52,6 +52,8 @@ def test_cpu_scale_is_sized_per_run():
   assert at.dynamics_every_steps == 50                 # Fig. 3 needs the logged energy changes
   assert noise.num_epochs == 1 and abs(noise.perturbation.sigma - 16 / 255) < 1e-9
   assert 'energyk' in natural.eval.attacks            # Table 1
+  assert natural.sample.neighbours == 0 and reproduce.make_config(   # Fig. 7 is JEAT's only
+      reproduce.RUNS_BY_NAME['jeat'], 'cpu', '').sample.neighbours > 0
   assert at.num_epochs == at_config.get_config('cpu').num_epochs  # else the :cpu config itself
 
 
