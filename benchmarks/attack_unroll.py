@@ -10,8 +10,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from benchmarks.train_step import cpu_name
-from jeat_jax import attacks, energy
+from jeat_jax import attacks, energy, hardware
 from jeat_jax.models import WideResNet
 
 
@@ -21,7 +20,7 @@ def main():
   y = jnp.arange(100) % 10
   variables = model.init(jax.random.PRNGKey(1), x[:1])
   logits = lambda z: model.apply(variables, z, train=False)
-  print(f'machine: {cpu_name()}; jax {jax.__version__} on {jax.devices()[0].platform}')
+  print(f'machine: {hardware.cpu_model_name()}; jax {jax.__version__} on {jax.devices()[0].platform}')
   for unroll in (10, 20):
     pgd = jax.jit(lambda xb, k, e, u=unroll: attacks.pgd(
         lambda z: energy.cross_entropy(logits(z), y), xb, k, e, 2 / 255, 20, unroll=u))

@@ -19,7 +19,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -32,20 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests import torch_reference as tr  # pylint: disable=wrong-import-position
 from jeat_jax.attacks.autoattack import run_autoattack  # pylint: disable=wrong-import-position
+from jeat_jax import hardware  # pylint: disable=wrong-import-position
 from jeat_jax.models import WideResNet  # pylint: disable=wrong-import-position
 
 
 def machine() -> str:
-  cpu = platform.processor() or platform.machine()
-  try:
-    for line in Path('/proc/cpuinfo').read_text().splitlines():
-      if line.startswith('model name'):
-        cpu = line.split(':', 1)[1].strip()
-        break
-  except OSError:
-    pass
   load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan')
-  return (f'{cpu}, {os.cpu_count()} cores, jax {jax.__version__} ({jax.default_backend()}), '
+  return (f'{hardware.cpu_description()}, jax {jax.__version__} ({jax.default_backend()}), '
           f'load average {load:.1f}')
 
 

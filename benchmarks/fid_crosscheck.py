@@ -16,7 +16,6 @@ import argparse
 import datetime
 import json
 import logging
-import os
 import platform
 import sys
 import time
@@ -25,22 +24,12 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jeat_jax import hardware
 from jeat_jax.metrics import fid, inception
 
 DEFAULT_DATA = (Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
                 / 'cifar10-jpeg-standin.npz')
 MAX_REL_DIFF = 0.005
-
-
-def cpu_model() -> str:
-  """CPU model name from /proc/cpuinfo (or platform), with the core count."""
-  name = platform.processor() or platform.machine()
-  try:
-    with open('/proc/cpuinfo') as f:
-      name = next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
-  return f'{name}, {os.cpu_count()} cores'
 
 
 def disjoint_subsets(images: np.ndarray, n: int, seed: int):
@@ -121,7 +110,7 @@ def main(argv=None):
   rel = abs(fid_flax - fid_torch) / abs(fid_torch)
   result = {
       'date': datetime.date.today().isoformat(),
-      'machine': cpu_model(),
+      'machine': hardware.cpu_description(),
       'versions': f'python {platform.python_version()}, jax {jax.__version__} '
                   f'({jax.default_backend()}), torch {__import__("torch").__version__}',
       'images': f'{args.key} of {Path(args.data).name}: 2 x {args.n} disjoint, seed {args.seed}',

@@ -17,7 +17,6 @@ on the avx512_fp16/bf16 Xeons of the CPU machines here; PyTorch's JEAT step at W
 import argparse
 import importlib
 import os
-import platform
 import sys
 import time
 
@@ -27,19 +26,8 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
 
-from jeat_jax import models, train
+from jeat_jax import hardware, models, train
 from tests import torch_reference
-
-
-def cpu_name():
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor()
 
 
 def images_per_second(fn, batch: int, repeats: int) -> float:
@@ -55,7 +43,7 @@ def start_torch_and_print_machine():
   """torch on every core; prints the machine line of every benchmark table."""
   torch = torch_reference._torch()  # pylint: disable=protected-access
   torch.set_num_threads(os.cpu_count())
-  print(f'machine: {cpu_name()}, {os.cpu_count()} cores; jax {jax.__version__} on '
+  print(f'machine: {hardware.cpu_description()}; jax {jax.__version__} on '
         f'{jax.devices()[0].platform}; torch {torch.__version__}')
   return torch
 

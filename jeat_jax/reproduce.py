@@ -16,7 +16,6 @@ import dataclasses
 import importlib
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from jeat_jax import analysis, evaluate, generation, train
+from jeat_jax import analysis, evaluate, generation, hardware, train
 
 SCALES = ('cpu', 'paper', 'smoke')
 STAGES = ('train', 'evaluate', 'sample', 'fid', 'analyze', 'report')
@@ -386,7 +385,8 @@ def copy_figure(src: str, figdir: str, name: str) -> Optional[str]:
   return f'figures/{name}'
 
 
-def write_report(root: str, scale: str, data_path: str, wall_seconds: float, jobs: int = 1) -> str:
+def write_report(root: str, scale: str, data_path: str, wall_seconds: float, jobs: int = 1,
+                 command: str = '') -> str:
   runs = collect(root)
   figdir = os.path.join(root, 'figures')
   os.makedirs(figdir, exist_ok=True)
@@ -427,21 +427,18 @@ def write_report(root: str, scale: str, data_path: str, wall_seconds: float, job
   audits = [f'- {n}: {w}' for n, r in runs.items() for w in r['audit']]
   failures = [f'- **{n}** failed in its {r["failed"]["stage"]} stage: {r["failed"]["error"]}'
               for n, r in runs.items() if r['failed']]
-  cpu = platform.processor() or platform.machine()
-  if os.path.exists('/proc/cpuinfo'):
-    with open('/proc/cpuinfo') as f:
-      cpu = next((l.split(':', 1)[1].strip() for l in f if l.startswith('model name')), cpu)
   lines = [
       f'# jeat-jax reproduction, scale `{scale}`', '',
       ('> **Data caveat:** trained and evaluated on the offline CIFAR-10 stand-in (a lossy JPEG '
        'copy of CIFAR-10), not on CIFAR-10 itself; absolute numbers are not comparable with the '
        'paper\'s, which are WRN-28-10 on CIFAR-10 after 200 epochs.' if data_path else
        '> Data: CIFAR-10 from TFDS.'), '',
-      f'Machine: {cpu}, {os.cpu_count()} cores, jax {jax.__version__} on {jax.devices()[0].platform} '
+      f'Machine: {hardware.cpu_description()}, jax {jax.__version__} on {jax.devices()[0].platform} '
       f'({len(jax.devices())} devices). Wall time of this invocation: {wall_seconds / 60:.1f} min'
       f'{f", {jobs} runs side by side" if jobs > 1 else ""} '
       '(stages found done were not rerun: the time of every stage is under Compute time). Every '
-      'number below comes from the runs in this directory.', '',
+      'number below comes from the runs in this directory.' +
+      (f' Command: `{command}`.' if command else ''), '',
       '## Table 1: PGD and the energy attack on the natural model', '', table1(runs), '',
       '## Table 2: robustness', '', table2(runs), '',
       f'Robust accuracies at eps 8/255 on the first test images: {_counts(runs)}. C&W is the '
@@ -530,7 +527,7 @@ def main(argv):
                  os.path.join(FLAGS.workdir, run.name), FLAGS.stages)
   if 'report' in FLAGS.stages:
     path = write_report(FLAGS.workdir, FLAGS.scale, FLAGS.data_path, time.time() - start,
-                        FLAGS.jobs)
+                        FLAGS.jobs, ' '.join(['python -m jeat_jax.reproduce'] + sys.argv[1:]))
     logging.info('wrote %s', path)
 
 
