@@ -2,6 +2,7 @@
 import json
 import os
 
+import numpy as np
 
 from tests.conftest import write_synthetic_npz
 from configs import at as at_config
@@ -67,7 +68,8 @@ def test_verdicts_follow_the_numbers():
   runs['at']['fid_eq16'] = {'fid': 70.0}
   runs['at']['dynamics'] = {'dx_energy_xy_mean': 0.5, 'dtheta_energy_xy_mean': -0.4,
                             'dx_energy_x_mean': 0.1, 'dtheta_energy_x_mean': 0.6}
-  runs['at']['gradient_norms'] = {'grad_energy_xy': 2.0, 'grad_energy_x': 0.5}
+  runs['at']['gradient_norms'] = {'objective': 'eq16', 'columns': ['grad_energy_xy', 'grad_energy_x'],
+                                  'norms': np.array([[2.0, 0.5]] * 10 + [[1.0, 0.9]] * 10)}
   text = '\n'.join(reproduce.verdicts(runs, {'natural': 1.0, 'at': 0.5}))
   assert 'as strong as PGD on a natural model: holds' in text
   assert 'JEAT is the most robust method: does not hold' in text
@@ -76,7 +78,9 @@ def test_verdicts_follow_the_numbers():
   assert 'flatter than natural for at' in text
   assert 'the update lowers it again: holds' in text
   assert 'E(x) is left alone (Delta_theta E(x) near zero): does not hold' in text
-  assert 'E(x, y) drives generation by the PGD-AT model (|grad_x E(x, y)| > |grad_x E(x)|): holds' in text
+  assert 'dominates at first and the two gradients come closer later: holds' in text
+  runs['at']['gradient_norms']['norms'] = np.array([[0.5, 2.0]] * 20)   # E(x) dominates
+  assert 'come closer later: does not hold' in '\n'.join(reproduce.verdicts(runs, {}))
 
 
 def test_a_failed_run_is_skipped_and_reported(tmp_path):
