@@ -37,7 +37,8 @@ def use_cpu_scale(c, epochs: float):
   # the model separates them at will and JEAT:cpu diverged at step ~100 in 4 of 4 tries
   # (also at lr 1e-4); with 500 it trains stably (measured 2026-11-26, 2 cores).
   c.sampler.buffer_size = 500
-  # A healthy loss here is a few units; a run away one passed -2000 one log step before it
-  # reached the default 1e4, and was checkpointed: the rollbacks then restarted from it.
+  # A healthy JEM/JEAT loss here is a few units. Under the default bound (1e4) a run-away
+  # JEM state at loss -2000 was checkpointed and every rollback restarted from it; the
+  # bound is checked before each checkpoint is written.
   c.divergence.max_abs_loss = 100.0
   return c
