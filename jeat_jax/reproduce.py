@@ -84,22 +84,20 @@ CPU_ATTACKS = {'natural': 'pgd20,energyk', 'noise8': 'pgd20', 'noise16': 'pgd20'
 
 def scale_overrides(scale: str, run: Run) -> Dict[str, object]:
   """What the reproduction trains and measures at each scale, on top of each recipe's config."""
-  if run.name != 'jeat':  # Fig. 7 (SSIM neighbours of the samples) is JEAT's only
-    return {'sample.neighbours': 0, **_scale_overrides(scale, run)}
-  return _scale_overrides(scale, run)
-
-
-def _scale_overrides(scale: str, run: Run) -> Dict[str, object]:
   if scale == 'cpu':
-    return {'eval.attacks': CPU_ATTACKS.get(run.name, 'pgd20,autoattack'),
-            'eval.num_examples': 1000, 'eval.autoattack_num_examples': 200,
-            'eval.audit_num_examples': 100,
-            'sample.num_samples': 500, 'fid.max_reference': 2000, 'dynamics_every_steps': 50,
-            **CPU_TRAINING.get(run.name, {})}
-  if scale == 'smoke':
-    return {'eval.attacks': 'pgd20,energyk,cw_linf'}
-  return {'eval.attacks': 'pgd20,pgd50,energyk,cw_l2,cw_linf,autoattack',
-          'sample.num_samples': 10000, 'dynamics_every_steps': 500}
+    out = {'eval.attacks': CPU_ATTACKS.get(run.name, 'pgd20,autoattack'),
+           'eval.num_examples': 1000, 'eval.autoattack_num_examples': 200,
+           'eval.audit_num_examples': 100,
+           'sample.num_samples': 500, 'fid.max_reference': 2000, 'dynamics_every_steps': 50,
+           **CPU_TRAINING.get(run.name, {})}
+  elif scale == 'smoke':
+    out = {'eval.attacks': 'pgd20,energyk,cw_linf'}
+  else:
+    out = {'eval.attacks': 'pgd20,pgd50,energyk,cw_l2,cw_linf,autoattack',
+           'sample.num_samples': 10000, 'dynamics_every_steps': 500}
+  if run.name != 'jeat':  # Fig. 7 (SSIM neighbours of the samples) is JEAT's only
+    out['sample.neighbours'] = 0
+  return out
 
 
 def make_config(run: Run, scale: str, data_path: str):
@@ -412,16 +410,17 @@ def write_report(root: str, scale: str, data_path: str, wall_seconds: float, job
                         f'{name}_{sub.split("/")[0]}.png')
       if rel:
         figs.append((f'{name}: samples by {label}', rel))
-    rel = copy_figure(os.path.join(root, name, 'figures', 'energy_dynamics.png'), figdir,
-                      f'{name}_energy_dynamics.png')
-    if rel and name in DYNAMICS_RUNS:
-      figs.append((f'Fig. 3: energy changes of Eq. 15 during training ({name})', rel))
-    g = runs[name]['gradient_norms']
-    if g is not None and name in DYNAMICS_RUNS:
-      rel = f'figures/{name}_gradient_norms.png'
-      analysis.plot_gradient_norms(os.path.join(root, rel), g['norms'],
-                                   f'{name}: generation by {g["objective"]}')
-      figs.append((f'Fig. 12: gradient norms during generation by {g["objective"]} ({name})', rel))
+    if name in DYNAMICS_RUNS:
+      rel = copy_figure(os.path.join(root, name, 'figures', 'energy_dynamics.png'), figdir,
+                        f'{name}_energy_dynamics.png')
+      if rel:
+        figs.append((f'Fig. 3: energy changes of Eq. 15 during training ({name})', rel))
+      g = runs[name]['gradient_norms']
+      if g is not None:
+        rel = f'figures/{name}_gradient_norms.png'
+        analysis.plot_gradient_norms(os.path.join(root, rel), g['norms'],
+                                     f'{name}: generation by {g["objective"]}')
+        figs.append((f'Fig. 12: gradient norms during generation by {g["objective"]} ({name})', rel))
     rel = copy_figure(os.path.join(root, name, 'samples', 'neighbours.png'), figdir,
                       f'{name}_neighbours.png')
     if rel and name == 'jeat':
@@ -529,8 +528,10 @@ def main(argv):
   start = time.time()
   names = list(dict.fromkeys(FLAGS.runs))  # in the order given (RUNS order by default)
   per_run = [s for s in FLAGS.stages if s != 'report']
+  failed = []
   if FLAGS.jobs > 1 and len(names) > 1 and per_run:
-    run_in_subprocesses(FLAGS.workdir, FLAGS.scale, FLAGS.data_path, names, per_run, FLAGS.jobs)
+    failed = run_in_subprocesses(FLAGS.workdir, FLAGS.scale, FLAGS.data_path, names, per_run,
+                                 FLAGS.jobs)
   else:
     for name in names:
       run = RUNS_BY_NAME[name]
@@ -541,6 +542,8 @@ def main(argv):
     path = write_report(FLAGS.workdir, FLAGS.scale, FLAGS.data_path, time.time() - start,
                         FLAGS.jobs, ' '.join(['python -m jeat_jax.reproduce'] + sys.argv[1:]))
     logging.info('wrote %s', path)
+  if failed:
+    sys.exit(f'runs whose process failed: {failed}; see WORKDIR/<run>/reproduce.log')
 
 
 if __name__ == '__main__':
