@@ -11,8 +11,9 @@ only its own contiguous slice (`process_slice`); `parallel.global_batch` glues
 the slices into one array sharded over all devices.
 """
 import dataclasses
+import hashlib
 import os
-from typing import Dict, Tuple
+from typing import Any, Dict, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +34,9 @@ class Dataset:
   y_test: np.ndarray
   num_classes: int
   source: str
+  # Where the numbers of a run come from, written into results.json, robustness.json,
+  # fid.json and REPORT.md: TFDS name and version, or the npz path and its sha256.
+  provenance: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _check_split(path: str, x: np.ndarray, y: np.ndarray, split: str, num_classes: int):
@@ -69,8 +73,17 @@ def load_npz(path: str, num_classes: int) -> Dataset:
     raise DataError(f'{path}: x_train images {arrays["x_train"].shape[1:]} and x_test images '
                     f'{arrays["x_test"].shape[1:]} differ in shape')
   x_test, y_test = interleave_if_grouped(arrays['x_test'], arrays['y_test'].astype(np.int32))
+  provenance = {'source': 'npz', 'path': os.path.abspath(path), 'sha256': file_sha256(path)}
   return Dataset(arrays['x_train'], arrays['y_train'].astype(np.int32), x_test, y_test,
-                 num_classes, f'npz:{path}')
+                 num_classes, f'npz:{path}', provenance)
+
+
+def file_sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      digest.update(block)
+  return digest.hexdigest()
 
 
 def interleave_if_grouped(x: np.ndarray, y: np.ndarray):
@@ -91,12 +104,15 @@ def load_tfds(name: str, data_dir: str) -> Dataset:
   """Loads a whole TFDS CIFAR dataset into memory (downloads it if needed)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   splits = {}
+  builder = tfds.builder(name, data_dir=data_dir or None)
+  builder.download_and_prepare()
   for split in ('train', 'test'):
-    ds = tfds.load(name, split=split, as_supervised=True, data_dir=data_dir or None)
+    ds = builder.as_dataset(split=split, as_supervised=True)
     batches = list(tfds.as_numpy(ds.batch(10000)))
     splits[split] = (np.concatenate([x for x, _ in batches]).astype(np.uint8),
                      np.concatenate([y for _, y in batches]).astype(np.int32))
-  return Dataset(*splits['train'], *splits['test'], NUM_CLASSES[name], f'tfds:{name}')
+  provenance = {'source': 'tfds', 'name': name, 'version': str(builder.version)}
+  return Dataset(*splits['train'], *splits['test'], NUM_CLASSES[name], f'tfds:{name}', provenance)
 
 
 def tfds_is_prepared(name: str, data_dir: str) -> bool:
@@ -138,7 +154,9 @@ def train_subset(ds: Dataset, size: int, seed: int) -> Dataset:
   if size >= ds.x_train.shape[0]:
     return ds
   idx = np.sort(np.random.default_rng([seed, 12345]).permutation(ds.x_train.shape[0])[:size])
-  return dataclasses.replace(ds, x_train=ds.x_train[idx], y_train=ds.y_train[idx])
+  provenance = dict(ds.provenance, train_subset=size, train_subset_seed=seed)
+  return dataclasses.replace(ds, x_train=ds.x_train[idx], y_train=ds.y_train[idx],
+                             provenance=provenance)
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
