@@ -89,8 +89,20 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.loss.energy_l2 = 0.0          # > 0: + l2 * mean(E(x+)^2 + E(x-)^2) (Du & Mordatch; not the paper's)
 
   c.divergence = ml_collections.ConfigDict()
-  c.divergence.max_retries = 3
-  c.divergence.max_abs_loss = 1e4
+  c.divergence.max_retries = 3    # rollbacks allowed per window of steps
+  c.divergence.window_steps = 10000  # the budget restarts every this many steps (0: never)
+  c.divergence.max_abs_loss = 1e4  # the energy recipes: 100 (energy_common)
+
+  # Robust accuracy watched during training (catastrophic overfitting of single-step AT);
+  # on by default for JEAT, PreJEAT and Fast AT. The best state is kept in WORKDIR/best/.
+  c.robust_watch = ml_collections.ConfigDict()
+  c.robust_watch.enabled = False
+  c.robust_watch.num_examples = 512  # the first test points, fixed for the whole run
+  c.robust_watch.num_steps = 10      # PGD-10 on CE, random start
+  c.robust_watch.eps = 8 / 255
+  c.robust_watch.step_size = 2 / 255
+  c.robust_watch.collapse_fraction = 0.5  # warn when below this fraction of the best
+  c.robust_watch.seed = 0
 
   c.distributed = ml_collections.ConfigDict()
   c.distributed.enabled = False
@@ -104,7 +116,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.max_checkpoints_to_keep = 2
   c.dynamics_every_steps = 0      # > 0: log the energy changes of Eq. 15 every N steps
   add_eval_config(c)
-  c.debug_inject_nan_at_step = -1  # testing hook for the divergence guard
+  c.debug_inject_nan_at_steps = ()  # testing hook of the divergence guard: NaN parameters
+                                    # before each of these steps, once per step
   add_sample_config(c)
   return c
 
@@ -154,6 +167,9 @@ def apply_scale(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict:
     c.sample.neighbour_pool = 256
     c.analysis.resolution = 9
     c.schedule.warmup_steps = 0  # so a 4-step run really moves the parameters
+    c.robust_watch.enabled = False  # tests that watch turn it on
+    c.robust_watch.num_examples = 32
+    c.robust_watch.num_steps = 2
   return c
 
 
@@ -180,6 +196,7 @@ def add_eval_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.eval.audit = True
   c.eval.audit_num_examples = 200
   c.eval.seed = 0
+  c.eval.checkpoint = 'latest'     # latest | best (robust_watch's best state, WORKDIR/best/)
   return c
 
 

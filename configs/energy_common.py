@@ -20,6 +20,12 @@ def use_jem_setup(c):
   c.schedule.decay_factor = 0.3
   c.schedule.warmup_steps = 1000
   c.num_epochs = 200
+  # A healthy JEM/JEAT loss is a few units at every scale: CE plus the difference of two
+  # mean energies, which the p(x) term keeps close. A run-away chain drives it to the
+  # hundreds or thousands (a JEM:cpu state at loss -2000 was once checkpointed under the
+  # 1e4 bound and every rollback restarted from it); the bound is checked before every
+  # checkpoint is written.
+  c.divergence.max_abs_loss = 100.0
   return c
 
 
@@ -37,8 +43,4 @@ def use_cpu_scale(c, epochs: float):
   # the model separates them at will and JEAT:cpu diverged at step ~100 in 4 of 4 tries
   # (also at lr 1e-4); with 500 it trains stably (measured 2026-11-26, 2 cores).
   c.sampler.buffer_size = 500
-  # A healthy JEM/JEAT loss here is a few units. Under the default bound (1e4) a run-away
-  # JEM state at loss -2000 was checkpointed and every rollback restarted from it; the
-  # bound is checked before each checkpoint is written.
-  c.divergence.max_abs_loss = 100.0
   return c

@@ -15,6 +15,7 @@ def get_config(arg=None):
   c.schedule.peak_fraction = 0.5
   c.optimizer.lr = 0.2
   c.num_epochs = 15
+  c.robust_watch.enabled = True  # single-step attack: watch for catastrophic overfitting
   default.apply_scale(c, arg)
   if arg == 'cpu':
     c.num_epochs = 4

@@ -135,3 +135,12 @@ def validate(config) -> None:
   _non_negative(config.analysis.dynamics_period_steps, 'analysis.dynamics_period_steps')
   _non_negative(config.divergence.max_retries, 'divergence.max_retries')
   _positive(config.divergence.max_abs_loss, 'divergence.max_abs_loss')
+  _non_negative(config.divergence.window_steps, 'divergence.window_steps')
+  w = config.robust_watch
+  _positive(w.num_examples, 'robust_watch.num_examples')
+  _positive(w.num_steps, 'robust_watch.num_steps')
+  _non_negative(w.eps, 'robust_watch.eps')
+  _non_negative(w.step_size, 'robust_watch.step_size')
+  _require(0 < w.collapse_fraction < 1, 'robust_watch.collapse_fraction', 'must be in (0, 1)',
+           w.collapse_fraction)
+  _one_of(config, 'eval.checkpoint', ('latest', 'best'))

@@ -32,6 +32,10 @@ from jeat_jax import sampling
 from jeat_jax.errors import UserError, WorkdirError
 
 
+BEST_SUBDIR = 'best'                      # robust_watch's best state, inside the workdir
+ROBUST_WATCH_RECORD = 'robust_watch.json'
+
+
 class TrainingDiverged(UserError):
   """The loss kept diverging after every allowed rollback."""
 
@@ -41,6 +45,8 @@ class TrainState(flax.struct.PyTreeNode):
 
   `extra` holds recipe state: 'buffer' (the SGLD replay buffer) and
   'free_delta' (Free AT's perturbation carried across minibatches).
+  `divergence` is the divergence guard's budget, int32 [window, rollbacks in that
+  window, rollbacks in all] (`count_rollback`): saved, so a resumed run keeps it.
   """
   step: jax.Array
   params: Any
@@ -48,11 +54,13 @@ class TrainState(flax.struct.PyTreeNode):
   opt_state: Any
   rng: jax.Array
   extra: Dict[str, jax.Array]
+  divergence: jax.Array
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
   def checkpoint_items(self) -> Dict[str, Any]:
     return dict(step=self.step, params=self.params, batch_stats=self.batch_stats,
-                opt_state=self.opt_state, rng=self.rng, extra=self.extra)
+                opt_state=self.opt_state, rng=self.rng, extra=self.extra,
+                divergence=self.divergence)
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -78,9 +86,18 @@ def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int) -> op
   else:
     raise ValueError(sched.name)
   if sched.warmup_steps > 0:
-    schedule = optax.join_schedules(
-        [optax.linear_schedule(0.0, lr, sched.warmup_steps), schedule], [sched.warmup_steps])
+    schedule = with_linear_warmup(schedule, sched.warmup_steps * updates_per_step)
   return schedule
+
+
+def with_linear_warmup(schedule: optax.Schedule, warmup: int) -> optax.Schedule:
+  """JEM's warm-up: the schedule scaled by min(1, count / warmup).
+
+  The schedule keeps its own clock, so every decay boundary falls at the step the
+  config names (`optax.join_schedules` would restart it at 0 after the warm-up and
+  move every boundary `warmup` steps later).
+  """
+  return lambda count: jnp.minimum(1.0, count / warmup) * schedule(count)
 
 
 def create_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
@@ -151,7 +168,8 @@ def create_train_state(config, model, key: jax.Array, image_shape, tx, num_shard
   if config.perturbation.name == 'free':
     extra['free_delta'] = jnp.zeros((config.batch_size, *image_shape), jnp.float32)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                    opt_state=tx.init(params), rng=k_run, extra=extra, tx=tx)
+                    opt_state=tx.init(params), rng=k_run, extra=extra,
+                    divergence=jnp.zeros((3,), jnp.int32), tx=tx)
 
 
 def state_shardings(mesh, state: TrainState):
@@ -296,6 +314,16 @@ def is_diverged(metrics, max_abs_loss: float) -> bool:
   return not all(np.isfinite(values)) or abs(float(metrics['loss'])) > max_abs_loss
 
 
+def count_rollback(divergence: np.ndarray, step: int, window_steps: int) -> np.ndarray:
+  """The guard's budget [window, rollbacks in that window, rollbacks in all] after a
+  rollback at `step`. The budget counts per window of `window_steps` steps (0: the
+  whole run is one window), so a week-long run is not stopped by three rollbacks
+  spread over a hundred thousand steps, while a run that keeps diverging is."""
+  window = step // window_steps if window_steps > 0 else 0
+  in_window = int(divergence[1]) + 1 if window == int(divergence[0]) else 1
+  return np.asarray([window, in_window, int(divergence[2]) + 1], np.int32)
+
+
 def _format_eta(seconds: float) -> str:
   seconds = int(max(0, seconds))
   h, rem = divmod(seconds, 3600)
@@ -316,6 +344,64 @@ def write_json_atomic(path: str, obj) -> None:
   with open(tmp, 'w') as f:
     json.dump(obj, f, indent=2, sort_keys=True)
   os.replace(tmp, path)
+
+
+class RobustWatch:
+  """`robust_watch`: PGD-k robust accuracy (Eq. 3 on CE, BatchNorm running statistics) on
+  a fixed subset of test points, measured every `eval_every_steps`.
+
+  Single-step recipes (JEAT, PreJEAT, Fast AT) can overfit catastrophically: robust
+  accuracy collapses within an epoch while clean accuracy keeps rising (Wong et al.
+  2020). The watch logs the robust accuracy, warns once when it falls below
+  `collapse_fraction` of its best, and keeps the state with the best robust accuracy
+  in WORKDIR/best/ (early stopping, Rice et al. 2020), with best/robust_watch.json.
+  """
+
+  def __init__(self, config, workdir: str, model, mesh, ds):
+    cfg = config.robust_watch
+    n = min(cfg.num_examples, ds.x_test.shape[0])
+    self._x, self._y = ds.x_test[:n], ds.y_test[:n]
+    self._mesh, self._batch_size, self._key = mesh, config.eval.batch_size, jax.random.PRNGKey(cfg.seed)
+    self._fraction = cfg.collapse_fraction
+    self._correct = jax.jit(functools.partial(robust_watch_correct, model=model, cfg=cfg))
+    self._checkpointer = ckpt_lib.Checkpointer(workdir, config, subdir=BEST_SUBDIR, max_to_keep=1,
+                                               primary=False)
+    self._record_path = os.path.join(workdir, BEST_SUBDIR, ROBUST_WATCH_RECORD)
+    self.best = read_json(self._record_path) if os.path.exists(self._record_path) else None
+    self.last: Optional[float] = None
+    self._warned = False
+
+  def measure(self, state) -> float:
+    correct = 0
+    for i, (xb, yb, mb) in enumerate(data_lib.eval_batches(self._x, self._y, self._batch_size)):
+      correct += int(self._correct(state, *parallel.global_batch(self._mesh, xb, yb, mb),
+                                   jax.random.fold_in(self._key, i)))
+    return correct / self._x.shape[0]
+
+  def __call__(self, state, step: int) -> float:
+    """Measures `state` (never a diverged one: the loop checks first), keeps it if best."""
+    self.last = accuracy = self.measure(state)
+    if self.best is None or accuracy > self.best['robust_accuracy']:
+      self.best = {'step': step, 'robust_accuracy': accuracy,
+                   'num_examples': int(self._x.shape[0])}
+      self._checkpointer.save(state)
+      if jax.process_index() == 0:
+        write_json_atomic(self._record_path, self.best)
+    collapsed = accuracy < self._fraction * self.best['robust_accuracy']
+    if collapsed and not self._warned:
+      logging.warning('robust_watch: PGD robust accuracy %.4f at step %d is below %.0f%% of its '
+                      'best %.4f (step %d): catastrophic overfitting? The best state is in %s/',
+                      accuracy, step, 100 * self._fraction, self.best['robust_accuracy'],
+                      self.best['step'], BEST_SUBDIR)
+    self._warned = collapsed
+    return accuracy
+
+
+def robust_watch_correct(state: TrainState, x_uint8, y, mask, key, *, model, cfg):
+  """Number of (unmasked) test points still correct under the watch's PGD."""
+  logits_fn = make_logits_fn(model, state.params, state.batch_stats, 'running')
+  return evaluate.pgd_correct(logits_fn, x_uint8, y, mask, key, eps=cfg.eps,
+                              step_size=cfg.step_size, num_steps=cfg.num_steps)
 
 
 def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
@@ -350,11 +436,13 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   eval_fn = jax.jit(functools.partial(eval_step, model=model))
   n_eval = min(config.eval.num_examples, ds.x_test.shape[0]) if config.eval.num_examples > 0 else ds.x_test.shape[0]
   x_eval, y_eval = ds.x_test[:n_eval], ds.y_test[:n_eval]
+  watch = RobustWatch(config, workdir, model, mesh, ds) if config.robust_watch.enabled else None
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
     writer.write_hparams({k: v for k, v in flatten_config(config).items()})
-  retries = 0
+  guard = config.divergence
+  nan_injected = set()
   test_accuracy = None
   last_log_time, last_log_step = time.time(), start_step
   start_time = time.time()
@@ -363,41 +451,58 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     x, y = data_lib.train_batch(ds, step, config.batch_size, config.seed)
     x, y = parallel.global_batch(mesh, x, y)
     with_dynamics = config.dynamics_every_steps > 0 and (step + 1) % config.dynamics_every_steps == 0
-    if step == config.debug_inject_nan_at_step and retries == 0:
+    if step in config.debug_inject_nan_at_steps and step not in nan_injected:
+      nan_injected.add(step)
       state = state.replace(params=jax.tree.map(lambda p: p * jnp.nan, state.params))
     state, metrics = step_fns[with_dynamics](state, x, y)
     step += 1
     is_last = step == total_steps
     checkpoint_now = step % config.checkpoint_every_steps == 0 or is_last
-    if step % config.log_every_steps == 0 or checkpoint_now or with_dynamics:
+    eval_now = step % config.eval_every_steps == 0 or is_last
+    # The guard looks at every step whose state is logged, evaluated or saved: no diverged
+    # state reaches a checkpoint (nor best/).
+    if step % config.log_every_steps == 0 or checkpoint_now or eval_now or with_dynamics:
       metrics = jax.device_get(metrics)
-      if is_diverged(metrics, config.divergence.max_abs_loss):
-        retries += 1
-        if retries > config.divergence.max_retries:
+      if is_diverged(metrics, guard.max_abs_loss):
+        counts = count_rollback(np.asarray(state.divergence), step, guard.window_steps)
+        if counts[1] > guard.max_retries:
           raise TrainingDiverged(
               f'training diverged at step {step} (loss {metrics["loss"]}) after '
-              f'{config.divergence.max_retries} rollbacks; see divergence.* in the config')
-        state = rollback(checkpointer, config, model, tx, image_shape, mesh.size, shardings, retries)
+              f'{guard.max_retries} rollbacks within {guard.window_steps or "all"} steps; '
+              'see divergence.* in the config')
+        state = rollback(checkpointer, config, model, tx, image_shape, mesh.size, shardings,
+                         int(counts[2]))
+        state = state.replace(divergence=jax.device_put(jnp.asarray(counts), shardings.divergence))
         logging.warning('divergence at step %d (loss %s): rolled back to step %d with seed '
-                        'stream %d (retry %d/%d)', step, metrics['loss'], int(state.step),
-                        retries, retries, config.divergence.max_retries)
-        writer.write_scalars(step, {'divergence_rollbacks': retries})
+                        'stream %d (rollback %d/%d of this window, %d in all)', step,
+                        metrics['loss'], int(state.step), counts[2], counts[1], guard.max_retries,
+                        counts[2])
+        writer.write_scalars(step, {'divergence_rollbacks': int(counts[2])})
         step = int(state.step)
         last_log_time, last_log_step = time.time(), step
         continue
+    if step % config.log_every_steps == 0 or checkpoint_now or with_dynamics:
       now = time.time()
       rate = (step - last_log_step) * config.batch_size / max(now - last_log_time, 1e-9)
       eta = (total_steps - step) * config.batch_size / max(rate, 1e-9)
       writer.write_scalars(step, {**{k: float(v) for k, v in metrics.items()},
                                   'images_per_second': rate})
-      logging.info('step %d/%d (%.1f%%) | %.1f img/s | loss %.4f | train acc %.3f | ETA %s',
+      robust = f' | PGD-{config.robust_watch.num_steps} {watch.last:.3f}' if watch and watch.last is not None else ''
+      logging.info('step %d/%d (%.1f%%) | %.1f img/s | loss %.4f | train acc %.3f%s | ETA %s',
                    step, total_steps, 100 * step / total_steps, rate, float(metrics['loss']),
-                   float(metrics['train_accuracy']), _format_eta(eta))
+                   float(metrics['train_accuracy']), robust, _format_eta(eta))
       last_log_time, last_log_step = now, step
-    if step % config.eval_every_steps == 0 or is_last:
+    if eval_now:
       test_accuracy = evaluate_accuracy(eval_fn, state, mesh, x_eval, y_eval, config.eval.batch_size)
-      writer.write_scalars(step, {'test_accuracy': test_accuracy})
-      logging.info('step %d: test accuracy %.4f on %d images', step, test_accuracy, n_eval)
+      scalars = {'test_accuracy': test_accuracy}
+      message = f'step {step}: test accuracy {test_accuracy:.4f} on {n_eval} images'
+      if watch:
+        scalars['robust_watch_accuracy'] = watch(state, step)
+        message += (f'; PGD-{config.robust_watch.num_steps} robust accuracy {watch.last:.4f} on '
+                    f'{config.robust_watch.num_examples} (best {watch.best["robust_accuracy"]:.4f}'
+                    f' at step {watch.best["step"]})')
+      writer.write_scalars(step, scalars)
+      logging.info(message)
       if 'buffer' in state.extra and jax.process_index() == 0:
         samples = parallel.first_local_shard(state.extra['buffer'])[0, :64]
         writer.write_images(step, {'replay_buffer': image_grid(samples, 8)[None]})
@@ -408,10 +513,12 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   if test_accuracy is None:  # resumed a finished run
     test_accuracy = evaluate_accuracy(eval_fn, state, mesh, x_eval, y_eval, config.eval.batch_size)
   results = {'config': config.recipe, 'step': int(state.step), 'test_accuracy': test_accuracy,
-             'test_examples': int(n_eval), 'data_source': ds.source,
+             'test_examples': int(n_eval), 'data_source': ds.source, 'data': ds.provenance,
              'model': models.model_name(config.model),
              'wall_seconds_this_session': round(time.time() - start_time, 1),
-             'divergence_rollbacks': retries}
+             'divergence_rollbacks': int(np.asarray(state.divergence)[2])}
+  if watch and watch.best:
+    results['robust_watch_best'] = watch.best
   if config.perturbation.name not in ('none', 'gaussian'):  # adversarial recipes
     logits_fn = make_logits_fn(model, state.params, state.batch_stats, 'running')
     results['robust_accuracy_pgd10'] = evaluate.robust_accuracy_pgd(
@@ -423,9 +530,16 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   return results
 
 
+def read_json(path: str):
+  with open(path) as f:
+    return json.load(f)
+
+
 def load_trained(config, workdir: str):
-  """The model, the latest checkpointed state of `workdir`, the dataset and the mesh."""
-  checkpointer = ckpt_lib.Checkpointer(workdir, config, for_training=False)
+  """The model, the latest checkpointed state of `workdir` (of WORKDIR/best/, robust_watch's
+  best state, with eval.checkpoint='best'), the dataset and the mesh."""
+  subdir = BEST_SUBDIR if config.eval.checkpoint == 'best' else 'checkpoints'
+  checkpointer = ckpt_lib.Checkpointer(workdir, config, for_training=False, subdir=subdir)
   ds = data_lib.load_dataset(config)
   mesh = parallel.make_mesh()
   model = models.create_model(config.model, ds.num_classes, jnp.dtype(config.model.dtype))
@@ -436,7 +550,8 @@ def load_trained(config, workdir: str):
   state = jax.device_put(state, state_shardings(mesh, state))
   restored = checkpointer.restore_latest(state)
   if restored is None:
-    raise WorkdirError(f'no checkpoint in {workdir}/checkpoints: train there first')
+    raise WorkdirError(f'no checkpoint in {workdir}/{subdir}: train there first'
+                       + (' with robust_watch.enabled' if subdir == BEST_SUBDIR else ''))
   return model, restored, ds, mesh
 
 

@@ -28,7 +28,7 @@ def test_jeat_resume_is_bitwise_identical_with_buffer(tmp_path, data_path):
 
 
 def test_nan_is_rolled_back_and_run_finishes(tmp_path, data_path):
-  config = smoke_config('jeat', data_path, debug_inject_nan_at_step=2, log_every_steps=1)
+  config = smoke_config('jeat', data_path, debug_inject_nan_at_steps=(2,), log_every_steps=1)
   results = train.train_and_evaluate(config, str(tmp_path))
   assert results['step'] == 4 and results['divergence_rollbacks'] == 1
   assert np.isfinite(results['test_accuracy'])
