@@ -16,9 +16,10 @@ def test_colab_notebook_runs(tmp_path, monkeypatch):
   data = str(STANDIN) if STANDIN.exists() else write_synthetic_npz(tmp_path / 'data.npz',
                                                                    n_train=256, n_test=64)
   workdir = tmp_path / 'run'
-  # The kernel inherits this environment: no install, smoke scale, this data, this workdir.
+  # The kernel inherits this environment: no install, SCALE auto (:smoke on CPU), this data,
+  # this workdir.
   monkeypatch.setenv('JEAT_NOTEBOOK_CI', '1')
-  monkeypatch.setenv('JEAT_NOTEBOOK_SCALE', 'smoke')
+  monkeypatch.delenv('JEAT_NOTEBOOK_SCALE', raising=False)  # SCALE 'auto': :smoke on CPU
   monkeypatch.setenv('JEAT_NOTEBOOK_DATA', data)
   monkeypatch.setenv('JEAT_NOTEBOOK_WORKDIR', str(workdir))
   monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
@@ -41,3 +42,66 @@ def test_colab_notebook_runs(tmp_path, monkeypatch):
   assert 'PGD-10 (eps 8/255) robust accuracy' in text
   assert 'tensorboard --logdir' in text
   assert 'not installing' in text
+  assert "JAX backend 'cpu': 1 x cpu" in text and 'scale smoke on cpu x 1' in text
+
+
+class FakeDevice:
+
+  def __init__(self, device_kind):
+    self.device_kind = device_kind
+
+
+def runtime_helpers():
+  """The notebook's runtime-helpers cell, run on its own: its functions, by name."""
+  nbformat = pytest.importorskip('nbformat')
+  nb = nbformat.read(str(NOTEBOOK), as_version=4)
+  cells = [c for c in nb.cells if 'runtime-helpers' in c.metadata.get('tags', [])]
+  assert len(cells) == 1, 'one code cell tagged runtime-helpers'
+  namespace = {}
+  code = compile(cells[0].source, 'notebook cell runtime-helpers', 'exec')
+  exec(code, namespace)  # pylint: disable=exec-used
+  return namespace
+
+
+def test_tpu_runtime_takes_the_tpu_path(monkeypatch):
+  """A TPU runtime, faked: jax[tpu] is installed, the TPU is announced, the WRN-28-10 run chosen.
+
+  No TPU is reachable here, so this calls the notebook's decisions with fake inputs (the
+  environment and /dev of a Colab TPU VM, a backend that says 'tpu', eight TPU devices); what
+  JAX does on a real TPU is not tested.
+  """
+  h = runtime_helpers()
+  no_files, no_programs = (lambda pattern: []), (lambda program: None)
+  detect = h['detect_accelerator']
+  assert detect({'TPU_ACCELERATOR_TYPE': 'v2-8'}, no_files, no_programs) == 'tpu'
+  assert detect({'COLAB_TPU_ADDR': '10.0.0.2:8470'}, no_files, no_programs) == 'tpu'
+  assert detect({}, lambda p: ['/dev/accel0'] if 'accel' in p else [], no_programs) == 'tpu'
+  assert detect({}, no_files, lambda p: '/usr/bin/nvidia-smi') == 'gpu'
+  assert detect({}, no_files, no_programs) == 'cpu'
+
+  monkeypatch.chdir(REPO)  # install_commands reads requirements.txt from the repository root
+  (command,) = h['install_commands']('tpu', have_tensorflow=False, python='python')
+  assert command == ['python', '-m', 'pip', 'install', '-q', '-e', '.', 'jax[tpu]']
+  package, requirements = h['install_commands']('tpu', have_tensorflow=True, python='python')
+  assert package[-3:] == ['--no-deps', '-e', '.']
+  assert requirements[-1] == 'jax[tpu]' and 'flax>=0.10' in requirements
+  assert not any(r.startswith('tensorflow-cpu') for r in requirements)  # Colab's TF stays
+  assert h['install_commands']('gpu', False, 'python')[0][-1] == 'jax[cuda12]'
+
+  line = h['describe_backend']('tpu', [FakeDevice('TPU v2')] * 8, 'tpu')
+  assert line.startswith("Using this runtime's TPU. JAX backend 'tpu': 8 x TPU v2"), line
+  unused = h['describe_backend']('cpu', [FakeDevice('cpu')], 'tpu')
+  assert 'WARNING' in unused and "pip install -U 'jax[tpu]'" in unused
+
+  choose = h['choose_scale']
+  assert choose('tpu') == choose('gpu') == 'accelerator' and choose('cpu') == 'smoke'
+  assert choose('tpu', 'smoke') == 'smoke' and choose('cpu', 'paper') == 'paper'
+  with pytest.raises(ValueError, match='SCALE'):
+    choose('tpu', 'huge')
+
+  config = h['make_config']('accelerator', 8)
+  assert (config.model.depth, config.model.width, config.model.dtype) == (28, 10, 'bfloat16')
+  assert config.num_train_steps == 500 and config.sampler.num_steps == 20
+  for size in (config.batch_size, config.eval.batch_size, config.sampler.buffer_size):
+    assert size % 8 == 0  # splits over the eight cores of a TPU v2-8 / v3-8
+  assert h['make_config']('smoke', 1).num_train_steps == 4
