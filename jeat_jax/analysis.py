@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from jeat_jax import energy
 
@@ -169,12 +170,14 @@ def plot_image_panels(path: str, images: Dict[str, np.ndarray], title: str = '')
 
 
 def analyze_run(config, workdir: str) -> Dict[str, str]:
-  """Writes every figure that applies to the run in `workdir` into workdir/figures/."""
+  """Writes every figure that applies to the run in `workdir` into workdir/figures/.
+
+  Every process restores the checkpoint and computes the landscape (collectives);
+  process 0 alone reads the logs and writes the figures. Returns {figure: path}
+  (empty on the other processes).
+  """
   from jeat_jax import train  # pylint: disable=g-import-not-at-top
   from jeat_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  out = os.path.join(workdir, 'figures')
-  os.makedirs(out, exist_ok=True)
-  figures = {}
   model, state, ds, _ = train.load_trained(config, workdir)
   logits_fn = train.make_logits_fn(model, state.params, state.batch_stats, 'running')
   a = config.analysis
@@ -182,6 +185,18 @@ def analyze_run(config, workdir: str) -> Dict[str, str]:
   directions = random_directions(jax.random.PRNGKey(a.seed), x.shape)
   grid = energy_landscape(logits_fn, x, int(ds.y_test[a.image_index]), directions, a.radius,
                           a.resolution)
+  figures = write_figures(config, workdir, ds, grid) if jax.process_index() == 0 else {}
+  multihost_utils.sync_global_devices('analyze: figures written')
+  return figures
+
+
+def write_figures(config, workdir: str, ds, grid: np.ndarray) -> Dict[str, str]:
+  """The landscape, the energy dynamics of the logs and the gradient norms of the samples,
+  into workdir/figures/ (process 0's job)."""
+  a = config.analysis
+  out = os.path.join(workdir, 'figures')
+  os.makedirs(out, exist_ok=True)
+  figures = {}
   np.savez(os.path.join(out, 'energy_landscape.npz'), energy=grid, radius=a.radius)
   figures['energy_landscape'] = plot_landscapes(os.path.join(out, 'energy_landscape.png'),
                                                 {config.recipe: grid}, a.radius)

@@ -4,8 +4,14 @@ Every attack comes from `jeat_jax.attacks` (the same building blocks as
 training). Attacks run jitted and batched over all devices, each on all
 evaluated points (AutoAttack internally runs each sub-attack on the points
 still robust). BatchNorm uses its running statistics. Writes
-WORKDIR/eval/robustness.json and robustness.md (a table laid out like Table 2),
-and prints a sanity audit for signs of gradient masking.
+WORKDIR/eval/robustness.json and robustness.md (a table laid out like Table 2,
+the dataset named by its provenance under `data`), and prints a sanity audit for
+signs of gradient masking.
+
+On several processes each feeds its slice of every batch, the per-example
+results are gathered on every process (`gather`), and process 0 writes.
+AutoAttack, whose host loop compacts the points still robust, runs whole on
+every process (replicated: the same numbers everywhere).
 """
 import functools
 import json
@@ -17,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from jeat_jax import attacks
 from jeat_jax import data as data_lib
@@ -107,28 +114,36 @@ def make_attack_check(name, cfg, logits_fn) -> Callable:
 def robust_mask(name, cfg, logits_fn, mesh, x, y, eps, key, restarts: int,
                 attack_check: Optional[Callable] = None,
                 batch_size: Optional[int] = None) -> np.ndarray:
-  """Per-example robustness under attack `name` (robust under every restart)."""
+  """Per-example robustness of the len(x) examples under attack `name` (robust under every
+  restart). Each process feeds its slice of every batch; every process returns the whole mask."""
   attack_check = attack_check or make_attack_check(name, cfg, logits_fn)
+  batch_size = batch_size or cfg.batch_size
   robust = []
-  for i, (xb, yb, mb) in enumerate(data_lib.eval_batches(x, y, batch_size or cfg.batch_size)):
-    ok = np.ones(mb.shape, bool)
+  for i, (xb, yb, _) in enumerate(data_lib.eval_batches(x, y, batch_size)):
+    ok = np.ones(batch_size, bool)
     for r in range(restarts if name in ('pgd20', 'pgd50', 'cw_linf', 'energyk') else 1):
       k = jax.random.fold_in(jax.random.fold_in(key, i), r)
-      correct, valid = jax.device_get(
-          attack_check(*parallel.global_batch(mesh, xb, yb), k, jnp.float32(eps)))
+      correct, valid = gather(attack_check(*parallel.global_batch(mesh, xb, yb), k,
+                                           jnp.float32(eps)))
       if not valid.all():
         raise AssertionError(f'{name} returned images outside the eps-ball or [0, 1]')
       ok &= correct
-    robust.append(ok[mb])
-  return np.concatenate(robust)
+    robust.append(ok)
+  return np.concatenate(robust)[:x.shape[0]]  # the padding of the last batch is at its end
 
 
 def clean_mask(logits_fn, mesh, x, y, batch_size) -> np.ndarray:
-  fn = jax.jit(lambda xb: jnp.argmax(logits_fn(data_lib.to_float(xb)), -1))
-  out = []
-  for xb, yb, mb in data_lib.eval_batches(x, y, batch_size):
-    out.append((np.asarray(fn(parallel.global_batch(mesh, xb))) == yb)[mb])
-  return np.concatenate(out)
+  """Per-example correctness of the model on (x, y), the whole mask on every process."""
+  fn = jax.jit(lambda xb, yb: jnp.argmax(logits_fn(data_lib.to_float(xb)), -1) == yb)
+  out = [gather(fn(*parallel.global_batch(mesh, xb, yb)))
+         for xb, yb, _ in data_lib.eval_batches(x, y, batch_size)]
+  return np.concatenate(out)[:x.shape[0]]
+
+
+def gather(arrays):
+  """Arrays sharded over the devices of every process (outputs of a computation on global
+  batches), whole on the host of every process; a collective: every process calls it."""
+  return multihost_utils.process_allgather(arrays, tiled=True)
 
 
 def stochastic_logits(logits_fn, noise_std: float):
@@ -137,6 +152,8 @@ def stochastic_logits(logits_fn, noise_std: float):
 
 
 def run_autoattack(cfg, logits_fn, x, y, eps, key) -> Dict:
+  """`runner.run_autoattack` on host arrays (x uint8): every process runs all of it on the
+  same points with the same keys, so every process gets the same result."""
   from jeat_jax.attacks.autoattack import runner  # pylint: disable=g-import-not-at-top
   stochastic = cfg.autoattack_version == 'rand'
   fn = stochastic_logits(logits_fn, cfg.test_noise_std) if stochastic else logits_fn
@@ -209,6 +226,15 @@ def markdown_tables(model_name: str, recipe: str, clean: float, records: List[Di
   return '\n'.join(lines) + '\n'
 
 
+def write_results(out: str, result: Dict, table: str) -> None:
+  """OUT/robustness.json and OUT/robustness.md (process 0's job)."""
+  from jeat_jax.train import write_json_atomic  # pylint: disable=g-import-not-at-top
+  os.makedirs(out, exist_ok=True)
+  write_json_atomic(os.path.join(out, 'robustness.json'), result)
+  with open(os.path.join(out, 'robustness.md'), 'w') as f:
+    f.write(table)
+
+
 def evaluate_run(config, workdir: str) -> Dict:
   """Evaluates the latest checkpoint of `workdir` with `config.eval`."""
   from jeat_jax import train  # pylint: disable=g-import-not-at-top
@@ -246,7 +272,7 @@ def evaluate_run(config, workdir: str) -> Dict:
                  record['robust_accuracy'], record['seconds'])
   result = {'clean_accuracy': float(clean.mean()), 'num_examples': int(n), 'attacks': records,
             'model': models.model_name(config.model), 'recipe': config.recipe,
-            'step': int(state.step), 'data_source': ds.source}
+            'step': int(state.step), 'data_source': ds.source, 'data': ds.provenance}
   if cfg.audit:
     warnings, sweep = audit(cfg, logits_fn, mesh, x, y, records, jax.random.fold_in(key, 999))
     result['audit'] = {'warnings': warnings, 'eps_sweep_pgd20': sweep}
@@ -256,12 +282,8 @@ def evaluate_run(config, workdir: str) -> Dict:
       logging.info('AUDIT: no sign of gradient masking (eps sweep %s)', sweep)
   table = markdown_tables(models.model_name(config.model), config.recipe, result['clean_accuracy'],
                           records)
-  out = os.path.join(workdir, 'eval')
-  os.makedirs(out, exist_ok=True)
   if jax.process_index() == 0:
-    from jeat_jax.train import write_json_atomic  # pylint: disable=g-import-not-at-top
-    write_json_atomic(os.path.join(out, 'robustness.json'), result)
-    with open(os.path.join(out, 'robustness.md'), 'w') as f:
-      f.write(table)
+    write_results(os.path.join(workdir, 'eval'), result, table)
+  multihost_utils.sync_global_devices('evaluate: results written')
   print(table)
   return result

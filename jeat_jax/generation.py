@@ -4,7 +4,8 @@ Writes WORKDIR/samples/grid.png (one row per class), samples.npz (`x` uint8
 N x H x W x C, `y` the conditioning labels: the layout FID tools read),
 gradient_norms.npz (per-step mean |grad E(x,y)| and |grad E(x)|, Fig. 12/13),
 neighbours.png/.npz (the nearest training images by SSIM, Fig. 7) and logs the
-grid to TensorBoard.
+grid to TensorBoard. The chains of a batch are sharded over every device of
+every process; process 0 writes the files.
 """
 import functools
 import hashlib
@@ -16,7 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from clu import metric_writers
+from jax.experimental import multihost_utils
 
+from jeat_jax import data as data_lib
 from jeat_jax import parallel, sampling, train
 from jeat_jax.metrics import ssim as ssim_lib
 
@@ -88,8 +91,40 @@ def fid_json_path(config, workdir: str) -> str:
   return os.path.join(samples_dir(config, workdir), 'fid.json')
 
 
+def to_host(array) -> np.ndarray:
+  """The whole value of `array` on this host: a global array sharded over the devices of
+  several processes is gathered (a collective: every process calls it)."""
+  if isinstance(array, jax.Array) and not (array.is_fully_addressable or
+                                           array.is_fully_replicated):
+    return multihost_utils.process_allgather(array, tiled=True)
+  return np.asarray(array)
+
+
+def chain_batch_size(batch_size: int, num_devices: int) -> int:
+  """`sample.batch_size` rounded up to a multiple of the device count: each device runs
+  the same number of chains. Samples then do not depend on the device count where it
+  divides `sample.batch_size` (the chain noise is drawn for the whole batch)."""
+  return -(-batch_size // num_devices) * num_devices
+
+
+def write_samples(out: str, x_uint8, labels, norms, grid, ds, s) -> None:
+  """samples.npz, gradient_norms.npz, grid.png and the SSIM neighbours in OUT (process 0's job)."""
+  os.makedirs(out, exist_ok=True)
+  np.savez(os.path.join(out, 'samples.npz'), x=x_uint8, y=labels)
+  if norms is not None:
+    np.savez(os.path.join(out, 'gradient_norms.npz'), norms=norms,
+             columns=np.array(['grad_energy_xy', 'grad_energy_x']), objective=s.objective)
+  save_png(os.path.join(out, 'grid.png'), grid)
+  if s.neighbours > 0:
+    write_neighbours(out, x_uint8, labels, ds, s)
+
+
 def sample_run(config, workdir: str) -> dict:
-  """Generates `sample.num_samples` images from the latest checkpoint of `workdir`."""
+  """Generates `sample.num_samples` images from the latest checkpoint of `workdir`.
+
+  The chains of a batch are sharded over every device of every process (each process
+  feeds its slice); the images are gathered, and process 0 writes the files.
+  """
   model, state, ds, mesh = train.load_trained(config, workdir)
   s = config.sample
   logits_fn = train.make_logits_fn(model, state.params, state.batch_stats, 'running')
@@ -101,42 +136,48 @@ def sample_run(config, workdir: str) -> dict:
       sampling.generate, logits_fn, objective=s.objective, num_steps=steps_per_call,
       step_size=s.step_size, noise_std=s.noise_std, clip=(0.0, 1.0) if s.clip else None,
       record_gradient_norms=s.record_gradient_norms, unroll=s.unroll))
-  labels = sampling.class_labels(s.num_samples, ds.num_classes)
+  batch_size = chain_batch_size(s.batch_size, mesh.size)
+  if batch_size != s.batch_size:
+    logging.info('sample.batch_size=%d rounded up to %d chains per batch (%d devices)',
+                 s.batch_size, batch_size, mesh.size)
+  num_batches = -(-s.num_samples // batch_size)
+  # Labels cycle through the classes; those past num_samples fill the last batch and are
+  # dropped with their images.
+  labels = sampling.class_labels(num_batches * batch_size, ds.num_classes)
+  mine = data_lib.process_slice(np.arange(batch_size))
   starts = chain_starts(config, ds, state)
   key = jax.random.PRNGKey(s.seed)
   xs, norms = [], []
   start_time = time.time()
-  for i in range(0, s.num_samples, s.batch_size):
-    y = labels[i:i + s.batch_size]
+  for i in range(0, num_batches * batch_size, batch_size):
+    y = labels[i:i + batch_size]
     k_start, k_chain = jax.random.split(jax.random.fold_in(key, i))
-    x, batch_norms = starts(k_start, y), []
+    x0 = to_host(starts(k_start, y))
+    x, y_global = parallel.global_batch(mesh, x0[mine], y[mine])
+    batch_norms = []
     for piece in range(s.num_steps // steps_per_call):
-      out = gen(x, jnp.asarray(y), jax.random.fold_in(k_chain, piece))
+      out = gen(x, y_global, jax.random.fold_in(k_chain, piece))
       x, n = out if s.record_gradient_norms else (out, None)
       batch_norms.append(n)
-    xs.append(np.asarray(x))
+    xs.append(to_host(x))
     if s.record_gradient_norms:
-      norms.append(np.concatenate([np.asarray(n) for n in batch_norms]))
-    done = i + y.shape[0]
+      norms.append(np.concatenate([to_host(n) for n in batch_norms]))
+    done = min(i + batch_size, s.num_samples)
     rate = done / (time.time() - start_time)
     logging.info('sampled %d/%d | %.1f img/s | ETA %.0fs', done, s.num_samples, rate,
                  (s.num_samples - done) / rate)
-  x_uint8 = np.round(np.concatenate(xs) * 255).clip(0, 255).astype(np.uint8)
-  out = samples_dir(config, workdir)
-  os.makedirs(out, exist_ok=True)
-  np.savez(os.path.join(out, 'samples.npz'), x=x_uint8, y=labels)
-  if norms:
-    np.savez(os.path.join(out, 'gradient_norms.npz'), norms=np.mean(np.stack(norms), axis=0),
-             columns=np.array(['grad_energy_xy', 'grad_energy_x']), objective=s.objective)
+  x_uint8 = np.round(np.concatenate(xs)[:s.num_samples] * 255).clip(0, 255).astype(np.uint8)
+  labels = labels[:s.num_samples]
   grid = class_grid(x_uint8, labels, ds.num_classes)
-  save_png(os.path.join(out, 'grid.png'), grid)
-  if s.neighbours > 0:
-    write_neighbours(out, x_uint8, labels, ds, s)
+  out = samples_dir(config, workdir)
   if jax.process_index() == 0:
+    write_samples(out, x_uint8, labels, np.mean(np.stack(norms), axis=0) if norms else None,
+                  grid, ds, s)
     writer = metric_writers.create_default_writer(workdir)
     writer.write_images(int(state.step), {f'samples_{s.objective}': grid[None]})
     writer.flush()
-  logging.info('wrote %s/{grid.png,samples.npz,gradient_norms.npz}', out)
+    logging.info('wrote %s/{grid.png,samples.npz,gradient_norms.npz}', out)
+  multihost_utils.sync_global_devices('sample: files written')  # fid_run reads them next
   return {'samples': os.path.join(out, 'samples.npz'), 'grid': os.path.join(out, 'grid.png'),
           'num_samples': int(s.num_samples)}
 
@@ -144,7 +185,9 @@ def sample_run(config, workdir: str) -> dict:
 def fid_run(config, workdir: str) -> dict:
   """--mode=fid: FID (and IS where the weights have the 1008-way head) of
   WORKDIR/samples/samples.npz against the training set; writes WORKDIR/fid.json
-  (with `sample.subdir`: that directory's samples.npz and fid.json)."""
+  (with `sample.subdir`: that directory's samples.npz and fid.json), naming the
+  dataset (`data`: its provenance). With several processes each featurises its
+  share of the images (`fid.sharded_activations`) and process 0 writes."""
   from jeat_jax.metrics import fid  # pylint: disable=g-import-not-at-top
   from jeat_jax.train import write_json_atomic  # pylint: disable=g-import-not-at-top
   samples = os.path.join(samples_dir(config, workdir), 'samples.npz')
@@ -152,13 +195,12 @@ def fid_run(config, workdir: str) -> dict:
     from jeat_jax.errors import WorkdirError  # pylint: disable=g-import-not-at-top
     raise WorkdirError(f'{samples} not found: run --mode=sample first')
   f = config.fid
+  ds = data_lib.load_dataset(config)
   reference, key = f.reference, f.reference_key or None
   if not reference:
     if config.data.source == 'npz' or (config.data.source == 'auto' and os.path.isfile(config.data.path)):
       reference, key = config.data.path, 'x_train'
     else:
-      from jeat_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-      ds = data_lib.load_dataset(config)
       reference = os.path.join(os.path.expanduser('~'), '.cache', 'jeat_jax', f'{config.dataset}_train.npz')
       os.makedirs(os.path.dirname(reference), exist_ok=True)
       tmp = f'{reference}.tmp{os.getpid()}.npz'
@@ -169,10 +211,12 @@ def fid_run(config, workdir: str) -> dict:
   result = fid.score_npz(samples, reference, weights=f.weights or None, reference_key=key,
                          max_reference=f.max_reference or None, batch_size=f.batch_size)
   result.update({'num_samples': int(np.load(samples)['x'].shape[0]), 'reference': reference,
-                 'reference_images': f.max_reference or 'all',
+                 'reference_images': f.max_reference or 'all', 'data': ds.provenance,
                  'protocol': 'TTUR/pytorch-fid: pool3 of the TF 2015 Inception at 299x299; '
                              'IS on the 1008-way logits, 10 splits',
                  'seconds': round(time.time() - start, 1)})
-  write_json_atomic(fid_json_path(config, workdir), result)
+  if jax.process_index() == 0:
+    write_json_atomic(fid_json_path(config, workdir), result)
+  multihost_utils.sync_global_devices('fid: fid.json written')
   logging.info('FID: %s', result)
   return result

@@ -10,7 +10,13 @@ analysed (`--mode=analyze`). A stage whose output exists is skipped, so an
 interrupted reproduction resumes where it stopped and a recipe already trained
 is not trained again. Finally WORKDIR/REPORT.md gets the paper's Table 1 and
 Table 2 layouts and the IS/FID row of Fig. 6 filled with this run's numbers,
-the paper's beside them, the figures inline and a verdict per claim.
+the paper's beside them, the figures inline and a verdict per claim, and
+names the dataset the runs recorded.
+
+On several processes (`--distributed`, config.distributed.*: the same command
+on every process, one shared --workdir) every process runs every stage, each
+feeding its share of the data; what is done is decided by process 0's view of
+the workdir, and process 0 alone writes the reports, timings and figures.
 """
 import dataclasses
 import importlib
@@ -25,8 +31,9 @@ from typing import Dict, List, Optional, Tuple
 import jax
 import numpy as np
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 
-from jeat_jax import analysis, evaluate, generation, hardware, train
+from jeat_jax import analysis, evaluate, generation, hardware, parallel, train
 
 SCALES = ('cpu', 'paper', 'smoke')
 STAGES = ('train', 'evaluate', 'sample', 'fid', 'analyze', 'report')
@@ -100,13 +107,16 @@ def scale_overrides(scale: str, run: Run) -> Dict[str, object]:
   return out
 
 
-def make_config(run: Run, scale: str, data_path: str):
+def make_config(run: Run, scale: str, data_path: str, distributed: Optional[Dict] = None):
+  """configs/<recipe>.py:<scale> with the scale's and the run's overrides, the npz data
+  path (if any) and `distributed.*` settings (if any: {'enabled': True, ...})."""
   config = importlib.import_module(f'configs.{run.recipe}').get_config(
       None if scale == 'paper' else scale)
   settings = dict(scale_overrides(scale, run))
   settings.update(dict(run.overrides))
   if data_path:
     settings.update({'data.source': 'npz', 'data.path': data_path})
+  settings.update({f'distributed.{k}': v for k, v in (distributed or {}).items()})
   for key, value in settings.items():
     node = config
     *parents, leaf = key.split('.')
@@ -120,27 +130,45 @@ def sample_subdirs(run: Run) -> List[Tuple[str, str]]:
   return [('samples', 'eq17')] + ([('samples_eq16', 'eq16')] if run.eq16 else [])
 
 
+def seen_by_process_0(path: str) -> bool:
+  """Whether `path` exists as process 0 sees it. Every process takes the same decision
+  (a collective where there are several): one that skipped a stage the others run
+  would leave them waiting in its collectives."""
+  exists = os.path.exists(path)
+  if jax.process_count() == 1:
+    return exists
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(exists)))
+
+
 def _timed(workdir: str, stage: str, fn, *args):
-  """Runs one stage and adds its wall seconds to WORKDIR/timings.json (also when it fails)."""
+  """Runs one stage and adds its wall seconds to WORKDIR/timings.json (also when it fails;
+  written by process 0)."""
   start = time.time()
   try:
     fn(*args)
   finally:
-    path = os.path.join(workdir, 'timings.json')
-    timings = _load_json(path) or {}
-    timings[stage] = round(timings.get(stage, 0.0) + time.time() - start, 1)
-    with open(path + '.tmp', 'w') as f:
-      json.dump(timings, f, indent=1)
-    os.replace(path + '.tmp', path)
+    if jax.process_index() == 0:
+      _add_timing(workdir, stage, time.time() - start)
+
+
+def _add_timing(workdir: str, stage: str, seconds: float) -> None:
+  path = os.path.join(workdir, 'timings.json')
+  timings = _load_json(path) or {}
+  timings[stage] = round(timings.get(stage, 0.0) + seconds, 1)
+  with open(path + '.tmp', 'w') as f:
+    json.dump(timings, f, indent=1)
+  os.replace(path + '.tmp', path)
 
 
 def run_stages(run: Run, config, workdir: str, stages) -> None:
   """Each stage once: skipped when its output is already in `workdir`.
 
   A training that diverges past its retries is recorded in WORKDIR/failed.json
-  and the run is left out from then on (delete that file to try again).
+  and the run is left out from then on (delete that file to try again). With
+  several processes every one runs the same stages (process 0's view of what is
+  done decides) and process 0 writes the files.
   """
-  done = lambda *p: os.path.exists(os.path.join(workdir, *p))
+  done = lambda *p: seen_by_process_0(os.path.join(workdir, *p))
   if done('failed.json'):
     logging.warning('%s: skipped, it failed before (%s)', run.name, os.path.join(workdir, 'failed.json'))
     return
@@ -149,8 +177,9 @@ def run_stages(run: Run, config, workdir: str, stages) -> None:
       _timed(workdir, 'train', train.train_and_evaluate, config, workdir)
     except train.TrainingDiverged as e:
       logging.error('%s: %s; going on with the other runs', run.name, e)
-      with open(os.path.join(workdir, 'failed.json'), 'w') as f:
-        json.dump({'stage': 'train', 'error': str(e)}, f)
+      if jax.process_index() == 0:
+        with open(os.path.join(workdir, 'failed.json'), 'w') as f:
+          json.dump({'stage': 'train', 'error': str(e)}, f)
       return
   if not done('results.json'):
     return
@@ -161,7 +190,7 @@ def run_stages(run: Run, config, workdir: str, stages) -> None:
     c.sample.subdir, c.sample.objective = subdir, objective
     if 'sample' in stages and not done(subdir, 'samples.npz'):
       _timed(workdir, 'sample', generation.sample_run, c, workdir)
-    if 'fid' in stages and not os.path.exists(generation.fid_json_path(c, workdir)):
+    if 'fid' in stages and not seen_by_process_0(generation.fid_json_path(c, workdir)):
       try:
         _timed(workdir, 'fid', generation.fid_run, c, workdir)
       except Exception as e:  # pylint: disable=broad-except
@@ -188,8 +217,10 @@ def collect(root: str) -> Dict[str, dict]:
     if not os.path.isdir(d):
       continue
     ev = _load_json(os.path.join(d, 'eval', 'robustness.json'))
+    results = _load_json(os.path.join(d, 'results.json'))
     out[run.name] = {
-        'results': _load_json(os.path.join(d, 'results.json')),
+        'results': results,
+        'data': (results or {}).get('data') or (ev or {}).get('data'),
         'attacks': {a['name']: a for a in ev['attacks']} if ev else {},
         'clean': ev['clean_accuracy'] if ev else None,
         'audit': (ev or {}).get('audit', {}).get('warnings', []),
@@ -215,6 +246,34 @@ def _gradient_norms(run_dir: str) -> Optional[dict]:
         return {'objective': str(f['objective']), 'columns': [str(c) for c in f['columns']],
                 'norms': np.asarray(f['norms'])}
   return None
+
+
+def describe_data(provenance: dict) -> str:
+  """A dataset as a run recorded it (`data` of results.json / robustness.json): TFDS name
+  and version, or the npz path and its sha256; plus the training subset, if any."""
+  if provenance.get('source') == 'tfds':
+    text = f'TFDS `{provenance.get("name")}` version {provenance.get("version")}'
+  elif provenance.get('source') == 'npz':
+    text = f'`{provenance.get("path")}` (sha256 `{provenance.get("sha256")}`)'
+  else:
+    text = json.dumps(provenance, sort_keys=True)
+  if provenance.get('train_subset'):
+    text += (f', training subset of {provenance["train_subset"]} images (seed '
+             f'{provenance.get("train_subset_seed")})')
+  return text
+
+
+def data_line(runs: Dict[str, dict]) -> str:
+  """'Data: ...' naming the dataset(s) the runs recorded, with the runs of each."""
+  by_data = {}
+  for name, r in runs.items():
+    if r.get('data'):
+      by_data.setdefault(describe_data(r['data']), []).append(name)
+  if not by_data:
+    return 'Data: not recorded by the runs (no `data` in their results.json / robustness.json).'
+  if len(by_data) == 1:
+    return f'Data: {next(iter(by_data))}.'
+  return 'Data: ' + '; '.join(f'{d} ({", ".join(n)})' for d, n in by_data.items()) + '.'
 
 
 def _pct(v) -> str:
@@ -370,7 +429,8 @@ def landscapes(root: str, scale: str, data_path: str, names) -> Dict[str, np.nda
   from jeat_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   grids = {}
   for run in RUNS:
-    if run.name not in names or not os.path.exists(os.path.join(root, run.name, 'results.json')):
+    if run.name not in names or not seen_by_process_0(
+        os.path.join(root, run.name, 'results.json')):
       continue
     config = make_config(run, scale, data_path)
     model, state, ds, _ = train.load_trained(config, os.path.join(root, run.name))
@@ -392,10 +452,21 @@ def copy_figure(src: str, figdir: str, name: str) -> Optional[str]:
 
 def write_report(root: str, scale: str, data_path: str, wall_seconds: float, jobs: int = 1,
                  command: str = '') -> str:
+  """ROOT/REPORT.md and ROOT/figures/. Every process computes the landscapes (restoring a
+  checkpoint is collective); process 0 writes. Returns the report's path."""
+  grids = landscapes(root, scale, data_path, ('natural', 'at', 'prejeat', 'jeat'))
+  path = os.path.join(root, 'REPORT.md')
+  if jax.process_index() == 0:
+    _write_report(path, root, scale, data_path, wall_seconds, jobs, command, grids)
+  multihost_utils.sync_global_devices('reproduce: report written')
+  return path
+
+
+def _write_report(path: str, root: str, scale: str, data_path: str, wall_seconds: float,
+                  jobs: int, command: str, grids: Dict[str, np.ndarray]) -> None:
   runs = collect(root)
   figdir = os.path.join(root, 'figures')
   os.makedirs(figdir, exist_ok=True)
-  grids = landscapes(root, scale, data_path, ('natural', 'at', 'prejeat', 'jeat'))
   flatness = {n: float(np.mean(np.abs(g - g[g.shape[0] // 2, g.shape[1] // 2])))
               for n, g in grids.items()}
   figs = []
@@ -443,9 +514,11 @@ def write_report(root: str, scale: str, data_path: str, wall_seconds: float, job
       ('> **Data caveat:** trained and evaluated on the offline CIFAR-10 stand-in (a lossy JPEG '
        'copy of CIFAR-10), not on CIFAR-10 itself; absolute numbers are not comparable with the '
        'paper\'s, which are WRN-28-10 on CIFAR-10 after 200 epochs.' if data_path else
-       '> Data: CIFAR-10 from TFDS.'), '',
+       '> Data: CIFAR-10 from TFDS.'), '', data_line(runs), '',
       f'Machine: {hardware.cpu_description()}, jax {jax.__version__} on {jax.devices()[0].platform} '
-      f'({len(jax.devices())} devices). Wall time of this invocation: {wall_seconds / 60:.1f} min'
+      f'({jax.device_count()} devices'
+      f'{f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""}). '
+      f'Wall time of this invocation: {wall_seconds / 60:.1f} min'
       f'{f", {jobs} runs side by side" if jobs > 1 else ""} '
       '(stages found done were not rerun: the time of every stage is under Compute time). Every '
       'number below comes from the runs in this directory.' +
@@ -467,10 +540,8 @@ def write_report(root: str, scale: str, data_path: str, wall_seconds: float, job
       '', '## Gradient-masking audit warnings', ''] + (audits or ['- none']) + ['', '## Figures', '']
   for caption, rel in figs:
     lines += [f'**{caption}**', '', f'![{caption}]({rel})', '']
-  path = os.path.join(root, 'REPORT.md')
   with open(path, 'w') as f:
     f.write('\n'.join(lines))
-  return path
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -483,6 +554,21 @@ flags.DEFINE_list('stages', list(STAGES), f'Which stages, of {STAGES}.')
 flags.DEFINE_integer('jobs', 1, 'Runs processed side by side, each in its own process (log: '
                      'WORKDIR/<run>/reproduce.log). On 2 CPU cores 2 jobs gave 1.4x the throughput '
                      'of one: XLA:CPU leaves cores idle on these small models.')
+flags.DEFINE_bool('distributed', False, 'Run every stage on several processes joined by '
+                  'jax.distributed (config.distributed.*): start the same command on each, with '
+                  'the same --workdir (a directory every process sees).')
+flags.DEFINE_string('coordinator_address', '', 'With --distributed: host:port of process 0; '
+                    'empty: JAX finds it (TPU pods, SLURM, Open MPI).')
+flags.DEFINE_integer('num_processes', 1, 'With --distributed and --coordinator_address.')
+flags.DEFINE_integer('process_id', 0, 'With --distributed and --coordinator_address.')
+
+
+def distributed_settings(flag_values) -> Dict[str, object]:
+  """The config.distributed.* settings of the command line; {} without --distributed."""
+  if not flag_values.distributed:
+    return {}
+  return {'enabled': True, 'coordinator_address': flag_values.coordinator_address,
+          'num_processes': flag_values.num_processes, 'process_id': flag_values.process_id}
 
 
 def run_in_subprocesses(root: str, scale: str, data_path: str, names: List[str],
@@ -525,8 +611,14 @@ def main(argv):
     raise app.UsageError(f'unknown runs {sorted(unknown)}; choose from {[r.name for r in RUNS]}')
   if FLAGS.jobs < 1:
     raise app.UsageError(f'--jobs must be >= 1, got {FLAGS.jobs}')
+  distributed = distributed_settings(FLAGS)
+  if distributed and FLAGS.jobs > 1:
+    raise app.UsageError('--jobs > 1 runs each run in a child process: not with --distributed')
   start = time.time()
   names = list(dict.fromkeys(FLAGS.runs))  # in the order given (RUNS order by default)
+  if distributed:  # before anything touches JAX's devices
+    parallel.initialize_distributed(
+        make_config(RUNS_BY_NAME[names[0]], FLAGS.scale, FLAGS.data_path, distributed))
   per_run = [s for s in FLAGS.stages if s != 'report']
   failed = []
   if FLAGS.jobs > 1 and len(names) > 1 and per_run:
@@ -536,7 +628,7 @@ def main(argv):
     for name in names:
       run = RUNS_BY_NAME[name]
       logging.info('=== %s (%s)', run.name, run.recipe)
-      run_stages(run, make_config(run, FLAGS.scale, FLAGS.data_path),
+      run_stages(run, make_config(run, FLAGS.scale, FLAGS.data_path, distributed),
                  os.path.join(FLAGS.workdir, run.name), FLAGS.stages)
   if 'report' in FLAGS.stages:
     path = write_report(FLAGS.workdir, FLAGS.scale, FLAGS.data_path, time.time() - start,

@@ -1,4 +1,5 @@
-"""Subprocess helper of tests/test_parallel.py: runs with its own device count / process group.
+"""Subprocess helper of tests/test_parallel.py and tests/test_multihost_modes.py: runs
+with its own device count / process group.
 
 The main pytest process has already initialised JAX with one CPU device, so
 everything that needs several devices or several processes runs here, in a
@@ -15,6 +16,20 @@ in the environment before this script imports jax.
                       as a SIGKILL would) right after the step-S checkpoint is
                       written: a crash to resume from. Process 0 writes the
                       results dict and the wall time to --out (.json).
+  --mode=command      what `python main.py --mode=COMMAND` runs (main.run: start
+                      jax.distributed, validate, run the command) for each of
+                      --command (comma-separated: train, evaluate, sample, fid,
+                      analyze) in --workdir, in one process group.
+                      --fake_inception swaps the FID Inception network for a
+                      cheap fixed projection (no weights offline);
+                      --record_writes records every path under --workdir that
+                      the process creates, writes or renames. Every process
+                      writes what the commands returned (and the recorded
+                      paths) to --out with `.<process id>` appended (.json).
+  --mode=reproduce    `python -m jeat_jax.reproduce --scale=smoke --runs=RECIPE`
+                      with --workdir as its root (--distributed with the
+                      coordinator flags when --num_processes > 1); --record_writes
+                      and --out as for --mode=command.
 """
 import argparse
 import faulthandler
@@ -104,16 +119,110 @@ def equivalence_of(recipe, args, prefix):
   return out
 
 
-def train_run(args):
-  from jeat_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from jeat_jax import config_validation, parallel, train  # pylint: disable=g-import-not-at-top
-
+def distributed_config(args):
+  """The smoke config of --recipe with config.distributed.* set from the flags."""
   config = smoke_config(args.recipe, args.data, args.overrides)
   if args.num_processes > 1:
     config.distributed.enabled = True
     config.distributed.coordinator_address = args.coordinator
     config.distributed.num_processes = args.num_processes
     config.distributed.process_id = args.process_id
+  return config
+
+
+def fake_inception():
+  """Replaces the FID Inception network by a fixed random projection of 4x4-subsampled
+  pixels (as tests/test_fid.py does): FID's plumbing runs without the weights."""
+  from jeat_jax.metrics import inception  # pylint: disable=g-import-not-at-top
+  proj = np.random.default_rng(7).normal(size=(8 * 8 * 3, 16))
+
+  def compute_activations(images, variables, include_logits=None, **kwargs):
+    del variables, include_logits, kwargs
+    x = np.asarray(images, np.float64)[:, ::4, ::4, :].reshape(len(images), -1) / 255
+    return {'pool3': (x @ proj).astype(np.float32)}
+
+  inception.load_inception_variables = lambda weights=None, cache_dir=None: {'params': {}}
+  inception.compute_activations = compute_activations
+
+
+def record_writes_under(directory: str) -> list:
+  """Makes every attempt of this process to create, write or rename a file or directory
+  under `directory` append the path to the returned list (the write still happens)."""
+  import builtins  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  root = os.path.realpath(directory) + os.sep
+  attempts = []
+
+  def note(path):
+    if isinstance(path, (str, bytes, os.PathLike)):
+      full = os.path.realpath(os.fsdecode(path))
+      if (full + os.sep).startswith(root):
+        attempts.append(full)
+
+  def wrap(fn, is_write=lambda *a, **k: True):
+    def wrapped(path, *args, **kwargs):
+      if is_write(*args, **kwargs):
+        note(path)
+      return fn(path, *args, **kwargs)
+    return wrapped
+
+  writing = lambda mode='r', *a, **k: any(c in mode for c in 'wax+')
+  builtins.open = io.open = wrap(builtins.open, writing)
+  for name in ('makedirs', 'mkdir', 'replace', 'rename', 'remove'):
+    setattr(os, name, wrap(getattr(os, name)))
+  return attempts
+
+
+def command_run(args):
+  """What `python main.py --mode=COMMAND` runs (main.run) for each command of --command, in
+  one process group; keeps what each returned, and with --record_writes the paths this
+  process tried to write under --workdir."""
+  from jeat_jax import analysis, config_validation, evaluate, generation, parallel  # pylint: disable=g-import-not-at-top
+  from jeat_jax import train  # pylint: disable=g-import-not-at-top
+  if args.fake_inception:
+    fake_inception()
+  config = distributed_config(args)
+  parallel.initialize_distributed(config)
+  config_validation.validate(config)
+  attempts = record_writes_under(args.workdir) if args.record_writes else None
+  commands = {'train': train.train_and_evaluate, 'evaluate': evaluate.evaluate_run,
+              'sample': generation.sample_run, 'fid': generation.fid_run,
+              'analyze': analysis.analyze_run}
+  returned = {}
+  for command in args.command.split(','):
+    start = time.time()
+    returned[command] = commands[command](config, args.workdir)
+    print(f'process {jax.process_index()}: {command} took {time.time() - start:.1f}s', flush=True)
+  with open(f'{args.out}.{jax.process_index()}', 'w') as f:
+    json.dump({'returned': returned, 'process_index': jax.process_index(),
+               'process_count': jax.process_count(), 'device_count': jax.device_count(),
+               'writes_under_workdir': attempts}, f, default=str)
+
+
+def reproduce_run(args):
+  """`python -m jeat_jax.reproduce --scale=smoke --runs=RECIPE` with --workdir as its root
+  (and --distributed with the coordinator flags when --num_processes > 1); writes to
+  --out.<process id> the paths this process tried to write under the root (--record_writes)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from jeat_jax import reproduce  # pylint: disable=g-import-not-at-top
+  argv = ['reproduce', '--scale=smoke', f'--workdir={args.workdir}', f'--data_path={args.data}',
+          f'--runs={args.recipe}']
+  if args.num_processes > 1:
+    argv += ['--distributed', f'--coordinator_address={args.coordinator}',
+             f'--num_processes={args.num_processes}', f'--process_id={args.process_id}']
+  flags.FLAGS(argv)
+  attempts = record_writes_under(args.workdir) if args.record_writes else None
+  reproduce.main([])
+  with open(f'{args.out}.{args.process_id}', 'w') as f:
+    json.dump({'process_index': jax.process_index(), 'process_count': jax.process_count(),
+               'writes_under_workdir': attempts}, f)
+
+
+def train_run(args):
+  from jeat_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from jeat_jax import config_validation, parallel, train  # pylint: disable=g-import-not-at-top
+
+  config = distributed_config(args)
   parallel.initialize_distributed(config)  # before anything asks JAX for its devices
   config_validation.validate(config)
 
@@ -152,7 +261,11 @@ def train_run(args):
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument('--mode', choices=('equivalence', 'train'), required=True)
+  parser.add_argument('--mode', choices=('equivalence', 'train', 'command', 'reproduce'),
+                      required=True)
+  parser.add_argument('--command', help='comma-separated: train, evaluate, sample, fid, analyze')
+  parser.add_argument('--fake_inception', action='store_true')
+  parser.add_argument('--record_writes', action='store_true')
   parser.add_argument('--recipe', default='jeat')
   parser.add_argument('--data', required=True)
   parser.add_argument('--overrides', default='{}', help='JSON {dotted.key: value}')
@@ -171,6 +284,10 @@ def main():
     faulthandler.dump_traceback_later(args.timeout, exit=True)
   if args.mode == 'equivalence':
     equivalence(args)
+  elif args.mode == 'command':
+    command_run(args)
+  elif args.mode == 'reproduce':
+    reproduce_run(args)
   else:
     train_run(args)
 

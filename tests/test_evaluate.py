@@ -28,6 +28,9 @@ def test_evaluate_writes_json_and_table(trained_workdir):
   result = evaluate.evaluate_run(config, workdir)
   on_disk = json.load(open(os.path.join(workdir, 'eval', 'robustness.json')))
   assert on_disk['clean_accuracy'] == result['clean_accuracy'] > 0.15
+  data = on_disk['data']  # the dataset, named
+  assert data['source'] == 'npz' and data['path'] == os.path.abspath(config.data.path)
+  assert len(data['sha256']) == 64 and data['train_subset'] == 4096
   for record in on_disk['attacks']:
     assert set(record) >= {'name', 'eps', 'num_examples', 'robust_accuracy', 'seconds'}
     assert record['robust_accuracy'] <= on_disk['clean_accuracy']

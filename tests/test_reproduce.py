@@ -38,6 +38,7 @@ def test_reproduce_smoke_writes_report_and_resumes(tmp_path):
   assert '## Table 1' in report and f'| No attack | {clean} | 94.39% |' in report
   assert '| at |' in report and '| natural |' in report
   assert 'stand-in' in report                       # the data caveat, with an npz source
+  assert f'Data: `{os.path.abspath(data)}` (sha256 `' in report  # as the runs recorded it
   for rel in ('figures/energy_landscapes.png', 'figures/at_samples_eq16.png'):
     assert f']({rel})' in report and os.path.exists(os.path.join(root, rel))
   assert 'Fig. 2, adversarial training flattens' in report
@@ -120,3 +121,16 @@ def test_runs_side_by_side_in_subprocesses(tmp_path):
   assert failed == ['natural']
   assert missing in (tmp_path / 'natural' / 'reproduce.log').read_text()
   assert 'skipped, it failed before' in (tmp_path / 'jem' / 'reproduce.log').read_text()
+
+
+def test_report_names_the_dataset():
+  npz = {'source': 'npz', 'path': '/data/c10.npz', 'sha256': 'ab' * 32}
+  tfds = {'source': 'tfds', 'name': 'cifar10', 'version': '3.0.2', 'train_subset': 4096,
+          'train_subset_seed': 0}
+  assert reproduce.data_line({'at': {'data': npz}, 'jeat': {'data': npz}}) == (
+      f'Data: `/data/c10.npz` (sha256 `{"ab" * 32}`).')
+  assert reproduce.data_line({'at': {'data': tfds}}) == (
+      'Data: TFDS `cifar10` version 3.0.2, training subset of 4096 images (seed 0).')
+  mixed = reproduce.data_line({'at': {'data': npz}, 'jeat': {'data': tfds}, 'jem': {}})
+  assert '/data/c10.npz' in mixed and '(at)' in mixed and '(jeat)' in mixed
+  assert 'not recorded' in reproduce.data_line({'at': {'data': None}})

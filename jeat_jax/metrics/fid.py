@@ -19,6 +19,9 @@ samples, reported as mean and standard deviation over the chunks (Salimans et
 al.; the original code softmaxes pool3 @ W without the fc bias, which is the
 default 'logits_unbiased' here).
 
+With several processes (jax.distributed) each process featurises its share of
+the images and every process gets all the features (`sharded_activations`).
+
 CLI:  python -m jeat_jax.metrics.fid --samples A.npz --reference B.npz \
         [--reference-key x_train] [--weights PATH]   -> JSON on stdout.
 """
@@ -30,8 +33,10 @@ import os
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
+import jax
 import numpy as np
 import scipy.linalg
+from jax.experimental import multihost_utils
 
 from jeat_jax.metrics import inception
 
@@ -158,9 +163,15 @@ def cached_statistics(images: np.ndarray, features_fn: Callable[[np.ndarray], np
                       cache_dir, tag: str = '') -> Tuple[np.ndarray, np.ndarray]:
   """(mu, sigma) of features_fn(images), cached in
   `<cache_dir>/fid_stats/<hash>.npz` keyed by the images and `tag` (which
-  should name the network weights and preprocessing)."""
+  should name the network weights and preprocessing).
+
+  With several processes `features_fn` is a collective (`sharded_activations`):
+  the cache is used only when every process has it, else all compute together,
+  and each process stores the result in its own cache (the cache directory is
+  per host; on a shared one the writes are atomic renames of the same content).
+  """
   path = Path(cache_dir) / 'fid_stats' / f'{statistics_cache_key(images, tag)}.npz'
-  if path.is_file():
+  if on_every_process(path.is_file()):
     with np.load(path) as data:
       logger.info('reference statistics from cache %s', path)
       return data['mu'], data['sigma']
@@ -172,9 +183,31 @@ def cached_statistics(images: np.ndarray, features_fn: Callable[[np.ndarray], np
   return mu, sigma
 
 
+def on_every_process(flag: bool) -> bool:
+  """Whether `flag` holds on every process (a collective where there are several)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(np.all(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def sharded_activations(images, variables, **kwargs) -> Dict[str, np.ndarray]:
+  """`inception.compute_activations` of the images, split over the processes: each computes
+  its contiguous share and every process gets all the features, in order (a collective)."""
+  count = jax.process_count()
+  if count == 1:
+    return inception.compute_activations(images, variables, **kwargs)
+  images = np.asarray(images)
+  n = images.shape[0]
+  share = -(-n // count)
+  mine = images[jax.process_index() * share:(jax.process_index() + 1) * share]
+  padding = np.zeros((share - mine.shape[0],) + images.shape[1:], images.dtype)
+  local = inception.compute_activations(np.concatenate([mine, padding]), variables, **kwargs)
+  return {k: v[:n] for k, v in multihost_utils.process_allgather(local, tiled=True).items()}
+
+
 def _pool3_fn(variables, batch_size: int, resize_mode: str, desc: str):
   def features(images):
-    return inception.compute_activations(
+    return sharded_activations(
         images, variables, batch_size=batch_size, resize_mode=resize_mode,
         include_logits=False, desc=desc)['pool3']
   return features
@@ -201,8 +234,8 @@ def score_images(images: np.ndarray, mu_ref, sigma_ref, variables, batch_size: i
                  resize_mode: str = 'tf', splits: int = 10, method: str = 'sqrtm',
                  is_logits: str = 'logits_unbiased') -> Dict[str, float]:
   """FID of images against (mu_ref, sigma_ref), and IS where the head exists."""
-  acts = inception.compute_activations(images, variables, batch_size=batch_size,
-                                       resize_mode=resize_mode, desc='samples')
+  acts = sharded_activations(images, variables, batch_size=batch_size, resize_mode=resize_mode,
+                             desc='samples')
   mu, sigma = activation_statistics(acts['pool3'])
   result = {'fid': frechet_distance(mu, sigma, mu_ref, sigma_ref, method=method)}
   if is_logits in acts:
