@@ -1,0 +1,278 @@
+"""A long run's workdir does not silently go wrong: resuming on another device count,
+resuming with a changed config, and two trainings on one workdir.
+
+Work on several devices runs in subprocesses (the pytest process has one CPU
+device; XLA_FLAGS must be set before JAX starts): main.py itself, or this file's
+`reshard_worker` through `python -c`.
+"""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jeat_jax import checkpoint as ckpt_lib
+from jeat_jax.errors import WorkdirError
+from tests.conftest import REPO, smoke_config, write_synthetic_npz
+
+TIMEOUT_S = 600
+
+
+@pytest.fixture(scope='module')
+def module_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp('checkpoint_safety')
+
+
+@pytest.fixture(scope='module')
+def data_path(module_dir):
+  return write_synthetic_npz(module_dir / 'data.npz', n_train=64, n_test=32)
+
+
+def env_with_devices(module_dir, num_devices: int) -> dict:
+  env = dict(os.environ)
+  flags = [f for f in env.get('XLA_FLAGS', '').split()
+           if not f.startswith('--xla_force_host_platform_device_count')]
+  env.update(XLA_FLAGS=' '.join(flags + [f'--xla_force_host_platform_device_count={num_devices}']),
+             JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='',
+             JAX_COMPILATION_CACHE_DIR=str(module_dir / 'jax_cache'),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  return env
+
+
+def run_main(module_dir, num_devices: int, recipe: str, workdir, data_path, *overrides):
+  """python main.py on the :smoke config of `recipe`; returns (exit code, stderr + stdout)."""
+  cmd = [sys.executable, 'main.py', f'--config=configs/{recipe}.py:smoke', f'--workdir={workdir}',
+         '--config.data.source=npz', f'--config.data.path={data_path}', *overrides]
+  proc = subprocess.run(cmd, cwd=REPO, env=env_with_devices(module_dir, num_devices),
+                        capture_output=True, text=True, timeout=TIMEOUT_S)
+  return proc.returncode, proc.stderr + proc.stdout
+
+
+def error_line(output: str) -> str:
+  errors = [line for line in output.splitlines() if line.startswith('error: ')]
+  assert len(errors) == 1 and 'Traceback' not in output, output[-3000:]
+  return errors[0]
+
+
+def raw_checkpoint(workdir, step):
+  """A checkpoint's arrays as saved (any device layout), on this process's one device."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, 'checkpoints', str(step), 'default')
+  checkpointer = ocp.StandardCheckpointer()
+  meta = checkpointer.metadata(path)
+  meta = getattr(meta, 'item_metadata', meta)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+  return jax.tree.map(np.asarray, checkpointer.restore(path, target))
+
+
+# ----------------------------------------------------------------------------- (d) device count
+
+@pytest.fixture(scope='module')
+def resumed_on_fewer_devices(module_dir, data_path):
+  """JEM (SGLD from a replay buffer, 64 images) trained 2 steps on 4 devices, then resumed
+  to step 4 on 2. Returns the workdir and the two runs' outputs."""
+  workdir = module_dir / 'four_then_two'
+  rc, first = run_main(module_dir, 4, 'jem', workdir, data_path, '--config.num_train_steps=2')
+  assert rc == 0, first[-3000:]
+  saved = raw_checkpoint(workdir, 2)['extra']['buffer']
+  rc, second = run_main(module_dir, 2, 'jem', workdir, data_path, '--config.num_train_steps=4')
+  assert rc == 0, second[-3000:]
+  return workdir, saved, second
+
+
+def test_resume_on_fewer_devices_finishes(resumed_on_fewer_devices):
+  workdir, saved, log = resumed_on_fewer_devices
+  assert saved.shape == (4, 16, 32, 32, 3)
+  assert "re-split extra['buffer'] from (4, 16, 32, 32, 3) to (2, 32, 32, 32, 3)" in log, log[-3000:]
+  assert json.loads((workdir / 'results.json').read_text())['step'] == 4
+  assert raw_checkpoint(workdir, 4)['extra']['buffer'].shape == (2, 32, 32, 32, 3)
+
+
+class ItemsState:
+  """Stands in for a TrainState: `items` are its checkpoint items."""
+
+  def __init__(self, items):
+    self.items = items
+
+  def checkpoint_items(self):
+    return self.items
+
+  def replace(self, **items):  # as TrainState.replace(**restored)
+    return ItemsState(items=items)
+
+
+def test_restore_onto_one_device_keeps_the_buffer_images(resumed_on_fewer_devices, data_path):
+  """The step-2 checkpoint (4 shards) restored by Checkpointer onto this process's single
+  device: the same 64 images, in the same order (so the same set)."""
+  workdir, saved, _ = resumed_on_fewer_devices
+  step2_dir = workdir.parent / 'step2_only'
+  os.makedirs(step2_dir, exist_ok=True)
+  for name in ('run_info.json', 'config.json', os.path.join('checkpoints', '2')):
+    copy = shutil.copytree if os.path.isdir(workdir / name) else shutil.copy
+    copy(workdir / name, step2_dir / name)
+  items = jax.tree.map(jnp.zeros_like, raw_checkpoint(workdir, 2))
+  items['extra']['buffer'] = jnp.zeros((1, 64, 32, 32, 3))  # as create_train_state on 1 device
+  config = smoke_config('jem', data_path, num_train_steps=2)
+  with ckpt_lib.Checkpointer(str(step2_dir), config, for_training=False) as checkpointer:
+    restored = checkpointer.restore_latest(ItemsState(items=items)).items
+  assert int(restored['step']) == 2
+  buffer = np.asarray(restored['extra']['buffer'])
+  assert buffer.shape == (1, 64, 32, 32, 3)
+  np.testing.assert_array_equal(buffer.reshape(64, -1), saved.reshape(64, -1))
+
+
+class PoolState(flax.struct.PyTreeNode):
+  """The parts of a TrainState whose layout depends on the device count."""
+  step: jax.Array
+  extra: dict
+
+  def checkpoint_items(self):
+    return dict(step=self.step, extra=self.extra)
+
+
+def pool_state(devices, buffer_shape, step=0, fill=False):
+  """A replay buffer (entry i filled with i) and a Free AT delta (8 images), both sharded on
+  axis 0 over a mesh of `devices`."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  mesh = Mesh(np.asarray(devices), ('data',))
+  n = buffer_shape[0] * buffer_shape[1]
+  buffer = np.zeros((n, 2, 2, 3), np.float32)
+  delta = np.zeros((8, 2, 2, 3), np.float32)
+  if fill:
+    buffer += np.arange(n, dtype=np.float32)[:, None, None, None]
+    delta += np.arange(8, dtype=np.float32)[:, None, None, None] / 10
+  shard = NamedSharding(mesh, P('data'))
+  return PoolState(step=jax.device_put(jnp.int32(step), NamedSharding(mesh, P())),
+                   extra={'buffer': jax.device_put(buffer.reshape(buffer_shape), shard),
+                          'free_delta': jax.device_put(delta, shard)})
+
+
+def reshard_worker(workdir: str, data_path: str) -> None:
+  """Run in a subprocess with 4 CPU devices: saves a 4-shard state, restores it on 2 and 1."""
+  assert jax.device_count() == 4
+  config = smoke_config('jeat', data_path)
+  saved = pool_state(jax.devices(), (4, 4, 2, 2, 3), step=2, fill=True)
+  ckpt_lib.Checkpointer(workdir, config).save(saved)  # released when collected
+  for n in (2, 1, 4):
+    target = pool_state(jax.devices()[:n], (n, 16 // n, 2, 2, 3))
+    restored = ckpt_lib.Checkpointer(workdir, config, for_training=False).restore_latest(target)
+    for name in ('buffer', 'free_delta'):
+      got, want = restored.extra[name], saved.extra[name]
+      assert got.shape == target.extra[name].shape, (n, name, got.shape)
+      assert got.sharding == target.extra[name].sharding, (n, name, got.sharding)
+      # Entry i of the saved buffer is entry i of the restored one: the same images, in order.
+      np.testing.assert_array_equal(np.asarray(got).reshape(-1, 12), np.asarray(want).reshape(-1, 12),
+                                    err_msg=f'{n} devices, {name}')
+    print(f'{n} devices: buffer {restored.extra["buffer"].shape}, '
+          f'{len(restored.extra["buffer"].addressable_shards)} shards', flush=True)
+  bad = pool_state(jax.devices()[:1], (1, 15, 2, 2, 3))  # 15 entries: buffer_size changed
+  try:
+    ckpt_lib.Checkpointer(workdir, config, for_training=False).restore_latest(bad)
+    raise AssertionError('a buffer of another size was restored')
+  except WorkdirError as e:
+    assert 'buffer_size' in str(e) and '(4, 4, 2, 2, 3)' in str(e), e
+  print('reshard ok', flush=True)
+
+
+def test_checkpointer_resplits_buffer_and_free_delta(tmp_path, module_dir, data_path):
+  """A buffer saved as 4 x 4 is restored as 2 x 8 and 1 x 16 (entries in order) and a Free AT
+  delta of 8 images onto 2 and 1 devices; a buffer of another size is refused."""
+  code = ('import sys; from tests.test_checkpoint_safety import reshard_worker; '
+          'reshard_worker(sys.argv[1], sys.argv[2])')
+  proc = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'w'), data_path], cwd=REPO,
+                        env=env_with_devices(module_dir, 4), capture_output=True, text=True,
+                        timeout=TIMEOUT_S)
+  assert proc.returncode == 0 and 'reshard ok' in proc.stdout, proc.stdout + proc.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- (e) config
+
+def test_config_differences_ignore_run_length_and_eval():
+  saved = {'optimizer.lr': 0.1, 'num_train_steps': 2, 'eval.num_examples': 64,
+           'sample.num_steps': 3, 'data.path': 'a.npz', 'debug_inject_nan_at_step': -1,
+           'schedule.decay_epochs': [100, 150], 'loss.gone': 1}
+  new = dict(saved, **{'optimizer.lr': 0.05, 'num_train_steps': 8, 'eval.num_examples': 16,
+                       'sample.num_steps': 5, 'data.path': 'b.npz', 'debug_inject_nan_at_step': 3,
+                       'robust_watch.enabled': True, 'loss.new': 2})
+  del new['loss.gone']
+  assert ckpt_lib.config_differences(saved, new) == [
+      ('loss.gone', 1, '<absent>'), ('loss.new', '<absent>', 2), ('optimizer.lr', 0.1, 0.05)]
+
+
+def test_resume_with_changed_hyperparameter_is_refused(resumed_on_fewer_devices, module_dir,
+                                                       data_path):
+  workdir, _, _ = resumed_on_fewer_devices
+  saved_lr = json.loads((workdir / 'config.json').read_text())['optimizer.lr']
+  assert saved_lr == smoke_config('jem', data_path).optimizer.lr != 0.05
+  rc, out = run_main(module_dir, 2, 'jem', workdir, data_path, '--config.optimizer.lr=0.05',
+                     '--config.sampler.num_steps=3')
+  assert rc == 2, out[-3000:]
+  line = error_line(out)
+  assert f'optimizer.lr: saved {saved_lr!r}, now 0.05' in line and 'sampler.num_steps: saved 2, now 3' in line, line
+  assert str(workdir) in line and 'num_train_steps' not in line
+
+  # The run length, the eval settings and the data path may change on a resume; evaluation
+  # modes check only which recipe and model wrote the workdir.
+  longer = smoke_config('jem', str(module_dir / 'moved.npz'), num_train_steps=8, num_epochs=3,
+                        checkpoint_every_steps=4, **{'eval.num_examples': 16,
+                                                     'sample.num_steps': 7})
+  with ckpt_lib.Checkpointer(str(workdir), longer) as checkpointer:
+    assert checkpointer.latest_step() == 4
+  other_lr = smoke_config('jem', data_path, **{'optimizer.lr': 0.05, 'eval.num_examples': 16})
+  with ckpt_lib.Checkpointer(str(workdir), other_lr, for_training=False) as checkpointer:
+    assert checkpointer.latest_step() == 4
+  with pytest.raises(WorkdirError, match='optimizer.lr'):
+    ckpt_lib.Checkpointer(str(workdir), other_lr)
+
+
+# ----------------------------------------------------------------------------- (f) the lock
+
+HOLDER = ('import sys, time; from jeat_jax import checkpoint; from tests.conftest import '
+          'smoke_config; c = checkpoint.Checkpointer(sys.argv[1], smoke_config("natural", '
+          'sys.argv[2])); print("locked", flush=True); time.sleep(600)')
+
+
+def test_second_training_on_a_workdir_is_refused_until_the_holder_dies(tmp_path, module_dir,
+                                                                       data_path):
+  workdir = tmp_path / 'w'
+  holder = subprocess.Popen([sys.executable, '-c', HOLDER, str(workdir), data_path], cwd=REPO,
+                            env=env_with_devices(module_dir, 1), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'locked', holder.stderr.read()
+    rc, out = run_main(module_dir, 1, 'natural', workdir, data_path)
+    assert rc == 2, out[-3000:]
+    line = error_line(out)
+    assert 'in use by another training run' in line, line
+    assert f'pid {holder.pid} on host {socket.gethostname()}' in line, line
+    # A second Checkpointer of the holder's kind (WORKDIR/best/) takes no lock.
+    with ckpt_lib.Checkpointer(str(workdir), smoke_config('natural', data_path), subdir='best',
+                               max_to_keep=1):
+      pass
+  finally:
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=60)
+    holder.stdout.close()
+    holder.stderr.close()
+  assert holder.returncode == -signal.SIGKILL
+  # The killed holder left its lock file behind, but not its lock.
+  with ckpt_lib.Checkpointer(str(workdir), smoke_config('natural', data_path)) as checkpointer:
+    assert checkpointer.latest_step() is None
+    info = json.loads((workdir / '.lock').read_text())
+    assert info['pid'] == os.getpid()
+  # Released on close: another process can take it.
+  code = ('import sys; from jeat_jax import checkpoint; checkpoint.acquire_workdir_lock(sys.argv[1]);'
+          ' print("taken")')
+  proc = subprocess.run([sys.executable, '-c', code, str(workdir)], cwd=REPO, capture_output=True,
+                        text=True, timeout=120, env=env_with_devices(module_dir, 1))
+  assert proc.stdout.strip() == 'taken', proc.stderr[-2000:]
