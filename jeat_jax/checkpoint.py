@@ -46,8 +46,9 @@ RESUMABLE_KEYS = frozenset({
     'max_checkpoints_to_keep',
     'data.path', 'data.tfds_data_dir',  # where the same data lives on this machine
 })
+# divergence.*: a run stopped by the guard may be resumed with a larger budget.
 RESUMABLE_PREFIXES = ('eval.', 'sample.', 'fid.', 'analysis.', 'robust_watch.', 'distributed.',
-                      'debug_')
+                      'divergence.', 'debug_')
 
 # Entries of TrainState.extra laid out as (shards, slots per shard, ...), one shard per device.
 PER_DEVICE_POOLS = ('buffer',)

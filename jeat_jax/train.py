@@ -405,8 +405,16 @@ def robust_watch_correct(state: TrainState, x_uint8, y, mask, key, *, model, cfg
 
 
 def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns results.json."""
-  checkpointer = ckpt_lib.Checkpointer(workdir, config)  # refuses a workdir of another run
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns results.json.
+
+  The workdir is locked while the run lasts; a workdir of another run, a live holder of
+  the lock or a changed config is refused (jeat_jax/checkpoint.py).
+  """
+  with ckpt_lib.Checkpointer(workdir, config) as checkpointer:
+    return train_in_workdir(config, workdir, checkpointer)
+
+
+def train_in_workdir(config, workdir: str, checkpointer) -> Dict[str, Any]:
   ds = data_lib.load_dataset(config)
   mesh = parallel.make_mesh()
   n_train = ds.x_train.shape[0]
