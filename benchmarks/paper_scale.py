@@ -55,6 +55,7 @@ from ml_collections import config_flags
 from benchmarks import gpu
 from jeat_jax import config_validation, hardware, models, parallel, train
 from jeat_jax import data as data_lib
+from jeat_jax import checkpoint as ckpt_lib
 
 FLAGS = flags.FLAGS
 
@@ -286,7 +287,7 @@ def run(config, out: str, batch_size: int, data_path: str, steps: int, memory_at
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   # Written after every stage (steps_run counts the steps done), so a run stopped
   # part-way keeps what it measured.
-  save = lambda: train.write_json_atomic(out, result)
+  save = lambda: ckpt_lib.write_json_atomic(out, result)
   result['steps_run'] = 0
   data, source, provenance = batches(config, path, steps)
   result.update(data_source=source, data_provenance=provenance)

@@ -61,7 +61,7 @@ def run_identity(config) -> dict:
           'model': {'depth': m.depth, 'width': m.width, 'norm': m.norm}}
 
 
-def _write_json_atomic(path: str, obj) -> None:
+def write_json_atomic(path: str, obj) -> None:
   """Another process may read `path` while this one writes: it sees the old or the new file."""
   tmp = f'{path}.tmp{os.getpid()}'
   with open(tmp, 'w') as f:
@@ -83,7 +83,7 @@ def check_run_info(workdir: str, config) -> None:
           f'{mine["recipe"]!r} with {mine["dataset"]} / {mine["model"]}. Use another --workdir.')
   elif jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    _write_json_atomic(path, mine)
+    write_json_atomic(path, mine)
 
 
 # ----------------------------------------------------------------------------- config.json
@@ -128,7 +128,7 @@ def check_config(workdir: str, config, has_checkpoints: bool) -> None:
                       "resume's config cannot be checked; it is saved as the run's config",
                       workdir, CONFIG_FILE)
     if jax.process_index() == 0:
-      _write_json_atomic(path, new)
+      write_json_atomic(path, new)
     return
   with open(path) as f:
     saved = json.load(f)

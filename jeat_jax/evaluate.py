@@ -228,7 +228,7 @@ def markdown_tables(model_name: str, recipe: str, clean: float, records: List[Di
 
 def write_results(out: str, result: Dict, table: str) -> None:
   """OUT/robustness.json and OUT/robustness.md (process 0's job)."""
-  from jeat_jax.train import write_json_atomic  # pylint: disable=g-import-not-at-top
+  from jeat_jax.checkpoint import write_json_atomic  # pylint: disable=g-import-not-at-top
   os.makedirs(out, exist_ok=True)
   write_json_atomic(os.path.join(out, 'robustness.json'), result)
   with open(os.path.join(out, 'robustness.md'), 'w') as f:

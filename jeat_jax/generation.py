@@ -189,7 +189,7 @@ def fid_run(config, workdir: str) -> dict:
   dataset (`data`: its provenance). With several processes each featurises its
   share of the images (`fid.sharded_activations`) and process 0 writes."""
   from jeat_jax.metrics import fid  # pylint: disable=g-import-not-at-top
-  from jeat_jax.train import write_json_atomic  # pylint: disable=g-import-not-at-top
+  from jeat_jax.checkpoint import write_json_atomic  # pylint: disable=g-import-not-at-top
   samples = os.path.join(samples_dir(config, workdir), 'samples.npz')
   if not os.path.isfile(samples):
     from jeat_jax.errors import WorkdirError  # pylint: disable=g-import-not-at-top

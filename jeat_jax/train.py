@@ -22,6 +22,7 @@ from absl import logging
 from clu import metric_writers
 
 from jeat_jax import checkpoint as ckpt_lib
+from jeat_jax.checkpoint import write_json_atomic
 from jeat_jax import data as data_lib
 from jeat_jax import energy
 from jeat_jax import evaluate
@@ -337,13 +338,6 @@ def image_grid(x: np.ndarray, rows: int) -> np.ndarray:
   cols = n // rows
   x = np.clip(x[:rows * cols], 0, 1).reshape(rows, cols, h, w, c)
   return x.transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
-
-
-def write_json_atomic(path: str, obj) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
 
 
 class RobustWatch:

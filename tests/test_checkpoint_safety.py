@@ -23,6 +23,7 @@ import pytest
 from jeat_jax import checkpoint as ckpt_lib
 from jeat_jax.errors import WorkdirError
 from tests.conftest import REPO, smoke_config, write_synthetic_npz
+from tests.test_parallel import worker_env
 
 TIMEOUT_S = 600
 
@@ -38,14 +39,7 @@ def data_path(module_dir):
 
 
 def env_with_devices(module_dir, num_devices: int) -> dict:
-  env = dict(os.environ)
-  flags = [f for f in env.get('XLA_FLAGS', '').split()
-           if not f.startswith('--xla_force_host_platform_device_count')]
-  env.update(XLA_FLAGS=' '.join(flags + [f'--xla_force_host_platform_device_count={num_devices}']),
-             JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='',
-             JAX_COMPILATION_CACHE_DIR=str(module_dir / 'jax_cache'),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
-  return env
+  return worker_env(module_dir / 'jax_cache', num_devices)
 
 
 def run_main(module_dir, num_devices: int, recipe: str, workdir, data_path, *overrides):
