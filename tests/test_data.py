@@ -52,12 +52,21 @@ def test_cifar100_lossless_images(tmp_path):
 
 
 def test_epoch_order_is_a_partition_and_deterministic():
+  """Each epoch visits every example once; the order is a function of (seed, epoch) only:
+  the same again, another in the next epoch and under another seed."""
   n, b = 100, 10
-  idx = np.concatenate([data.global_batch_indices(s, n, b, seed=3) for s in range(10)])
-  assert sorted(idx.tolist()) == list(range(n))
-  again = np.concatenate([data.global_batch_indices(s, n, b, seed=3) for s in range(10)])
-  np.testing.assert_array_equal(idx, again)
-  assert not np.array_equal(idx, data.global_batch_indices(10, n, b, seed=3).tolist() * 10)
+
+  def epoch_order(epoch, seed):
+    return np.concatenate([data.global_batch_indices(s, n, b, seed)
+                           for s in range(epoch * n // b, (epoch + 1) * n // b)])
+
+  first, second = epoch_order(0, seed=3), epoch_order(1, seed=3)
+  for order in (first, second):
+    assert sorted(order.tolist()) == list(range(n))
+  np.testing.assert_array_equal(first, epoch_order(0, seed=3))
+  assert not np.array_equal(first, np.arange(n))       # shuffled
+  assert not np.array_equal(first, second)             # reshuffled every epoch
+  assert not np.array_equal(first, epoch_order(0, seed=4))
 
 
 def test_augment_shapes_range_and_content():

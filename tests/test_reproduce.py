@@ -3,6 +3,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from tests.conftest import write_synthetic_npz
 from configs import at as at_config
@@ -100,10 +101,8 @@ def test_a_failed_run_is_skipped_and_reported(tmp_path):
 def test_stage_time_is_recorded_even_when_the_stage_fails(tmp_path):
   def diverges():
     raise RuntimeError('diverged')
-  try:
+  with pytest.raises(RuntimeError, match='^diverged$'):   # the stage's error goes on up
     reproduce._timed(str(tmp_path), 'train', diverges)  # pylint: disable=protected-access
-  except RuntimeError:
-    pass
   reproduce._timed(str(tmp_path), 'evaluate', lambda: None)  # pylint: disable=protected-access
   with open(tmp_path / 'timings.json') as f:
     assert set(json.load(f)) == {'train', 'evaluate'}
