@@ -79,7 +79,7 @@ def test_tpu_runtime_takes_the_tpu_path(monkeypatch):
   assert detect({}, no_files, lambda p: '/usr/bin/nvidia-smi') == 'gpu'
   assert detect({}, no_files, no_programs) == 'cpu'
 
-  monkeypatch.chdir(REPO)  # install_commands reads requirements.txt from the repository root
+  monkeypatch.chdir(REPO)  # install_commands reads pyproject.toml from the repository root
   (command,) = h['install_commands']('tpu', have_tensorflow=False, python='python')
   assert command == ['python', '-m', 'pip', 'install', '-q', '-e', '.', 'jax[tpu]']
   package, requirements = h['install_commands']('tpu', have_tensorflow=True, python='python')
