@@ -7,9 +7,11 @@ import logging as std_logging
 import os
 import sys
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+from jeat_jax import logs as logs_lib
 
-from absl import app
+logs_lib.quiet_tensorflow()
+
+from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging
 from ml_collections import config_flags

@@ -15,7 +15,10 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from jeat_jax import data as data_lib
 from jeat_jax import energy
+from jeat_jax import files
+from jeat_jax import state as state_lib
 
 DYNAMICS = ('dx_energy_xy', 'dtheta_energy_xy', 'dx_energy_x', 'dtheta_energy_x')
 
@@ -46,11 +49,8 @@ def energy_landscape(logits_fn: Callable, x: jax.Array, y: int, directions: jax.
 
 def plot_landscapes(path: str, landscapes: Dict[str, np.ndarray], radius: float) -> str:
   """Contour plots side by side (one per model) with the data point marked."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   n = len(landscapes)
-  fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.6), squeeze=False)
+  fig, axes = files.pyplot().subplots(1, n, figsize=(4 * n, 3.6), squeeze=False)
   for ax, (name, grid) in zip(axes[0], landscapes.items()):
     coords = np.linspace(-radius, radius, grid.shape[0]) * 255
     cs = ax.contourf(coords, coords, grid, levels=20, cmap='viridis')
@@ -60,10 +60,7 @@ def plot_landscapes(path: str, landscapes: Dict[str, np.ndarray], radius: float)
     ax.set_xlabel('direction 1 (x/255)')
     ax.set_ylabel('direction 2 (x/255)')
     fig.colorbar(cs, ax=ax, label='E(x, y)')
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return files.save_figure(fig, path)
 
 
 def read_scalars(workdir: str, prefix_names: Sequence[str]) -> Dict[str, List]:
@@ -107,10 +104,7 @@ def dynamics_curve(scalars: Dict[str, List], steps_per_epoch: int,
 def plot_dynamics(path: str, per_epoch: Dict[str, np.ndarray], title: str,
                   xlabel: str = 'epoch') -> str:
   """Fig. 3 / 9-11: mean +- std per epoch (or per period) of the Eq. 15 energy changes."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+  fig, axes = files.pyplot().subplots(1, 2, figsize=(10, 3.6))
   labels = {'dx_energy_xy': r'$\Delta_x E(x,y)$', 'dtheta_energy_xy': r'$\Delta_\theta E(x,y)$',
             'dx_energy_x': r'$\Delta_x E(x)$', 'dtheta_energy_x': r'$\Delta_\theta E(x)$'}
   for ax, names in zip(axes, (('dx_energy_xy', 'dtheta_energy_xy'), ('dx_energy_x', 'dtheta_energy_x'))):
@@ -123,18 +117,12 @@ def plot_dynamics(path: str, per_epoch: Dict[str, np.ndarray], title: str,
     ax.legend()
   axes[0].set_title(f'{title}: E(x, y)')
   axes[1].set_title(f'{title}: E(x)')
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return files.save_figure(fig, path)
 
 
 def plot_gradient_norms(path: str, norms: np.ndarray, title: str) -> str:
   """Fig. 12/13: mean |grad_x E(x,y)| and |grad_x E(x)| per generation step."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(6, 3.6))
+  fig, ax = files.pyplot().subplots(figsize=(6, 3.6))
   steps = np.arange(1, norms.shape[0] + 1)
   ax.plot(steps, norms[:, 0], label=r'$\|\nabla_x E(x,y)\|$')
   ax.plot(steps, norms[:, 1], label=r'$\|\nabla_x E(x)\|$')
@@ -142,31 +130,22 @@ def plot_gradient_norms(path: str, norms: np.ndarray, title: str) -> str:
   ax.set_ylabel('mean L2 norm')
   ax.set_title(title)
   ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return files.save_figure(fig, path)
 
 
 def plot_image_panels(path: str, images: Dict[str, np.ndarray], title: str = '') -> str:
   """Fig. 5: images (e.g. the sample grids of the noise-injection models) side by side,
   one titled panel each, at their native resolution."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   n = len(images)
   height = max(im.shape[0] for im in images.values())
-  fig, axes = plt.subplots(1, n, figsize=(n * 3.2, 3.2 * 1.1), squeeze=False)
+  fig, axes = files.pyplot().subplots(1, n, figsize=(n * 3.2, 3.2 * 1.1), squeeze=False)
   for ax, (name, im) in zip(axes[0], images.items()):
     ax.imshow(im, interpolation='nearest')
     ax.set_title(name)
     ax.axis('off')
   if title:
     fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=max(100, height // 3))
-  plt.close(fig)
-  return path
+  return files.save_figure(fig, path, dpi=max(100, height // 3))
 
 
 def analyze_run(config, workdir: str) -> Dict[str, str]:
@@ -176,10 +155,8 @@ def analyze_run(config, workdir: str) -> Dict[str, str]:
   process 0 alone reads the logs and writes the figures. Returns {figure: path}
   (empty on the other processes).
   """
-  from jeat_jax import train  # pylint: disable=g-import-not-at-top
-  from jeat_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  model, state, ds, _ = train.load_trained(config, workdir)
-  logits_fn = train.make_logits_fn(model, state.params, state.batch_stats, 'running')
+  model, state, ds, _ = state_lib.load_trained(config, workdir)
+  logits_fn = state_lib.make_logits_fn(model, state.params, state.batch_stats, 'running')
   a = config.analysis
   x = data_lib.to_float(jnp.asarray(ds.x_test[a.image_index]))
   directions = random_directions(jax.random.PRNGKey(a.seed), x.shape)
@@ -197,7 +174,8 @@ def write_figures(config, workdir: str, ds, grid: np.ndarray) -> Dict[str, str]:
   out = os.path.join(workdir, 'figures')
   os.makedirs(out, exist_ok=True)
   figures = {}
-  np.savez(os.path.join(out, 'energy_landscape.npz'), energy=grid, radius=a.radius)
+  files.atomic_write(os.path.join(out, 'energy_landscape.npz'),
+                     lambda tmp: np.savez(tmp, energy=grid, radius=a.radius))
   figures['energy_landscape'] = plot_landscapes(os.path.join(out, 'energy_landscape.png'),
                                                 {config.recipe: grid}, a.radius)
   scalars = read_scalars(workdir, DYNAMICS)

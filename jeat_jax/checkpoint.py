@@ -34,10 +34,12 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jeat_jax.errors import WorkdirError
+from jeat_jax.files import read_json, write_json_atomic
 
 RUN_INFO = 'run_info.json'
 CONFIG_FILE = 'config.json'
 LOCK_FILE = '.lock'
+WALL_SECONDS = 'wall_seconds'  # custom metadata of a checkpoint: training seconds up to it
 
 # Config keys a resume may change: nothing saved in a checkpoint depends on them.
 RESUMABLE_KEYS = frozenset({
@@ -61,21 +63,12 @@ def run_identity(config) -> dict:
           'model': {'depth': m.depth, 'width': m.width, 'norm': m.norm}}
 
 
-def write_json_atomic(path: str, obj) -> None:
-  """Another process may read `path` while this one writes: it sees the old or the new file."""
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-
-
 def check_run_info(workdir: str, config) -> None:
   """Writes run_info.json on a new workdir; refuses one written by another run."""
   path = os.path.join(workdir, RUN_INFO)
   mine = run_identity(config)
-  if os.path.exists(path):
-    with open(path) as f:
-      theirs = json.load(f)
+  theirs = read_json(path)
+  if theirs is not None:
     if theirs != mine:
       raise WorkdirError(
           f'workdir {workdir} holds a run of recipe {theirs.get("recipe")!r} with '
@@ -130,9 +123,7 @@ def check_config(workdir: str, config, has_checkpoints: bool) -> None:
     if jax.process_index() == 0:
       write_json_atomic(path, new)
     return
-  with open(path) as f:
-    saved = json.load(f)
-  diffs = config_differences(saved, new)
+  diffs = config_differences(read_json(path), new)
   if diffs:
     shown = '; '.join(f'{k}: saved {s!r}, now {n!r}' for k, s, n in diffs[:20])
     more = f' (and {len(diffs) - 20} more)' if len(diffs) > 20 else ''
@@ -269,6 +260,7 @@ class Checkpointer:
     lock_key = _lock_for_all_processes(workdir) if guarded else None
     self._release = weakref.finalize(self, release_workdir_lock, lock_key) if lock_key else None
     self._manager = None
+    self._saved = False
     try:
       if not for_training and not os.path.isdir(self.directory):
         raise WorkdirError(f'no checkpoints in {self.directory}: train there first '
@@ -303,13 +295,26 @@ class Checkpointer:
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
 
-  def save(self, state) -> None:
+  def save(self, state, wall_seconds: Optional[float] = None, last: bool = False) -> None:
+    """Saves `state` (with the run's training seconds so far, if given). The first save of
+    this Checkpointer and the `last` are logged at INFO, the others at DEBUG."""
     step = int(state.step)
     if step in self._manager.all_steps():
       return
-    self._manager.save(step, args=ocp.args.StandardSave(state.checkpoint_items()))
+    metadata = {WALL_SECONDS: round(wall_seconds, 1)} if wall_seconds is not None else None
+    self._manager.save(step, args=ocp.args.StandardSave(state.checkpoint_items()),
+                       custom_metadata=metadata)
     self._manager.wait_until_finished()
-    logging.info('saved checkpoint at step %d in %s', step, self.directory)
+    level = logging.INFO if last or not self._saved else logging.DEBUG
+    logging.log(level, 'saved checkpoint at step %d in %s', step, self.directory)
+    self._saved = True
+
+  def wall_seconds(self, step: int) -> Optional[float]:
+    """The training seconds recorded with checkpoint `step` (None: not recorded)."""
+    try:
+      return self._manager.metadata(step).custom_metadata.get(WALL_SECONDS)
+    except Exception:  # pylint: disable=broad-except  (written by an older version)
+      return None
 
   def _saved_extra_shapes(self, step: int) -> Dict[str, Tuple[int, ...]]:
     """The shapes of TrainState.extra as saved at `step` (from the checkpoint's metadata)."""

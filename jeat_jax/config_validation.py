@@ -30,6 +30,20 @@ def _non_negative(value, key):
   _require(value >= 0, key, 'must be >= 0', value)
 
 
+def with_overrides(config, settings):
+  """`config` with each {'dotted.key': value} of `settings` set (in place; returned). A key
+  the config does not have is refused, naming it."""
+  for key, value in settings.items():
+    *parents, leaf = key.split('.')
+    node = config
+    for part in parents:
+      node = node.get(part) if hasattr(node, 'keys') else None
+    if not hasattr(node, 'keys') or leaf not in node:
+      raise ConfigError(f'unknown config key {key!r}')
+    node[leaf] = value
+  return config
+
+
 def validate(config) -> None:
   """Raises ConfigError naming the first bad key."""
   _one_of(config, 'recipe', RECIPES)

@@ -17,7 +17,7 @@ import functools
 import json
 import os
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -166,8 +166,14 @@ def run_autoattack(cfg, logits_fn, x, y, eps, key) -> Dict:
 
 # ----------------------------------------------------------------------------- audit
 
-def audit(cfg, logits_fn, mesh, x, y, records: List[Dict], key) -> List[str]:
-  """Warnings in the manner of AutoAttack's own checks (signs of gradient masking)."""
+def audit(cfg, logits_fn, mesh, x, y, records: List[Dict],
+          key) -> Tuple[List[str], Dict[int, float]]:
+  """Signs of gradient masking, in the manner of AutoAttack's own checks.
+
+  Returns (warnings, sweep): the warning messages, and the PGD-20 robust
+  accuracy of the first `audit_num_examples` points at each eps in 255ths
+  (8, 16, 32, 64, 128).
+  """
   warnings = []
   aa = next((r for r in records if r['name'] == 'autoattack'), None)
   if aa and aa.get('stages'):
@@ -228,7 +234,7 @@ def markdown_tables(model_name: str, recipe: str, clean: float, records: List[Di
 
 def write_results(out: str, result: Dict, table: str) -> None:
   """OUT/robustness.json and OUT/robustness.md (process 0's job)."""
-  from jeat_jax.checkpoint import write_json_atomic  # pylint: disable=g-import-not-at-top
+  from jeat_jax.files import write_json_atomic  # pylint: disable=g-import-not-at-top
   os.makedirs(out, exist_ok=True)
   write_json_atomic(os.path.join(out, 'robustness.json'), result)
   with open(os.path.join(out, 'robustness.md'), 'w') as f:
@@ -237,10 +243,10 @@ def write_results(out: str, result: Dict, table: str) -> None:
 
 def evaluate_run(config, workdir: str) -> Dict:
   """Evaluates the latest checkpoint of `workdir` with `config.eval`."""
-  from jeat_jax import train  # pylint: disable=g-import-not-at-top
+  from jeat_jax import state as state_lib  # pylint: disable=g-import-not-at-top
   cfg = config.eval
-  model, state, ds, mesh = train.load_trained(config, workdir)
-  logits_fn = train.make_logits_fn(model, state.params, state.batch_stats, 'running')
+  model, state, ds, mesh = state_lib.load_trained(config, workdir)
+  logits_fn = state_lib.make_logits_fn(model, state.params, state.batch_stats, 'running')
   n = min(cfg.num_examples, ds.x_test.shape[0])
   x, y = ds.x_test[:n], ds.y_test[:n]
   key = jax.random.PRNGKey(cfg.seed)

@@ -13,27 +13,38 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from clu import metric_writers
 from jax.experimental import multihost_utils
 
 from jeat_jax import data as data_lib
-from jeat_jax import parallel, sampling, train
+from jeat_jax import parallel, sampling
+from jeat_jax import state as state_lib
+from jeat_jax.files import atomic_write, write_json_atomic
 from jeat_jax.metrics import ssim as ssim_lib
+from jeat_jax.logs import Progress
 
 
-def gaussian_cache_path(config) -> str:
+def gaussian_cache_path(config, workdir: str) -> str:
+  """`sample.gaussian_cache`, or WORKDIR/class_gaussian_<dataset>_<hash of the data>.npz:
+  the fit of the class Gaussians (a run output, like the samples)."""
   if config.sample.gaussian_cache:
     return config.sample.gaussian_cache
   key = f'{config.dataset}|{config.data.source}|{config.data.path}|{config.data.train_subset}'
   digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-  return os.path.join(os.path.expanduser('~'), '.cache', 'jeat_jax',
-                      f'class_gaussian_{config.dataset}_{digest}.npz')
+  return os.path.join(workdir, f'class_gaussian_{config.dataset}_{digest}.npz')
 
 
-def chain_starts(config, ds, state):
+def image_grid(x: np.ndarray, rows: int) -> np.ndarray:
+  """(N, H, W, C) images in [0, 1] -> one (rows*H, cols*W, C) grid."""
+  n, h, w, c = x.shape
+  cols = n // rows
+  x = np.clip(x[:rows * cols], 0, 1).reshape(rows, cols, h, w, c)
+  return x.transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
+
+
+def chain_starts(config, ds, state, workdir: str):
   """A function (key, labels) -> x_0 for every label, from `config.sample.start`."""
   shape = ds.x_train.shape[1:]
   if config.sample.start == 'uniform':
@@ -42,7 +53,7 @@ def chain_starts(config, ds, state):
     if 'buffer' not in state.extra:
       raise ValueError('sample.start=buffer needs a run with a replay buffer (jem, jeat)')
     return lambda key, labels: sampling.buffer_images(key, state.extra['buffer'], labels.shape[0])
-  gaussian = sampling.ClassConditionalGaussian.cached(gaussian_cache_path(config), ds.x_train,
+  gaussian = sampling.ClassConditionalGaussian.cached(gaussian_cache_path(config, workdir), ds.x_train,
                                                       ds.y_train, ds.num_classes)
   return lambda key, labels: gaussian.sample(key, labels, shape)
 
@@ -61,7 +72,8 @@ def class_grid(x: np.ndarray, y: np.ndarray, num_classes: int, per_class: int = 
 def save_png(path: str, image: np.ndarray, scale: int = 2) -> None:
   from PIL import Image  # pylint: disable=g-import-not-at-top
   img = Image.fromarray(image)
-  img.resize((image.shape[1] * scale, image.shape[0] * scale), Image.NEAREST).save(path)
+  img = img.resize((image.shape[1] * scale, image.shape[0] * scale), Image.NEAREST)
+  atomic_write(path, img.save)
 
 
 def write_neighbours(out: str, x_uint8: np.ndarray, labels: np.ndarray, ds, s) -> None:
@@ -70,11 +82,11 @@ def write_neighbours(out: str, x_uint8: np.ndarray, labels: np.ndarray, ds, s) -
   queries = np.array([np.flatnonzero(labels == c)[0] for c in np.unique(labels)])
   queries = queries[:s.neighbour_queries]
   pool = ds.x_train[:s.neighbour_pool] if s.neighbour_pool > 0 else ds.x_train
-  start = time.time()
-  idx, val = ssim_lib.nearest_by_ssim(x_uint8[queries], pool, k=s.neighbours)
-  logging.info('nearest training images by SSIM: %d queries x %d images in %.0fs',
-               len(queries), pool.shape[0], time.time() - start)
-  np.savez(os.path.join(out, 'neighbours.npz'), query=queries, indices=idx, ssim=val)
+  progress = Progress(f'nearest training images by SSIM ({len(queries)} queries):',
+                      pool.shape[0])
+  idx, val = ssim_lib.nearest_by_ssim(x_uint8[queries], pool, k=s.neighbours, progress=progress)
+  atomic_write(os.path.join(out, 'neighbours.npz'),
+               lambda tmp: np.savez(tmp, query=queries, indices=idx, ssim=val))
   ssim_lib.plot_neighbours(os.path.join(out, 'neighbours.png'), x_uint8[queries], pool, idx, val,
                            f'generated ({s.objective}) and nearest training images by SSIM')
 
@@ -109,11 +121,11 @@ def chain_batch_size(batch_size: int, num_devices: int) -> int:
 
 def write_samples(out: str, x_uint8, labels, norms, grid, ds, s) -> None:
   """samples.npz, gradient_norms.npz, grid.png and the SSIM neighbours in OUT (process 0's job)."""
-  os.makedirs(out, exist_ok=True)
-  np.savez(os.path.join(out, 'samples.npz'), x=x_uint8, y=labels)
+  atomic_write(os.path.join(out, 'samples.npz'), lambda tmp: np.savez(tmp, x=x_uint8, y=labels))
   if norms is not None:
-    np.savez(os.path.join(out, 'gradient_norms.npz'), norms=norms,
-             columns=np.array(['grad_energy_xy', 'grad_energy_x']), objective=s.objective)
+    atomic_write(os.path.join(out, 'gradient_norms.npz'), lambda tmp: np.savez(
+        tmp, norms=norms, columns=np.array(['grad_energy_xy', 'grad_energy_x']),
+        objective=s.objective))
   save_png(os.path.join(out, 'grid.png'), grid)
   if s.neighbours > 0:
     write_neighbours(out, x_uint8, labels, ds, s)
@@ -125,9 +137,9 @@ def sample_run(config, workdir: str) -> dict:
   The chains of a batch are sharded over every device of every process (each process
   feeds its slice); the images are gathered, and process 0 writes the files.
   """
-  model, state, ds, mesh = train.load_trained(config, workdir)
+  model, state, ds, mesh = state_lib.load_trained(config, workdir)
   s = config.sample
-  logits_fn = train.make_logits_fn(model, state.params, state.batch_stats, 'running')
+  logits_fn = state_lib.make_logits_fn(model, state.params, state.batch_stats, 'running')
   # On XLA:CPU a chain inside a while loop runs its conv gradients ~3x slower than
   # straight-line code: `sample.steps_per_call` > 0 runs the chain as jitted,
   # fully unrolled pieces of that many steps, called from Python.
@@ -145,27 +157,28 @@ def sample_run(config, workdir: str) -> dict:
   # dropped with their images.
   labels = sampling.class_labels(num_batches * batch_size, ds.num_classes)
   mine = data_lib.process_slice(np.arange(batch_size))
-  starts = chain_starts(config, ds, state)
+  starts = chain_starts(config, ds, state, workdir)
   key = jax.random.PRNGKey(s.seed)
   xs, norms = [], []
-  start_time = time.time()
+  pieces = s.num_steps // steps_per_call
+  progress = Progress('sampled', s.num_samples)
   for i in range(0, num_batches * batch_size, batch_size):
     y = labels[i:i + batch_size]
     k_start, k_chain = jax.random.split(jax.random.fold_in(key, i))
     x0 = to_host(starts(k_start, y))
     x, y_global = parallel.global_batch(mesh, x0[mine], y[mine])
     batch_norms = []
-    for piece in range(s.num_steps // steps_per_call):
+    for piece in range(pieces):
       out = gen(x, y_global, jax.random.fold_in(k_chain, piece))
       x, n = out if s.record_gradient_norms else (out, None)
       batch_norms.append(n)
+      if piece + 1 < pieces:  # chains part-way: their share of the batch's images
+        jax.block_until_ready(x)
+        progress(min(i + batch_size * (piece + 1) / pieces, s.num_samples))
     xs.append(to_host(x))
     if s.record_gradient_norms:
       norms.append(np.concatenate([to_host(n) for n in batch_norms]))
-    done = min(i + batch_size, s.num_samples)
-    rate = done / (time.time() - start_time)
-    logging.info('sampled %d/%d | %.1f img/s | ETA %.0fs', done, s.num_samples, rate,
-                 (s.num_samples - done) / rate)
+    progress(min(i + batch_size, s.num_samples))
   x_uint8 = np.round(np.concatenate(xs)[:s.num_samples] * 255).clip(0, 255).astype(np.uint8)
   labels = labels[:s.num_samples]
   grid = class_grid(x_uint8, labels, ds.num_classes)
@@ -189,7 +202,6 @@ def fid_run(config, workdir: str) -> dict:
   dataset (`data`: its provenance). With several processes each featurises its
   share of the images (`fid.sharded_activations`) and process 0 writes."""
   from jeat_jax.metrics import fid  # pylint: disable=g-import-not-at-top
-  from jeat_jax.checkpoint import write_json_atomic  # pylint: disable=g-import-not-at-top
   samples = os.path.join(samples_dir(config, workdir), 'samples.npz')
   if not os.path.isfile(samples):
     from jeat_jax.errors import WorkdirError  # pylint: disable=g-import-not-at-top
@@ -197,19 +209,17 @@ def fid_run(config, workdir: str) -> dict:
   f = config.fid
   ds = data_lib.load_dataset(config)
   reference, key = f.reference, f.reference_key or None
+  reference_dir = f.reference_dir or workdir
   if not reference:
     if config.data.source == 'npz' or (config.data.source == 'auto' and os.path.isfile(config.data.path)):
       reference, key = config.data.path, 'x_train'
-    else:
-      reference = os.path.join(os.path.expanduser('~'), '.cache', 'jeat_jax', f'{config.dataset}_train.npz')
-      os.makedirs(os.path.dirname(reference), exist_ok=True)
-      tmp = f'{reference}.tmp{os.getpid()}.npz'
-      np.savez(tmp, x_train=ds.x_train)
-      os.replace(tmp, reference)
-      key = 'x_train'
+    else:  # TFDS: its training images as an .npz, beside the statistics
+      reference, key = os.path.join(reference_dir, f'{config.dataset}_train.npz'), 'x_train'
+      atomic_write(reference, lambda tmp: np.savez(tmp, x_train=ds.x_train))
   start = time.time()
   result = fid.score_npz(samples, reference, weights=f.weights or None, reference_key=key,
-                         max_reference=f.max_reference or None, batch_size=f.batch_size)
+                         max_reference=f.max_reference or None, batch_size=f.batch_size,
+                         stats_dir=reference_dir)
   result.update({'num_samples': int(np.load(samples)['x'].shape[0]), 'reference': reference,
                  'reference_images': f.max_reference or 'all', 'data': ds.provenance,
                  'protocol': 'TTUR/pytorch-fid: pool3 of the TF 2015 Inception at 299x299; '

@@ -33,7 +33,12 @@ import numpy as np
 from absl import app, flags, logging
 from jax.experimental import multihost_utils
 
-from jeat_jax import analysis, evaluate, generation, hardware, parallel, train
+from jeat_jax import logs
+logs.quiet_tensorflow()  # before anything imports TensorFlow
+from jeat_jax import analysis, evaluate, files, generation, hardware, parallel, train  # pylint: disable=g-import-not-at-top
+from jeat_jax import state as state_lib
+from jeat_jax.config_validation import with_overrides
+from jeat_jax.files import read_json, write_json_atomic, write_text_atomic
 
 SCALES = ('cpu', 'paper', 'smoke')
 STAGES = ('train', 'evaluate', 'sample', 'fid', 'analyze', 'report')
@@ -117,13 +122,7 @@ def make_config(run: Run, scale: str, data_path: str, distributed: Optional[Dict
   if data_path:
     settings.update({'data.source': 'npz', 'data.path': data_path})
   settings.update({f'distributed.{k}': v for k, v in (distributed or {}).items()})
-  for key, value in settings.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return with_overrides(config, settings)
 
 
 def sample_subdirs(run: Run) -> List[Tuple[str, str]]:
@@ -153,11 +152,9 @@ def _timed(workdir: str, stage: str, fn, *args):
 
 def _add_timing(workdir: str, stage: str, seconds: float) -> None:
   path = os.path.join(workdir, 'timings.json')
-  timings = _load_json(path) or {}
+  timings = read_json(path) or {}
   timings[stage] = round(timings.get(stage, 0.0) + seconds, 1)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(timings, f, indent=1)
-  os.replace(path + '.tmp', path)
+  write_json_atomic(path, timings)
 
 
 def run_stages(run: Run, config, workdir: str, stages) -> None:
@@ -178,16 +175,20 @@ def run_stages(run: Run, config, workdir: str, stages) -> None:
     except train.TrainingDiverged as e:
       logging.error('%s: %s; going on with the other runs', run.name, e)
       if jax.process_index() == 0:
-        with open(os.path.join(workdir, 'failed.json'), 'w') as f:
-          json.dump({'stage': 'train', 'error': str(e)}, f)
+        write_json_atomic(os.path.join(workdir, 'failed.json'), {'stage': 'train', 'error': str(e)})
       return
   if not done('results.json'):
     return
   if 'evaluate' in stages and not done('eval', 'robustness.json'):
     _timed(workdir, 'evaluate', evaluate.evaluate_run, config, workdir)
+  root = os.path.dirname(os.path.abspath(workdir))
   for subdir, objective in sample_subdirs(run):
     c = config.copy_and_resolve_references()
     c.sample.subdir, c.sample.objective = subdir, objective
+    # The runs of a reproduction (same data) share one fit of the class Gaussians and one
+    # set of FID reference statistics, in ROOT.
+    c.sample.gaussian_cache = c.sample.gaussian_cache or generation.gaussian_cache_path(c, root)
+    c.fid.reference_dir = c.fid.reference_dir or root
     if 'sample' in stages and not done(subdir, 'samples.npz'):
       _timed(workdir, 'sample', generation.sample_run, c, workdir)
     if 'fid' in stages and not seen_by_process_0(generation.fid_json_path(c, workdir)):
@@ -202,13 +203,6 @@ def run_stages(run: Run, config, workdir: str, stages) -> None:
 # ----------------------------------------------------------------------------- report
 
 
-def _load_json(path: str) -> Optional[dict]:
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
 def collect(root: str) -> Dict[str, dict]:
   """Everything the runs wrote, per run name."""
   out = {}
@@ -216,18 +210,18 @@ def collect(root: str) -> Dict[str, dict]:
     d = os.path.join(root, run.name)
     if not os.path.isdir(d):
       continue
-    ev = _load_json(os.path.join(d, 'eval', 'robustness.json'))
-    results = _load_json(os.path.join(d, 'results.json'))
+    ev = read_json(os.path.join(d, 'eval', 'robustness.json'))
+    results = read_json(os.path.join(d, 'results.json'))
     out[run.name] = {
         'results': results,
         'data': (results or {}).get('data') or (ev or {}).get('data'),
         'attacks': {a['name']: a for a in ev['attacks']} if ev else {},
         'clean': ev['clean_accuracy'] if ev else None,
         'audit': (ev or {}).get('audit', {}).get('warnings', []),
-        'fid': _load_json(os.path.join(d, 'fid.json')),
-        'fid_eq16': _load_json(os.path.join(d, 'samples_eq16', 'fid.json')),
-        'timings': _load_json(os.path.join(d, 'timings.json')) or {},
-        'failed': _load_json(os.path.join(d, 'failed.json')),
+        'fid': read_json(os.path.join(d, 'fid.json')),
+        'fid_eq16': read_json(os.path.join(d, 'samples_eq16', 'fid.json')),
+        'timings': read_json(os.path.join(d, 'timings.json')) or {},
+        'failed': read_json(os.path.join(d, 'failed.json')),
         'dynamics': ({k: float(np.mean([v for _, v in pts])) for k, pts in
                       analysis.read_scalars(d, [f'{n}_mean' for n in analysis.DYNAMICS]).items()}
                      if run.name in DYNAMICS_RUNS else {}),
@@ -347,8 +341,8 @@ def timing_table(runs: Dict[str, dict]) -> Tuple[str, float]:
   for name, r in runs.items():
     t = dict(r['timings'])
     trained_before = 'train' not in t and r['results']
-    if trained_before:
-      t['train'] = r['results'].get('wall_seconds_this_session')
+    if trained_before:  # the training's seconds over all its sessions
+      t['train'] = r['results'].get('wall_seconds', r['results'].get('wall_seconds_this_session'))
     cells = [_num(t.get(s) and t[s] / 60, '{:.1f}') for s in stages]
     if trained_before:
       cells[0] += '*'
@@ -433,11 +427,11 @@ def landscapes(root: str, scale: str, data_path: str, names) -> Dict[str, np.nda
         os.path.join(root, run.name, 'results.json')):
       continue
     config = make_config(run, scale, data_path)
-    model, state, ds, _ = train.load_trained(config, os.path.join(root, run.name))
+    model, state, ds, _ = state_lib.load_trained(config, os.path.join(root, run.name))
     a = config.analysis
     x = data_lib.to_float(jax.numpy.asarray(ds.x_test[a.image_index]))
     directions = analysis.random_directions(jax.random.PRNGKey(a.seed), x.shape)
-    logits_fn = train.make_logits_fn(model, state.params, state.batch_stats, 'running')
+    logits_fn = state_lib.make_logits_fn(model, state.params, state.batch_stats, 'running')
     grids[run.name] = analysis.energy_landscape(logits_fn, x, int(ds.y_test[a.image_index]),
                                                 directions, a.radius, a.resolution)
   return grids
@@ -499,9 +493,8 @@ def _write_report(path: str, root: str, scale: str, data_path: str, wall_seconds
   noise = {f'sigma = {n[5:]}/255': os.path.join(root, n, 'samples', 'grid.png')
            for n in ('noise8', 'noise16', 'noise24')}
   if all(os.path.exists(p) for p in noise.values()):
-    import matplotlib.image  # pylint: disable=g-import-not-at-top
     analysis.plot_image_panels(os.path.join(figdir, 'noise_injection.png'),
-                               {k: matplotlib.image.imread(p) for k, p in noise.items()},
+                               {k: files.pyplot().imread(p) for k, p in noise.items()},
                                'Noise injection: samples by Eq. 17')
     figs.insert(1, ('Fig. 5: samples of the noise-injection models, sigma 8, 16, 24 / 255',
                     'figures/noise_injection.png'))
@@ -540,8 +533,7 @@ def _write_report(path: str, root: str, scale: str, data_path: str, wall_seconds
       '', '## Gradient-masking audit warnings', ''] + (audits or ['- none']) + ['', '## Figures', '']
   for caption, rel in figs:
     lines += [f'**{caption}**', '', f'![{caption}]({rel})', '']
-  with open(path, 'w') as f:
-    f.write('\n'.join(lines))
+  write_text_atomic(path, '\n'.join(lines))
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -178,10 +178,8 @@ class ClassConditionalGaussian:
       with np.load(path) as f:
         return cls(f['means'], f['cholesky'])
     fitted = cls.fit(x_uint8, y, num_classes)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f'{path}.tmp{os.getpid()}.npz'  # unique: runs of a reproduction sample side by side
-    np.savez(tmp, means=fitted.means, cholesky=fitted.cholesky)
-    os.replace(tmp, path)
+    from jeat_jax.files import atomic_write  # pylint: disable=g-import-not-at-top
+    atomic_write(path, lambda tmp: np.savez(tmp, means=fitted.means, cholesky=fitted.cholesky))
     return fitted
 
   def sample(self, key: jax.Array, labels, image_shape) -> jax.Array:

@@ -8,12 +8,10 @@ function of (seed, epoch), so a run resumed from a checkpoint continues
 exactly as if it had never stopped.
 """
 import functools
-import json
 import os
 import time
 from typing import Any, Dict, Optional
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,162 +20,27 @@ from absl import logging
 from clu import metric_writers
 
 from jeat_jax import checkpoint as ckpt_lib
-from jeat_jax.checkpoint import write_json_atomic
 from jeat_jax import data as data_lib
 from jeat_jax import energy
 from jeat_jax import evaluate
+from jeat_jax import generation
 from jeat_jax import models
 from jeat_jax import parallel
 from jeat_jax import recipes
-from jeat_jax import sampling
-from jeat_jax.errors import UserError, WorkdirError
+from jeat_jax.errors import UserError
+from jeat_jax.files import read_json, write_json_atomic
+from jeat_jax.logs import format_eta
+# The run's state and model functions, importable from here as before (README, notebook).
+from jeat_jax.state import (BEST_SUBDIR, TrainState, create_optimizer,  # pylint: disable=unused-import
+                            create_train_state, learning_rate_schedule, load_trained,
+                            make_logits_fn, model_variables, state_shardings, train_forward,
+                            updates_per_train_step, with_linear_warmup)
 
-
-BEST_SUBDIR = 'best'                      # robust_watch's best state, inside the workdir
 ROBUST_WATCH_RECORD = 'robust_watch.json'
 
 
 class TrainingDiverged(UserError):
   """The loss kept diverging after every allowed rollback."""
-
-
-class TrainState(flax.struct.PyTreeNode):
-  """Everything a run needs to continue: saved and restored as one pytree.
-
-  `extra` holds recipe state: 'buffer' (the SGLD replay buffer) and
-  'free_delta' (Free AT's perturbation carried across minibatches).
-  `divergence` is the divergence guard's budget, int32 [window, rollbacks in that
-  window, rollbacks in all] (`count_rollback`): saved, so a resumed run keeps it.
-  """
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-  rng: jax.Array
-  extra: Dict[str, jax.Array]
-  divergence: jax.Array
-  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
-
-  def checkpoint_items(self) -> Dict[str, Any]:
-    return dict(step=self.step, params=self.params, batch_stats=self.batch_stats,
-                opt_state=self.opt_state, rng=self.rng, extra=self.extra,
-                divergence=self.divergence)
-
-
-# ----------------------------------------------------------------------------- optimizer
-
-def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
-  """The learning rate per optimizer update, from `config.schedule`."""
-  lr, sched = config.optimizer.lr, config.schedule
-  updates_per_step = updates_per_train_step(config)
-  per_epoch = steps_per_epoch * updates_per_step
-  total = total_steps * updates_per_step
-  if sched.name == 'constant':
-    schedule = optax.constant_schedule(lr)
-  elif sched.name == 'multistep':
-    boundaries = {int(e * per_epoch): sched.decay_factor for e in sched.decay_epochs}
-    schedule = optax.piecewise_constant_schedule(lr, boundaries)
-  elif sched.name == 'onecycle':  # Fast AT's cyclic schedule: 0 -> lr -> 0, peak at `peak_fraction`.
-    peak = max(1, int(sched.peak_fraction * total))
-    schedule = optax.join_schedules(
-        [optax.linear_schedule(0.0, lr, peak), optax.linear_schedule(lr, 0.0, max(1, total - peak))],
-        [peak])
-  elif sched.name == 'cosine':
-    schedule = optax.cosine_decay_schedule(lr, max(1, total))
-  else:
-    raise ValueError(sched.name)
-  if sched.warmup_steps > 0:
-    schedule = with_linear_warmup(schedule, sched.warmup_steps * updates_per_step)
-  return schedule
-
-
-def with_linear_warmup(schedule: optax.Schedule, warmup: int) -> optax.Schedule:
-  """JEM's warm-up: the schedule scaled by min(1, count / warmup).
-
-  The schedule keeps its own clock, so every decay boundary falls at the step the
-  config names (`optax.join_schedules` would restart it at 0 after the warm-up and
-  move every boundary `warmup` steps later).
-  """
-  return lambda count: jnp.minimum(1.0, count / warmup) * schedule(count)
-
-
-def create_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
-  """SGD with momentum (coupled L2 weight decay, as PyTorch) or Adam."""
-  opt = config.optimizer
-  if opt.name == 'sgd':
-    base = optax.sgd(schedule, momentum=opt.momentum or None, nesterov=opt.nesterov)
-  else:
-    base = optax.adam(schedule, b1=opt.b1, b2=opt.b2)
-  parts = []
-  if opt.weight_decay > 0:
-    parts.append(optax.add_decayed_weights(opt.weight_decay))
-  if opt.grad_clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(opt.grad_clip_norm))
-  return optax.chain(*parts, base)
-
-
-def updates_per_train_step(config) -> int:
-  """Free AT replays each minibatch m times, one parameter update per replay."""
-  return config.perturbation.free_replays if config.perturbation.name == 'free' else 1
-
-
-# ----------------------------------------------------------------------------- model passes
-
-def model_variables(params, batch_stats):
-  return {'params': params, 'batch_stats': batch_stats} if batch_stats else {'params': params}
-
-
-def make_logits_fn(model, params, batch_stats, bn_mode: str = 'batch'):
-  """x -> logits for attacks and SGLD: no dropout, BatchNorm running averages untouched.
-
-  bn_mode 'batch' normalises with the batch's own statistics (the reference
-  PyTorch AT code attacks in train mode), 'running' with the running averages.
-  """
-  variables = model_variables(params, batch_stats)
-  if not batch_stats or bn_mode == 'running':
-    return lambda x: model.apply(variables, x, train=False)
-
-  def logits_fn(x):
-    logits, _ = model.apply(variables, x, train=False, use_running_average=False,
-                            mutable=['batch_stats'])
-    return logits
-  return logits_fn
-
-
-def train_forward(model, params, batch_stats, x, dropout_key):
-  """Train-mode pass: returns logits and the updated BatchNorm statistics."""
-  variables = model_variables(params, batch_stats)
-  rngs = {'dropout': dropout_key}
-  if not batch_stats:
-    return model.apply(variables, x, train=True, rngs=rngs), batch_stats
-  logits, updates = model.apply(variables, x, train=True, rngs=rngs, mutable=['batch_stats'])
-  return logits, updates['batch_stats']
-
-
-# ----------------------------------------------------------------------------- state
-
-def create_train_state(config, model, key: jax.Array, image_shape, tx, num_shards: int) -> TrainState:
-  k_init, k_buffer, k_run = jax.random.split(key, 3)
-  variables = model.init({'params': k_init, 'dropout': k_init},
-                         jnp.zeros((1, *image_shape), jnp.float32), train=False)
-  params = variables['params']
-  batch_stats = variables.get('batch_stats', {})
-  extra = {}
-  if config.sampler.name == 'sgld_buffer':
-    extra['buffer'] = sampling.init_replay_buffer(k_buffer, num_shards, config.sampler.buffer_size,
-                                                  image_shape, *config.sampler.init_range)
-  if config.perturbation.name == 'free':
-    extra['free_delta'] = jnp.zeros((config.batch_size, *image_shape), jnp.float32)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                    opt_state=tx.init(params), rng=k_run, extra=extra,
-                    divergence=jnp.zeros((3,), jnp.int32), tx=tx)
-
-
-def state_shardings(mesh, state: TrainState):
-  """Everything replicated but the replay buffer and Free AT's delta (sharded on axis 0)."""
-  rep, shard = parallel.replicated(mesh), parallel.sharded_on_first_axis(mesh)
-  shardings = jax.tree.map(lambda _: rep, state)
-  return shardings.replace(extra={k: shard for k in state.extra})
 
 
 # ----------------------------------------------------------------------------- train step
@@ -286,9 +149,9 @@ def free_train_step(state: TrainState, x, y, key, *, model, config):
   keys = jax.random.split(key, config.perturbation.free_replays)
   carry = (state.params, state.opt_state, state.batch_stats, state.extra['free_delta'])
   # On XLA:CPU a scan over the replays runs its conv weight gradients several times
-  # slower than straight-line code: `perturbation.unroll` > 1 unrolls the m replays.
+  # slower than straight-line code: `perturbation.unroll` is the scan's unroll factor.
   (params, opt_state, batch_stats, delta), (losses, accs) = jax.lax.scan(
-      replay, carry, keys, unroll=config.perturbation.unroll > 1)
+      replay, carry, keys, unroll=config.perturbation.unroll)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             batch_stats=batch_stats, extra=dict(state.extra, free_delta=delta))
   return new_state, {'loss': losses[-1], 'train_accuracy': accs[-1],
@@ -325,21 +188,6 @@ def count_rollback(divergence: np.ndarray, step: int, window_steps: int) -> np.n
   return np.asarray([window, in_window, int(divergence[2]) + 1], np.int32)
 
 
-def _format_eta(seconds: float) -> str:
-  seconds = int(max(0, seconds))
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
-
-
-def image_grid(x: np.ndarray, rows: int) -> np.ndarray:
-  """(N, H, W, C) images in [0, 1] -> one (rows*H, cols*W, C) grid."""
-  n, h, w, c = x.shape
-  cols = n // rows
-  x = np.clip(x[:rows * cols], 0, 1).reshape(rows, cols, h, w, c)
-  return x.transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
-
-
 class RobustWatch:
   """`robust_watch`: PGD-k robust accuracy (Eq. 3 on CE, BatchNorm running statistics) on
   a fixed subset of test points, measured every `eval_every_steps`.
@@ -361,7 +209,7 @@ class RobustWatch:
     self._checkpointer = ckpt_lib.Checkpointer(workdir, config, subdir=BEST_SUBDIR, max_to_keep=1,
                                                primary=False)
     self._record_path = os.path.join(workdir, BEST_SUBDIR, ROBUST_WATCH_RECORD)
-    self.best = read_json(self._record_path) if os.path.exists(self._record_path) else None
+    self.best = read_json(self._record_path)
     self.last: Optional[float] = None
     self._warned = False
 
@@ -428,6 +276,7 @@ def train_in_workdir(config, workdir: str, checkpointer) -> Dict[str, Any]:
 
   state = checkpointer.restore_latest(state) or state
   start_step = int(state.step)
+  seconds_before = earlier_wall_seconds(checkpointer, workdir, start_step)
 
   batch_sharding = parallel.sharded_on_first_axis(mesh)
   step_fns = {
@@ -442,7 +291,8 @@ def train_in_workdir(config, workdir: str, checkpointer) -> Dict[str, Any]:
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
-    writer.write_hparams({k: v for k, v in flatten_config(config).items()})
+    writer.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                         for k, v in ckpt_lib.flat_config(config).items()})
   guard = config.divergence
   nan_injected = set()
   test_accuracy = None
@@ -492,7 +342,7 @@ def train_in_workdir(config, workdir: str, checkpointer) -> Dict[str, Any]:
       robust = f' | PGD-{config.robust_watch.num_steps} {watch.last:.3f}' if watch and watch.last is not None else ''
       logging.info('step %d/%d (%.1f%%) | %.1f img/s | loss %.4f | train acc %.3f%s | ETA %s',
                    step, total_steps, 100 * step / total_steps, rate, float(metrics['loss']),
-                   float(metrics['train_accuracy']), robust, _format_eta(eta))
+                   float(metrics['train_accuracy']), robust, format_eta(eta))
       last_log_time, last_log_step = now, step
     if eval_now:
       test_accuracy = evaluate_accuracy(eval_fn, state, mesh, x_eval, y_eval, config.eval.batch_size)
@@ -507,17 +357,20 @@ def train_in_workdir(config, workdir: str, checkpointer) -> Dict[str, Any]:
       logging.info(message)
       if 'buffer' in state.extra and jax.process_index() == 0:
         samples = parallel.first_local_shard(state.extra['buffer'])[0, :64]
-        writer.write_images(step, {'replay_buffer': image_grid(samples, 8)[None]})
+        writer.write_images(step, {'replay_buffer': generation.image_grid(samples, 8)[None]})
     if checkpoint_now:
-      checkpointer.save(state)
+      checkpointer.save(state, wall_seconds=seconds_before + time.time() - start_time,
+                        last=is_last)
   writer.flush()
 
   if test_accuracy is None:  # resumed a finished run
     test_accuracy = evaluate_accuracy(eval_fn, state, mesh, x_eval, y_eval, config.eval.batch_size)
+  session_seconds = time.time() - start_time
   results = {'config': config.recipe, 'step': int(state.step), 'test_accuracy': test_accuracy,
              'test_examples': int(n_eval), 'data_source': ds.source, 'data': ds.provenance,
              'model': models.model_name(config.model),
-             'wall_seconds_this_session': round(time.time() - start_time, 1),
+             'wall_seconds_this_session': round(session_seconds, 1),
+             'wall_seconds': round(seconds_before + session_seconds, 1),  # over all sessions
              'divergence_rollbacks': int(np.asarray(state.divergence)[2])}
   if watch and watch.best:
     results['robust_watch_best'] = watch.best
@@ -532,29 +385,17 @@ def train_in_workdir(config, workdir: str, checkpointer) -> Dict[str, Any]:
   return results
 
 
-def read_json(path: str):
-  with open(path) as f:
-    return json.load(f)
-
-
-def load_trained(config, workdir: str):
-  """The model, the latest checkpointed state of `workdir` (of WORKDIR/best/, robust_watch's
-  best state, with eval.checkpoint='best'), the dataset and the mesh."""
-  subdir = BEST_SUBDIR if config.eval.checkpoint == 'best' else 'checkpoints'
-  checkpointer = ckpt_lib.Checkpointer(workdir, config, for_training=False, subdir=subdir)
-  ds = data_lib.load_dataset(config)
-  mesh = parallel.make_mesh()
-  model = models.create_model(config.model, ds.num_classes, jnp.dtype(config.model.dtype))
-  steps_per_epoch = ds.x_train.shape[0] // config.batch_size
-  tx = create_optimizer(config, learning_rate_schedule(config, steps_per_epoch, steps_per_epoch))
-  state = create_train_state(config, model, jax.random.PRNGKey(config.seed), ds.x_train.shape[1:],
-                             tx, mesh.size)
-  state = jax.device_put(state, state_shardings(mesh, state))
-  restored = checkpointer.restore_latest(state)
-  if restored is None:
-    raise WorkdirError(f'no checkpoint in {workdir}/{subdir}: train there first'
-                       + (' with robust_watch.enabled' if subdir == BEST_SUBDIR else ''))
-  return model, restored, ds, mesh
+def earlier_wall_seconds(checkpointer, workdir: str, step: int) -> float:
+  """The training seconds of the sessions before this one, up to checkpoint `step` (recorded
+  with it; for a checkpoint of an older version, its results.json's at that step; else 0)."""
+  if step == 0:
+    return 0.0
+  seconds = checkpointer.wall_seconds(step)
+  if seconds is None:
+    earlier = read_json(os.path.join(workdir, 'results.json')) or {}
+    if earlier.get('step') == step:
+      seconds = earlier.get('wall_seconds', earlier.get('wall_seconds_this_session'))
+  return float(seconds or 0.0)
 
 
 def rollback(checkpointer, config, model, tx, image_shape, num_shards, shardings, retry: int):
@@ -563,13 +404,3 @@ def rollback(checkpointer, config, model, tx, image_shape, num_shards, shardings
                                             image_shape, tx, num_shards), shardings)
   state = checkpointer.restore_latest(fresh) or fresh
   return state.replace(rng=jax.random.fold_in(state.rng, 1_000_003 + retry))
-
-
-def flatten_config(config, prefix: str = '') -> Dict[str, Any]:
-  out = {}
-  for k, v in config.items():
-    if hasattr(v, 'items'):
-      out.update(flatten_config(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v if isinstance(v, (int, float, str, bool)) else str(v)
-  return out

@@ -40,14 +40,9 @@ def synthetic_npz(tmp_path):
 def smoke_config(recipe='natural', data_path=None, **overrides):
   """The recipe's :smoke config on `data_path` (an npz), with dotted-key overrides."""
   import importlib
+  from jeat_jax.config_validation import with_overrides
   module = importlib.import_module(f'configs.{recipe}')
   config = module.get_config('smoke')
   config.data.source = 'npz'
   config.data.path = data_path or str(STANDIN)
-  for key, value in overrides.items():
-    node = config
-    parts = key.split('.')
-    for part in parts[:-1]:
-      node = node[part]
-    node[parts[-1]] = value
-  return config
+  return with_overrides(config, overrides)

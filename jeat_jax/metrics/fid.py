@@ -29,7 +29,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
@@ -38,6 +37,7 @@ import numpy as np
 import scipy.linalg
 from jax.experimental import multihost_utils
 
+from jeat_jax import files
 from jeat_jax.metrics import inception
 
 logger = logging.getLogger(__name__)
@@ -176,10 +176,8 @@ def cached_statistics(images: np.ndarray, features_fn: Callable[[np.ndarray], np
       logger.info('reference statistics from cache %s', path)
       return data['mu'], data['sigma']
   mu, sigma = activation_statistics(features_fn(images))
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + f'.tmp{os.getpid()}.npz')
-  np.savez(tmp, mu=mu, sigma=sigma, num_images=images.shape[0], tag=tag)
-  os.replace(tmp, path)
+  files.atomic_write(path, lambda tmp: np.savez(tmp, mu=mu, sigma=sigma,
+                                                num_images=images.shape[0], tag=tag))
   return mu, sigma
 
 
@@ -224,7 +222,7 @@ def reference_statistics(reference_npz, variables, reference_key: Optional[str] 
     if 'mu' in data.files and 'sigma' in data.files:
       return data['mu'].astype(np.float64), data['sigma'].astype(np.float64)
   images = load_images(reference_npz, reference_key, max_images, seed)
-  cache_dir = Path(cache_dir) if cache_dir is not None else inception.default_cache_dir()
+  cache_dir = Path(cache_dir) if cache_dir is not None else files.cache_dir()
   tag = f'{inception.variables_fingerprint(variables)}|{resize_mode}'
   return cached_statistics(images, _pool3_fn(variables, batch_size, resize_mode, 'reference'),
                            cache_dir, tag)
@@ -248,19 +246,21 @@ def score_npz(samples_npz, reference_npz, weights=None, samples_key: Optional[st
               reference_key: Optional[str] = None, max_samples: Optional[int] = None,
               max_reference: Optional[int] = None, seed: int = 0, batch_size: int = 50,
               resize_mode: str = 'tf', splits: int = 10, method: str = 'sqrtm',
-              cache_dir=None) -> Dict[str, float]:
+              cache_dir=None, stats_dir=None) -> Dict[str, float]:
   """{'fid', ['inception_score', 'inception_score_std']} of samples in an .npz.
 
   Samples: key `x` (uint8 N x H x W x 3, or floats in [0, 1]). Reference: a
   dataset .npz (key `reference_key`, else x/x_train), optionally a fixed-seed
   subset of `max_reference` images, or a stats .npz with mu/sigma. Weights: see
   `inception.load_inception_variables`; IS keys appear only when the weights
-  have the 1008-way head (pytorch-fid .pth). TTUR/pytorch-fid protocol.
+  have the 1008-way head (pytorch-fid .pth). TTUR/pytorch-fid protocol. Converted
+  weights are cached in `cache_dir` (default `files.cache_dir()`), the reference's
+  statistics in `stats_dir` (default: `cache_dir`; `--mode=fid` passes the workdir).
   """
   variables = inception.load_inception_variables(weights, cache_dir)
   mu_ref, sigma_ref = reference_statistics(
       reference_npz, variables, reference_key, max_reference, seed, batch_size,
-      resize_mode, cache_dir)
+      resize_mode, stats_dir if stats_dir is not None else cache_dir)
   images = load_images(samples_npz, samples_key, max_samples, seed)
   return score_images(images, mu_ref, sigma_ref, variables, batch_size, resize_mode,
                       splits, method)

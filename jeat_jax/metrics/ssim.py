@@ -5,11 +5,13 @@ sigma=1.5, use_sample_covariance=False, data_range=1)`: an 11 x 11 Gaussian
 window (sigma 1.5) over each channel, K1 = 0.01, K2 = 0.03, the map averaged
 over the positions where the window fits and over channels. Images in [0, 1].
 """
-import functools
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jeat_jax import files
 
 K1, K2 = 0.01, 0.03
 WINDOW, SIGMA = 11, 1.5
@@ -47,15 +49,18 @@ def _ssim_to_pool(queries: jax.Array, pool: jax.Array) -> jax.Array:
   return jax.vmap(lambda q: ssim(q[None], pool))(queries)
 
 
-def nearest_by_ssim(queries: np.ndarray, pool: np.ndarray, k: int = 5, chunk: int = 2500):
+def nearest_by_ssim(queries: np.ndarray, pool: np.ndarray, k: int = 5, chunk: int = 2500,
+                    progress: Optional[Callable[[int], None]] = None):
   """The k pool images with the highest SSIM to each query.
 
   queries, pool: uint8 or [0, 1] float images (N, H, W, C). Returns (indices,
-  ssim values), both (Q, k), best first. The pool is scanned in chunks.
+  ssim values), both (Q, k), best first. The pool is scanned in chunks;
+  `progress(number of pool images scanned)` is called after each.
   """
   to_float = lambda x: (np.asarray(x, np.float32) / 255.0 if np.asarray(x).dtype == np.uint8
                         else np.asarray(x, np.float32))
   q = jnp.asarray(to_float(queries))
+  chunk = min(chunk, pool.shape[0])  # a small pool is not padded to a whole chunk
   best_s = np.full((q.shape[0], 0), -np.inf, np.float32)
   best_i = np.zeros((q.shape[0], 0), np.int64)
   for start in range(0, pool.shape[0], chunk):
@@ -69,17 +74,16 @@ def nearest_by_ssim(queries: np.ndarray, pool: np.ndarray, k: int = 5, chunk: in
     order = np.argsort(-cand_s, axis=1, kind='stable')[:, :k]
     best_s = np.take_along_axis(cand_s, order, axis=1)
     best_i = np.take_along_axis(cand_i, order, axis=1)
+    if progress is not None:
+      progress(start + n)
   return best_i, best_s
 
 
 def plot_neighbours(path: str, queries: np.ndarray, pool: np.ndarray, indices: np.ndarray,
                     values: np.ndarray, title: str = '') -> str:
   """Fig. 7 layout: each row a generated image, then its nearest training images (SSIM above)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   rows, k = indices.shape
-  fig, axes = plt.subplots(rows, k + 1, figsize=(1.2 * (k + 1), 1.3 * rows), squeeze=False)
+  fig, axes = files.pyplot().subplots(rows, k + 1, figsize=(1.2 * (k + 1), 1.3 * rows), squeeze=False)
   for r in range(rows):
     axes[r, 0].imshow(queries[r])
     axes[r, 0].set_title('generated' if r == 0 else '', fontsize=7)
@@ -91,7 +95,4 @@ def plot_neighbours(path: str, queries: np.ndarray, pool: np.ndarray, indices: n
     ax.set_yticks([])
   if title:
     fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return files.save_figure(fig, path)

@@ -1,0 +1,181 @@
+"""A run's state and the functions of its model: below train and evaluate, used by both.
+
+TrainState (saved and restored whole), the optimizer and learning-rate schedule of a
+config, the model passes (`make_logits_fn` for attacks, SGLD and evaluation;
+`train_forward` for the loss) and `load_trained`, which restores a trained run for
+evaluation, sampling and analysis.
+"""
+from typing import Any, Dict
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from jeat_jax import checkpoint as ckpt_lib
+from jeat_jax import data as data_lib
+from jeat_jax import models
+from jeat_jax import parallel
+from jeat_jax import sampling
+from jeat_jax.errors import WorkdirError
+
+BEST_SUBDIR = 'best'                      # robust_watch's best state, inside the workdir
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything a run needs to continue: saved and restored as one pytree.
+
+  `extra` holds recipe state: 'buffer' (the SGLD replay buffer) and
+  'free_delta' (Free AT's perturbation carried across minibatches).
+  `divergence` is the divergence guard's budget, int32 [window, rollbacks in that
+  window, rollbacks in all] (`count_rollback`): saved, so a resumed run keeps it.
+  """
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array
+  extra: Dict[str, jax.Array]
+  divergence: jax.Array
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+  def checkpoint_items(self) -> Dict[str, Any]:
+    return dict(step=self.step, params=self.params, batch_stats=self.batch_stats,
+                opt_state=self.opt_state, rng=self.rng, extra=self.extra,
+                divergence=self.divergence)
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+  """The learning rate per optimizer update, from `config.schedule`."""
+  lr, sched = config.optimizer.lr, config.schedule
+  updates_per_step = updates_per_train_step(config)
+  per_epoch = steps_per_epoch * updates_per_step
+  total = total_steps * updates_per_step
+  if sched.name == 'constant':
+    schedule = optax.constant_schedule(lr)
+  elif sched.name == 'multistep':
+    boundaries = {int(e * per_epoch): sched.decay_factor for e in sched.decay_epochs}
+    schedule = optax.piecewise_constant_schedule(lr, boundaries)
+  elif sched.name == 'onecycle':  # Fast AT's cyclic schedule: 0 -> lr -> 0, peak at `peak_fraction`.
+    peak = max(1, int(sched.peak_fraction * total))
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, peak), optax.linear_schedule(lr, 0.0, max(1, total - peak))],
+        [peak])
+  elif sched.name == 'cosine':
+    schedule = optax.cosine_decay_schedule(lr, max(1, total))
+  else:
+    raise ValueError(sched.name)
+  if sched.warmup_steps > 0:
+    schedule = with_linear_warmup(schedule, sched.warmup_steps * updates_per_step)
+  return schedule
+
+
+def with_linear_warmup(schedule: optax.Schedule, warmup: int) -> optax.Schedule:
+  """JEM's warm-up: the schedule scaled by min(1, count / warmup).
+
+  The schedule keeps its own clock, so every decay boundary falls at the step the
+  config names (`optax.join_schedules` would restart it at 0 after the warm-up and
+  move every boundary `warmup` steps later).
+  """
+  return lambda count: jnp.minimum(1.0, count / warmup) * schedule(count)
+
+
+def create_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
+  """SGD with momentum (coupled L2 weight decay, as PyTorch) or Adam."""
+  opt = config.optimizer
+  if opt.name == 'sgd':
+    base = optax.sgd(schedule, momentum=opt.momentum or None, nesterov=opt.nesterov)
+  else:
+    base = optax.adam(schedule, b1=opt.b1, b2=opt.b2)
+  parts = []
+  if opt.weight_decay > 0:
+    parts.append(optax.add_decayed_weights(opt.weight_decay))
+  if opt.grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(opt.grad_clip_norm))
+  return optax.chain(*parts, base)
+
+
+def updates_per_train_step(config) -> int:
+  """Free AT replays each minibatch m times, one parameter update per replay."""
+  return config.perturbation.free_replays if config.perturbation.name == 'free' else 1
+
+
+# ----------------------------------------------------------------------------- model passes
+
+def model_variables(params, batch_stats):
+  return {'params': params, 'batch_stats': batch_stats} if batch_stats else {'params': params}
+
+
+def make_logits_fn(model, params, batch_stats, bn_mode: str = 'batch'):
+  """x -> logits for attacks and SGLD: no dropout, BatchNorm running averages untouched.
+
+  bn_mode 'batch' normalises with the batch's own statistics (the reference
+  PyTorch AT code attacks in train mode), 'running' with the running averages.
+  """
+  variables = model_variables(params, batch_stats)
+  if not batch_stats or bn_mode == 'running':
+    return lambda x: model.apply(variables, x, train=False)
+
+  def logits_fn(x):
+    logits, _ = model.apply(variables, x, train=False, use_running_average=False,
+                            mutable=['batch_stats'])
+    return logits
+  return logits_fn
+
+
+def train_forward(model, params, batch_stats, x, dropout_key):
+  """Train-mode pass: returns logits and the updated BatchNorm statistics."""
+  variables = model_variables(params, batch_stats)
+  rngs = {'dropout': dropout_key}
+  if not batch_stats:
+    return model.apply(variables, x, train=True, rngs=rngs), batch_stats
+  logits, updates = model.apply(variables, x, train=True, rngs=rngs, mutable=['batch_stats'])
+  return logits, updates['batch_stats']
+
+
+# ----------------------------------------------------------------------------- state
+
+def create_train_state(config, model, key: jax.Array, image_shape, tx, num_shards: int) -> TrainState:
+  k_init, k_buffer, k_run = jax.random.split(key, 3)
+  variables = model.init({'params': k_init, 'dropout': k_init},
+                         jnp.zeros((1, *image_shape), jnp.float32), train=False)
+  params = variables['params']
+  batch_stats = variables.get('batch_stats', {})
+  extra = {}
+  if config.sampler.name == 'sgld_buffer':
+    extra['buffer'] = sampling.init_replay_buffer(k_buffer, num_shards, config.sampler.buffer_size,
+                                                  image_shape, *config.sampler.init_range)
+  if config.perturbation.name == 'free':
+    extra['free_delta'] = jnp.zeros((config.batch_size, *image_shape), jnp.float32)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                    opt_state=tx.init(params), rng=k_run, extra=extra,
+                    divergence=jnp.zeros((3,), jnp.int32), tx=tx)
+
+
+def state_shardings(mesh, state: TrainState):
+  """Everything replicated but the replay buffer and Free AT's delta (sharded on axis 0)."""
+  rep, shard = parallel.replicated(mesh), parallel.sharded_on_first_axis(mesh)
+  shardings = jax.tree.map(lambda _: rep, state)
+  return shardings.replace(extra={k: shard for k in state.extra})
+
+
+def load_trained(config, workdir: str):
+  """The model, the latest checkpointed state of `workdir` (of WORKDIR/best/, robust_watch's
+  best state, with eval.checkpoint='best'), the dataset and the mesh."""
+  subdir = BEST_SUBDIR if config.eval.checkpoint == 'best' else 'checkpoints'
+  checkpointer = ckpt_lib.Checkpointer(workdir, config, for_training=False, subdir=subdir)
+  ds = data_lib.load_dataset(config)
+  mesh = parallel.make_mesh()
+  model = models.create_model(config.model, ds.num_classes, jnp.dtype(config.model.dtype))
+  steps_per_epoch = ds.x_train.shape[0] // config.batch_size
+  tx = create_optimizer(config, learning_rate_schedule(config, steps_per_epoch, steps_per_epoch))
+  state = create_train_state(config, model, jax.random.PRNGKey(config.seed), ds.x_train.shape[1:],
+                             tx, mesh.size)
+  state = jax.device_put(state, state_shardings(mesh, state))
+  restored = checkpointer.restore_latest(state)
+  if restored is None:
+    raise WorkdirError(f'no checkpoint in {workdir}/{subdir}: train there first'
+                       + (' with robust_watch.enabled' if subdir == BEST_SUBDIR else ''))
+  return model, restored, ds, mesh
