@@ -46,7 +46,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+from jeat_jax import logs  # pylint: disable=g-import-not-at-top
+logs.quiet_tensorflow()  # before anything imports TensorFlow
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
@@ -54,6 +55,7 @@ import numpy as np
 
 from configs import at as at_config, jeat as jeat_config
 from jeat_jax import models, parallel, train
+from jeat_jax import state as state_lib
 
 # Dense (no sparsity) peak TFLOP/s per chip: (substring of jax's device_kind, name,
 # bfloat16, float32 at JAX's default precision). First match wins.
@@ -120,10 +122,10 @@ def make_config(workload: str, depth: int, width: int, dtype: str, global_batch:
 def time_train_step(workload, config, mesh, steps: int):
   """Seconds per step, FLOPs per step (whole batch) and compile seconds of the jitted step."""
   model = models.create_model(config.model, 10, jnp.dtype(config.model.dtype))
-  tx = train.create_optimizer(config, train.learning_rate_schedule(config, 781, 1000))
-  state = train.create_train_state(config, model, jax.random.PRNGKey(0), (32, 32, 3), tx,
+  tx = state_lib.create_optimizer(config, state_lib.learning_rate_schedule(config, 781, 1000))
+  state = state_lib.create_train_state(config, model, jax.random.PRNGKey(0), (32, 32, 3), tx,
                                    mesh.size)
-  shardings = train.state_shardings(mesh, state)
+  shardings = state_lib.state_shardings(mesh, state)
   state = jax.device_put(state, shardings)
   batch_sharding = parallel.sharded_on_first_axis(mesh)
   rng = np.random.default_rng(0)
@@ -174,7 +176,7 @@ def time_autoattack(mode: str, depth: int, width: int, dtype: str, n: int, batch
   config = make_config('jeat', depth, width, dtype, n, 1, 1)
   model = models.create_model(config.model, 10, jnp.dtype(dtype))
   variables = model.init({'params': jax.random.PRNGKey(0)}, jnp.zeros((1, 32, 32, 3)), train=False)
-  logits_fn = train.make_logits_fn(model, variables['params'], variables.get('batch_stats', {}),
+  logits_fn = state_lib.make_logits_fn(model, variables['params'], variables.get('batch_stats', {}),
                                    'running')
   x = np.asarray(jax.random.uniform(jax.random.PRNGKey(1), (n, 32, 32, 3)))
   y = np.asarray(jnp.argmax(jax.jit(logits_fn)(x), -1))  # every image starts correct

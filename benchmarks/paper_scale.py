@@ -44,7 +44,8 @@ from datetime import datetime, timezone
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+from jeat_jax import logs  # pylint: disable=g-import-not-at-top
+logs.quiet_tensorflow()  # before anything imports TensorFlow
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
@@ -55,7 +56,8 @@ from ml_collections import config_flags
 from benchmarks import gpu
 from jeat_jax import config_validation, hardware, models, parallel, train
 from jeat_jax import data as data_lib
-from jeat_jax import checkpoint as ckpt_lib
+from jeat_jax import files
+from jeat_jax import state as state_lib
 
 FLAGS = flags.FLAGS
 
@@ -118,12 +120,12 @@ def build(config, mesh):
   steps_per_epoch = 50000 // config.batch_size
   total_steps = config.num_epochs * steps_per_epoch
   model = models.create_model(config.model, 10, jnp.dtype(config.model.dtype))
-  tx = train.create_optimizer(config, train.learning_rate_schedule(config, steps_per_epoch,
+  tx = state_lib.create_optimizer(config, state_lib.learning_rate_schedule(config, steps_per_epoch,
                                                                     total_steps))
-  # train.create_train_state, jitted: eager op-by-op init of WRN-28-10 takes minutes here.
-  init = functools.partial(train.create_train_state, config, model, image_shape=(32, 32, 3),
+  # state.create_train_state, jitted: eager op-by-op init of WRN-28-10 takes minutes here.
+  init = functools.partial(state_lib.create_train_state, config, model, image_shape=(32, 32, 3),
                            tx=tx, num_shards=mesh.size)
-  shardings = train.state_shardings(mesh, jax.eval_shape(init, jax.random.PRNGKey(config.seed)))
+  shardings = state_lib.state_shardings(mesh, jax.eval_shape(init, jax.random.PRNGKey(config.seed)))
   state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
   batch_sharding = parallel.sharded_on_first_axis(mesh)
   step_fn = jax.jit(functools.partial(train.train_step, model=model, config=config,
@@ -143,11 +145,11 @@ def abstract_at_batch(config, mesh, batch_size: int):
   config.batch_size = batch_size
   steps_per_epoch = 50000 // batch_size
   model = models.create_model(config.model, 10, jnp.dtype(config.model.dtype))
-  tx = train.create_optimizer(config, train.learning_rate_schedule(
+  tx = state_lib.create_optimizer(config, state_lib.learning_rate_schedule(
       config, steps_per_epoch, config.num_epochs * steps_per_epoch))
-  state = jax.eval_shape(lambda k: train.create_train_state(config, model, k, (32, 32, 3), tx,
+  state = jax.eval_shape(lambda k: state_lib.create_train_state(config, model, k, (32, 32, 3), tx,
                                                             mesh.size), jax.random.PRNGKey(0))
-  shardings = train.state_shardings(mesh, state)
+  shardings = state_lib.state_shardings(mesh, state)
   batch_sharding = parallel.sharded_on_first_axis(mesh)
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state,
                        shardings)
@@ -255,7 +257,7 @@ def describe(config) -> dict:
       sampler=s.name, sgld_steps=s.num_steps if s.name != 'none' else 0,
       replay_buffer_size=s.buffer_size if s.name != 'none' else 0,
       loss=config.loss.name, optimizer=config.optimizer.name,
-      updates_per_train_step=train.updates_per_train_step(config),
+      updates_per_train_step=state_lib.updates_per_train_step(config),
       num_epochs=config.num_epochs)
 
 
@@ -287,13 +289,13 @@ def run(config, out: str, batch_size: int, data_path: str, steps: int, memory_at
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   # Written after every stage (steps_run counts the steps done), so a run stopped
   # part-way keeps what it measured.
-  save = lambda: ckpt_lib.write_json_atomic(out, result)
+  save = lambda: files.write_json_atomic(out, result)
   result['steps_run'] = 0
   data, source, provenance = batches(config, path, steps)
   result.update(data_source=source, data_provenance=provenance)
   log(f'data: {source}')
 
-  log('building the train step (train.create_train_state, state_shardings, jit(train_step))')
+  log('building the train step (state.create_train_state, state_shardings, jit(train_step))')
   model, state, shardings, batch_sharding, step_fn = build(config, mesh)
   result['parameter_count'] = int(sum(np.prod(a.shape) for a in jax.tree.leaves(state.params)))
   result['state_bytes'] = dict(params=nbytes(state.params), opt_state=nbytes(state.opt_state),

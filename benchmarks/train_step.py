@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jeat_jax import hardware, models, train
+from jeat_jax import state as state_lib
 from tests import torch_reference
 
 
@@ -69,8 +70,9 @@ def make_config(recipe, depth, width, batch, sgld_steps, unroll, dtype):
 def time_jax(config, steps):
   model = models.create_model(config.model, 10)
   steps_per_epoch = 100
-  tx = train.create_optimizer(config, train.learning_rate_schedule(config, steps_per_epoch, 1000))
-  state = train.create_train_state(config, model, jax.random.PRNGKey(0), (32, 32, 3), tx, 1)
+  tx = state_lib.create_optimizer(
+      config, state_lib.learning_rate_schedule(config, steps_per_epoch, 1000))
+  state = state_lib.create_train_state(config, model, jax.random.PRNGKey(0), (32, 32, 3), tx, 1)
   x = jnp.asarray(np.random.default_rng(0).integers(0, 256, (config.batch_size, 32, 32, 3), np.uint8))
   y = jnp.asarray(np.random.default_rng(1).integers(0, 10, config.batch_size).astype(np.int32))
   step = jax.jit(lambda s, a, b: train.train_step(s, a, b, model=model, config=config),

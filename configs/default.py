@@ -212,7 +212,7 @@ def add_sample_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   c.sample.clip = True             # keep chains in [0, 1]
   c.sample.batch_size = 250
   c.sample.record_gradient_norms = True
-  c.sample.gaussian_cache = ''     # the class Gaussians' fit; '': <workdir>/class_gaussian_<dataset>_<hash>.npz
+  c.sample.gaussian_cache = ''     # the class Gaussians' fit; '': <workdir>/class_gaussian_*.npz
   c.sample.seed = 0
   c.sample.subdir = 'samples'      # output directory inside the workdir (fid reads it too)
   c.sample.unroll = 1              # > 1 unrolls the chain (faster on XLA:CPU)
@@ -224,7 +224,7 @@ def add_sample_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   c.fid.weights = ''               # pytorch-fid .pth (has the IS head) or fid-helper .pt; '': pip
   c.fid.reference = ''             # '': the training set of `data`; or any image / stats .npz
   c.fid.reference_key = ''
-  c.fid.reference_dir = ''         # the reference's statistics (fid_stats/) and TFDS images; '': <workdir>
+  c.fid.reference_dir = ''         # reference statistics (fid_stats/), TFDS images; '': <workdir>
   c.fid.max_reference = 0          # > 0: a fixed random subset of the reference images
   c.fid.batch_size = 50
   c.analysis = ml_collections.ConfigDict()

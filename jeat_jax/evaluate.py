@@ -234,11 +234,9 @@ def markdown_tables(model_name: str, recipe: str, clean: float, records: List[Di
 
 def write_results(out: str, result: Dict, table: str) -> None:
   """OUT/robustness.json and OUT/robustness.md (process 0's job)."""
-  from jeat_jax.files import write_json_atomic  # pylint: disable=g-import-not-at-top
-  os.makedirs(out, exist_ok=True)
+  from jeat_jax.files import write_json_atomic, write_text_atomic  # pylint: disable=g-import-not-at-top
   write_json_atomic(os.path.join(out, 'robustness.json'), result)
-  with open(os.path.join(out, 'robustness.md'), 'w') as f:
-    f.write(table)
+  write_text_atomic(os.path.join(out, 'robustness.md'), table)
 
 
 def evaluate_run(config, workdir: str) -> Dict:

@@ -44,6 +44,7 @@ def write_json_atomic(path, obj) -> str:
 
 
 def write_text_atomic(path, text: str) -> str:
+  """`text` written atomically (`atomic_write`)."""
   def write(tmp):
     with open(tmp, 'w') as f:
       f.write(text)

@@ -53,8 +53,8 @@ def chain_starts(config, ds, state, workdir: str):
     if 'buffer' not in state.extra:
       raise ValueError('sample.start=buffer needs a run with a replay buffer (jem, jeat)')
     return lambda key, labels: sampling.buffer_images(key, state.extra['buffer'], labels.shape[0])
-  gaussian = sampling.ClassConditionalGaussian.cached(gaussian_cache_path(config, workdir), ds.x_train,
-                                                      ds.y_train, ds.num_classes)
+  gaussian = sampling.ClassConditionalGaussian.cached(
+      gaussian_cache_path(config, workdir), ds.x_train, ds.y_train, ds.num_classes)
   return lambda key, labels: gaussian.sample(key, labels, shape)
 
 

@@ -35,7 +35,8 @@ from jax.experimental import multihost_utils
 
 from jeat_jax import logs
 logs.quiet_tensorflow()  # before anything imports TensorFlow
-from jeat_jax import analysis, evaluate, files, generation, hardware, parallel, train  # pylint: disable=g-import-not-at-top
+# pylint: disable=g-import-not-at-top
+from jeat_jax import analysis, evaluate, files, generation, hardware, parallel, train
 from jeat_jax import state as state_lib
 from jeat_jax.config_validation import with_overrides
 from jeat_jax.files import read_json, write_json_atomic, write_text_atomic

@@ -31,10 +31,10 @@ from jeat_jax.errors import UserError
 from jeat_jax.files import read_json, write_json_atomic
 from jeat_jax.logs import format_eta
 # The run's state and model functions, importable from here as before (README, notebook).
-from jeat_jax.state import (BEST_SUBDIR, TrainState, create_optimizer,  # pylint: disable=unused-import
-                            create_train_state, learning_rate_schedule, load_trained,
-                            make_logits_fn, model_variables, state_shardings, train_forward,
-                            updates_per_train_step, with_linear_warmup)
+from jeat_jax.state import (  # pylint: disable=unused-import
+    BEST_SUBDIR, TrainState, create_optimizer, create_train_state, learning_rate_schedule,
+    load_trained, make_logits_fn, model_variables, state_shardings, train_forward,
+    updates_per_train_step, with_linear_warmup)
 
 ROBUST_WATCH_RECORD = 'robust_watch.json'
 

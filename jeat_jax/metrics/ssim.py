@@ -83,7 +83,8 @@ def plot_neighbours(path: str, queries: np.ndarray, pool: np.ndarray, indices: n
                     values: np.ndarray, title: str = '') -> str:
   """Fig. 7 layout: each row a generated image, then its nearest training images (SSIM above)."""
   rows, k = indices.shape
-  fig, axes = files.pyplot().subplots(rows, k + 1, figsize=(1.2 * (k + 1), 1.3 * rows), squeeze=False)
+  fig, axes = files.pyplot().subplots(rows, k + 1, figsize=(1.2 * (k + 1), 1.3 * rows),
+                                      squeeze=False)
   for r in range(rows):
     axes[r, 0].imshow(queries[r])
     axes[r, 0].set_title('generated' if r == 0 else '', fontsize=7)
