@@ -39,22 +39,6 @@ def gaussian_noise(x: jax.Array, key: jax.Array, sigma: float) -> jax.Array:
   return jnp.clip(x + sigma * jax.random.normal(key, x.shape, x.dtype), 0.0, 1.0)
 
 
-def trades_attack(logits_fn: LogitsFn, x: jax.Array, key: jax.Array, eps: float,
-                  step_size: float, num_steps: int, unroll: int = 1) -> jax.Array:
-  """TRADES inner maximisation: PGD on KL(f(x) || f(x')) from x + 0.001 N(0, I)."""
-  logits_clean = jax.lax.stop_gradient(logits_fn(x))
-  start = x + 0.001 * jax.random.normal(key, x.shape, x.dtype)
-
-  def objective(z):
-    return attacks.trades_kl(logits_fn(z), logits_clean)
-
-  def body(_, z):
-    z = attacks.sign_ascent_step(z, attacks.core.objective_grad(objective, z), step_size)
-    return attacks.project_linf(z, x, eps)
-
-  return jax.lax.stop_gradient(jax.lax.fori_loop(0, num_steps, body, start, unroll=unroll))
-
-
 def perturb(cfg, logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: jax.Array) -> jax.Array:
   """The positive (training) images of a recipe: x itself, noisy x, or an attack on x."""
   name = cfg.name
@@ -71,7 +55,8 @@ def perturb(cfg, logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: jax.Array
                                  cfg.step_size, cfg.num_steps, grad_at_start=cfg.grad_at_start,
                                  unroll=cfg.unroll)
   if name == 'trades_kl':
-    return trades_attack(logits_fn, x, key, cfg.eps, cfg.step_size, cfg.num_steps, cfg.unroll)
+    return attacks.trades_attack(logits_fn, x, key, cfg.eps, cfg.step_size, cfg.num_steps,
+                                 unroll=cfg.unroll)
   raise ValueError(f'unknown perturbation {name!r}')
 
 

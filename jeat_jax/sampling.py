@@ -1,7 +1,8 @@
 """SGLD chains (Eq. 9, 10, 16, 17) and the on-device replay buffer of Algorithm 1.
 
-One chain function serves training (negatives on E(x) for JEM/JEAT) and
-generation (conditional samples on E(x, y)):
+One chain function, `langevin_chain`, serves training (negatives on E(x) for
+JEM/JEAT, through `sgld_chain`) and generation (conditional samples on
+E(x, y), through `generate`, optionally recording gradient norms):
 
   x_{t+1} = x_t - step_size * grad_x E(x_t) + noise_std * N(0, I).
 
@@ -14,13 +15,14 @@ shard and writes the chain ends back there.
 """
 import math
 import os
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 EnergyFn = Callable[[jax.Array], jax.Array]  # images -> per-example energy
+GradFn = Callable[[jax.Array], Tuple[jax.Array, Any]]  # images -> (grad_x E, record of the step)
 
 
 def sgld_parameters(parametrization: str, step_size: float, noise_std: float,
@@ -31,26 +33,40 @@ def sgld_parameters(parametrization: str, step_size: float, noise_std: float,
   return step_size, noise_std
 
 
-def sgld_step(energy_fn: EnergyFn, x: jax.Array, key: jax.Array, step_size: float,
-              noise_std: float, clip: Optional[Tuple[float, float]] = None) -> jax.Array:
-  """One Langevin step on E (Eq. 10): x - step_size * grad E(x) + noise_std * N(0, I)."""
-  grad = jax.grad(lambda z: jnp.sum(energy_fn(z)))(x)
-  x = x - step_size * grad + noise_std * jax.random.normal(key, x.shape, x.dtype)
-  return x if clip is None else jnp.clip(x, *clip)
+def langevin_chain(grad_fn: GradFn, x0: jax.Array, key: jax.Array, num_steps: int,
+                   step_size: float, noise_std: float, clip: Optional[Tuple[float, float]] = None,
+                   unroll: int = 1, first_step=0) -> Tuple[jax.Array, Any]:
+  """The one SGLD chain: `num_steps` Langevin steps from x0 (Eq. 9/10; Algorithm 1).
+
+  x_{t+1} = x_t - step_size * grad + noise_std * N(0, I), clipped to `clip`
+  where given, with (grad, record) = grad_fn(x_t). Returns x_K and the records
+  stacked over the steps (None where grad_fn records nothing). The noise of
+  step t is drawn with fold_in(key, first_step + t): a chain run in pieces
+  with first_step = 0, k, 2k, ... is the same chain. `unroll` > 1 unrolls the
+  `lax.scan` (faster on XLA:CPU). x_K is wrapped in stop_gradient: training
+  never differentiates through a chain.
+  """
+  def body(x, t):
+    grad, record = grad_fn(x)
+    noise = jax.random.normal(jax.random.fold_in(key, first_step + t), x.shape, x.dtype)
+    x = x - step_size * grad + noise_std * noise
+    return (x if clip is None else jnp.clip(x, *clip)), record
+
+  x, records = jax.lax.scan(body, x0, jnp.arange(num_steps), unroll=unroll)
+  return jax.lax.stop_gradient(x), records
+
+
+def energy_gradient(energy_fn: EnergyFn) -> GradFn:
+  """grad_x sum(E(x)) with nothing recorded: the gradient of a chain on `energy_fn`."""
+  return lambda x: (jax.grad(lambda z: jnp.sum(energy_fn(z)))(x), None)
 
 
 def sgld_chain(energy_fn: EnergyFn, x0: jax.Array, key: jax.Array, num_steps: int,
                step_size: float, noise_std: float, clip: Optional[Tuple[float, float]] = None,
                unroll: int = 1) -> jax.Array:
-  """`num_steps` SGLD steps from x0 (Eq. 9/10; the second block of Algorithm 1).
-
-  A `lax.fori_loop`; `unroll` > 1 unrolls it (faster on XLA:CPU). The result is
-  wrapped in stop_gradient: training never differentiates through a chain.
-  """
-  def body(t, x):
-    return sgld_step(energy_fn, x, jax.random.fold_in(key, t), step_size, noise_std, clip)
-
-  return jax.lax.stop_gradient(jax.lax.fori_loop(0, num_steps, body, x0, unroll=unroll))
+  """x_K of `langevin_chain` on the energy `energy_fn` (training negatives on E(x))."""
+  return langevin_chain(energy_gradient(energy_fn), x0, key, num_steps, step_size, noise_std,
+                        clip, unroll)[0]
 
 
 def init_replay_buffer(key: jax.Array, num_shards: int, size: int, image_shape,
@@ -114,33 +130,24 @@ def generation_energy(logits_fn: Callable[[jax.Array], jax.Array], y: jax.Array,
   return fn
 
 
-def sgld_chain_with_gradient_norms(logits_fn, x0: jax.Array, y: jax.Array, key: jax.Array,
-                                   objective: str, num_steps: int, step_size: float,
-                                   noise_std: float, clip=None, unroll: int = 1):
-  """A generation chain that also records, per step, the mean L2 norms of
-  grad_x E(x, y) and grad_x E(x) over the batch (the quantities of Fig. 12/13).
+def gradient_with_norms(logits_fn: Callable[[jax.Array], jax.Array], y: jax.Array,
+                        objective: str) -> GradFn:
+  """The gradient of `generation_energy`, recording the batch means of |grad_x E(x, y)|_2
+  and |grad_x E(x)|_2 (the quantities of Fig. 12/13), shape (2,) per step.
 
-  One forward pass per step; both gradients are pulled back from it
-  (dE(x,y)/dlogits = -onehot(y), dE(x)/dlogits = -softmax). Returns (x_K, norms)
-  with norms of shape (num_steps, 2): [|grad E(x,y)|, |grad E(x)|].
+  One forward pass; both gradients are pulled back from it
+  (dE(x,y)/dlogits = -onehot(y), dE(x)/dlogits = -softmax).
   """
   def mean_norm(g):
     return jnp.mean(jnp.sqrt(jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=-1)))
 
-  def body(t, carry):
-    x, norms = carry
+  def grad_fn(x):
     logits, pullback = jax.vjp(logits_fn, x)
     g_xy, = pullback(-jax.nn.one_hot(y, logits.shape[-1], dtype=logits.dtype))
     g_x, = pullback(-jax.nn.softmax(logits))
     g = {'eq17': g_xy, 'eq16': g_xy - g_x, 'unconditional': g_x}[objective]
-    noise = jax.random.normal(jax.random.fold_in(key, t), x.shape, x.dtype)
-    x = x - step_size * g + noise_std * noise
-    x = x if clip is None else jnp.clip(x, *clip)
-    return x, norms.at[t].set(jnp.stack([mean_norm(g_xy), mean_norm(g_x)]))
-
-  x, norms = jax.lax.fori_loop(0, num_steps, body, (x0, jnp.zeros((num_steps, 2), jnp.float32)),
-                               unroll=unroll)
-  return jax.lax.stop_gradient(x), norms
+    return g, jnp.stack([mean_norm(g_xy), mean_norm(g_x)])
+  return grad_fn
 
 
 def uniform_images(key: jax.Array, n: int, image_shape, low: float = 0.0,
@@ -207,14 +214,19 @@ def class_labels(num_samples: int, num_classes: int) -> np.ndarray:
 
 def generate(logits_fn, x0: jax.Array, y: jax.Array, key: jax.Array, *, objective: str = 'eq17',
              num_steps: int = 100, step_size: float = 1.0, noise_std: float = 0.01,
-             clip=(0.0, 1.0), record_gradient_norms: bool = False, unroll: int = 1):
+             clip=(0.0, 1.0), record_gradient_norms: bool = False, unroll: int = 1,
+             first_step=0):
   """Generation by SGLD from x0 (Eq. 16, 17 or unconditional on E(x)).
 
-  Returns x_K, or (x_K, per-step gradient norms) when `record_gradient_norms`.
+  Returns x_K, or (x_K, per-step gradient norms of shape (num_steps, 2):
+  [|grad E(x,y)|, |grad E(x)|]) when `record_gradient_norms`. `first_step`:
+  the index of the first step in a chain run in pieces (see `langevin_chain`).
   Jit it with the model bound in `logits_fn` (as `generation.sample_run` does).
   """
   if record_gradient_norms:
-    return sgld_chain_with_gradient_norms(logits_fn, x0, y, key, objective, num_steps,
-                                          step_size, noise_std, clip, unroll)
-  return sgld_chain(generation_energy(logits_fn, y, objective), x0, key, num_steps, step_size,
-                    noise_std, clip, unroll)
+    grad_fn = gradient_with_norms(logits_fn, y, objective)
+  else:
+    grad_fn = energy_gradient(generation_energy(logits_fn, y, objective))
+  x, norms = langevin_chain(grad_fn, x0, key, num_steps, step_size, noise_std, clip, unroll,
+                            first_step)
+  return (x, norms) if record_gradient_norms else x

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jeat_jax import attacks, energy, recipes, sampling
+from jeat_jax import attacks, energy, sampling
 from jeat_jax.models import WideResNet
 
 EPS = 8 / 255
@@ -38,7 +38,7 @@ def test_every_attack_stays_inside(model_and_batch):
   _inside(attacks.fgsm(ce, x, EPS), x)
   _inside(attacks.pgd(ce, x, key, EPS, 2 / 255, 5), x)
   _inside(attacks.energy_attack(lambda z: energy.energy_xy(logits_fn(z), y), x, key, EPS, EPS), x)
-  _inside(recipes.trades_attack(logits_fn, x, key, EPS, 2 / 255, 3), x)
+  _inside(attacks.trades_attack(logits_fn, x, key, EPS, 2 / 255, 3), x)
   cw = lambda z: attacks.cw_margin(logits_fn(z), y)
   _inside(attacks.pgd(cw, x, key, EPS, 2 / 255, 3), x)
 
@@ -51,6 +51,37 @@ def test_energy_attack_raises_energy_xy(model_and_batch):
                                   grad_at_start=grad_at_start)
     assert float(jnp.mean(e_xy(x_adv))) > float(jnp.mean(e_xy(x)))
   assert float(jnp.mean(e_xy(x_adv) - e_xy(x))) > 0
+
+
+def _quadratic_logits(centres):
+  """f_k(z) = -|z - c_k|^2 / 2: E(z, y) = |z - c_y|^2 / 2, whose x-gradient z - c_y is
+  known in closed form."""
+  return lambda z: -0.5 * jnp.sum((z[:, None] - centres[None]) ** 2, axis=(2, 3, 4))
+
+
+def test_one_step_energy_attack_by_hand():
+  """Eq. 18, num_steps=1, step eps: delta ~ U(-eps, eps) (the same key), the start
+  clip(x + delta, 0, 1) (FGSM-RS), one sign step of grad E(., y) taken at the start
+  or at x, then clipped to the eps-ball around x and to [0, 1]."""
+  rng = np.random.default_rng(0)
+  x = rng.uniform(0.0, 1.0, (4, 5, 5, 3)).astype(np.float32)
+  x[0, 0], x[1, 0] = 0.0, 1.0                                   # pixels on the box's faces
+  y = np.array([2, 0, 3, 1])
+  c_y = x + rng.uniform(-EPS / 2, EPS / 2, x.shape).astype(np.float32)  # sign changes in the ball
+  logits_fn = _quadratic_logits(jnp.asarray(c_y)[jnp.argsort(jnp.asarray(y))])  # c_k, k = y_i
+  key = jax.random.PRNGKey(7)
+  delta = np.asarray(jax.random.uniform(key, x.shape, jnp.float32, -EPS, EPS))
+  start = np.clip(x + delta, 0.0, 1.0)
+  e_xy = lambda z: energy.energy_xy(logits_fn(z), jnp.asarray(y))
+  results = {}
+  for grad_at_start, grad_point in ((True, start), (False, x)):
+    expected = np.clip(np.clip(start + EPS * np.sign(grad_point - c_y), x - EPS, x + EPS), 0, 1)
+    results[grad_at_start] = np.asarray(attacks.energy_attack(
+        e_xy, jnp.asarray(x), key, EPS, EPS, num_steps=1, grad_at_start=grad_at_start))
+    np.testing.assert_allclose(results[grad_at_start], expected, rtol=0, atol=1e-6,
+                               err_msg=f'grad_at_start={grad_at_start}')
+  assert np.mean(results[True] != results[False]) > 0.2   # the two settings are distinguished
+  assert np.any(results[True][0, 0] == 0.0) and np.any(results[True][1, 0] == 1.0)
 
 
 def test_pgd_raises_cross_entropy_more_than_random_noise(model_and_batch):

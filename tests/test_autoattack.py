@@ -12,8 +12,7 @@ import scipy.optimize
 import jax
 import jax.numpy as jnp
 
-from jeat_jax.attacks.autoattack import (apgd_ce, apgd_dlr, apgd_run, apgd_t, dlr_loss,
-                                         dlr_loss_targeted, fab_t, fab_targeted_run,
+from jeat_jax.attacks.autoattack import (apgd_run, dlr_loss, dlr_loss_targeted, fab_targeted_run,
                                          linf_hyperplane_projection, run_autoattack, square,
                                          step_size_checkpoints)
 from jeat_jax.attacks.autoattack.square import schedule_level, window_sides
@@ -36,11 +35,18 @@ def setup():
   return logits_fn, jnp.asarray(x), jnp.asarray(y)
 
 
-ATTACKS = {
-    'apgd-ce': lambda f, x, y, k: apgd_ce(f, x, y, k, EPS, n_iter=10),
-    'apgd-dlr': lambda f, x, y, k: apgd_dlr(f, x, y, k, EPS, n_iter=10),
-    'apgd-t': lambda f, x, y, k: apgd_t(f, x, y, k, EPS, n_iter=10, n_target_classes=2),
-    'fab-t': lambda f, x, y, k: fab_t(f, x, y, k, EPS, n_iter=10, n_target_classes=2),
+def _fab_t_one_target(f, x, y, rank):
+  """FAB-T towards the class of clean rank `rank`, kept where within eps (as the runner does)."""
+  adv, norm = fab_targeted_run(f, x, y, rank, n_iter=10)
+  return jnp.where((norm <= EPS)[:, None, None, None], adv, x)
+
+
+ATTACKS = {   # one target class each for APGD-T and FAB-T; `run_autoattack` loops over targets
+    'apgd-ce': lambda f, x, y, k: apgd_run(f, x, y, k, EPS, n_iter=10).x_adv,
+    'apgd-dlr': lambda f, x, y, k: apgd_run(f, x, y, k, EPS, n_iter=10, loss='dlr').x_adv,
+    'apgd-t': lambda f, x, y, k: apgd_run(f, x, y, k, EPS, n_iter=10, loss='dlr-targeted',
+                                          target_rank=2).x_adv,
+    'fab-t': lambda f, x, y, k: _fab_t_one_target(f, x, y, 2),
     'square': lambda f, x, y, k: square(f, x, y, k, EPS, n_queries=100),
 }
 

@@ -117,8 +117,9 @@ def test_recorded_gradient_norms_match_jax_grad():
   logits_fn = lambda x: jnp.tanh(x.reshape(x.shape[0], -1)) @ w
   x0 = jax.random.uniform(jax.random.PRNGKey(1), (6, 2, 2, 3))
   y = jnp.arange(6) % 5
-  _, norms = sampling.sgld_chain_with_gradient_norms(logits_fn, x0, y, jax.random.PRNGKey(2),
-                                                     'eq16', 1, 0.1, 0.0)
+  _, norms = sampling.generate(logits_fn, x0, y, jax.random.PRNGKey(2), objective='eq16',
+                              num_steps=1, step_size=0.1, noise_std=0.0, clip=None,
+                              record_gradient_norms=True)
   norm = lambda g: jnp.mean(jnp.sqrt(jnp.sum(g.reshape(6, -1) ** 2, -1)))
   g_xy = jax.grad(lambda z: jnp.sum(energy.energy_xy(logits_fn(z), y)))(x0)
   g_x = jax.grad(lambda z: jnp.sum(energy.energy_x(logits_fn(z))))(x0)

@@ -1,3 +1,4 @@
-"""l_inf attacks built from small parts (see `core`)."""
+"""l_inf attacks built from small parts and one loop (see `core`)."""
 from jeat_jax.attacks.core import (cw_margin, energy_attack, fgsm, pgd, project_linf,
-                                   sign_ascent_step, trades_kl, uniform_start)
+                                   projected_ascent, sign_ascent_step, trades_attack, trades_kl,
+                                   uniform_start)

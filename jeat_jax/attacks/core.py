@@ -1,23 +1,33 @@
-"""Building blocks of l_inf attacks and their compositions (paper Eq. 2, 3, 14, 18).
+"""Building blocks of l_inf attacks and the one loop that composes them (paper Eq. 2, 3, 14, 18).
 
-An attack is a composition of: a start (`uniform_start`), an objective to
-ascend (a function `objective(x_adv) -> per-example values`), a step
-(`sign_ascent_step`) and a projection (`project_linf`: the eps-ball around the
-clean image intersected with the [0, 1] pixel box). Loops are `lax.fori_loop`;
+An attack is a composition of: a start (`uniform_start`, x itself, or TRADES'
+x + 0.001 N(0, I)), an objective to ascend (a function `objective(x_adv) ->
+per-example values`), a step (`sign_ascent_step`) and a projection
+(`project_linf`: the eps-ball around the clean image intersected with the
+[0, 1] pixel box). `projected_ascent` is the one loop (`lax.fori_loop`);
 gradients are taken with `jax.grad` with respect to the images only, and the
 result is wrapped in `stop_gradient` so training never differentiates through
-an attack.
+an attack. Every attack below is a start, an objective and settings of it:
+
+| attack            | start              | objective            | steps, step size | first gradient |
+|-------------------|--------------------|----------------------|------------------|----------------|
+| `fgsm` (Eq. 2)    | x                  | CE                   | 1, eps           | at x           |
+| `pgd` (Eq. 3)     | U(-eps, eps) or x  | CE                   | k, alpha         | at the start   |
+| CW-inf            | U(-eps, eps)       | `cw_margin`          | k, alpha         | at the start   |
+| `energy_attack`   | U(-eps, eps)       | E(x, y) (Eq. 18)     | 1 or k, alpha    | start, or x    |
+| `trades_attack`   | x + 0.001 N(0, I)  | `trades_kl`          | k, alpha         | at the start   |
 
 Objectives are functions of logits (and labels) so that evaluation and
 training share them: `energy.cross_entropy` (Eq. 13/14), `energy.energy_xy`
 (Eq. 18), `trades_kl` and `cw_margin` below.
 """
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
 Objective = Callable[[jax.Array], jax.Array]   # x_adv -> per-example value to ascend
+LogitsFn = Callable[[jax.Array], jax.Array]
 
 
 def uniform_start(key: jax.Array, x: jax.Array, eps: float) -> jax.Array:
@@ -57,10 +67,30 @@ def cw_margin(logits: jax.Array, labels: jax.Array, kappa: float = 50.0) -> jax.
   return jnp.minimum(other - correct, kappa)
 
 
+def projected_ascent(objective: Objective, x: jax.Array, x_start: jax.Array, eps: float,
+                     step_size: float, num_steps: int, first_grad_at: Optional[jax.Array] = None,
+                     unroll: int = 1) -> jax.Array:
+  """The one attack loop: `num_steps` projected sign-ascent steps (Eq. 3) from `x_start`.
+
+  z <- project_linf(z + step_size * sign(grad objective(g)), x, eps), where the
+  gradient point g is the current z, except that the first step takes it at
+  `first_grad_at` where that is given (FGSM and the energy attack's "gradient
+  at x", Eq. 2 and 18). `unroll` > 1 unrolls the `lax.fori_loop`: XLA:CPU runs
+  convolution gradients inside a while loop on a slow path.
+  """
+  def step(z, grad_point):
+    return project_linf(sign_ascent_step(z, objective_grad(objective, grad_point), step_size),
+                        x, eps)
+
+  if first_grad_at is not None:
+    x_start, num_steps = step(x_start, first_grad_at), num_steps - 1
+  x_adv = jax.lax.fori_loop(0, num_steps, lambda _, z: step(z, z), x_start, unroll=unroll)
+  return jax.lax.stop_gradient(x_adv)
+
+
 def fgsm(objective: Objective, x: jax.Array, eps: float) -> jax.Array:
   """FGSM (Eq. 2): x + eps * sign(grad_x L(x, y)), clipped to [0, 1]."""
-  x_adv = sign_ascent_step(x, objective_grad(objective, x), eps)
-  return jax.lax.stop_gradient(project_linf(x_adv, x, eps))
+  return projected_ascent(objective, x, x, eps, eps, 1, first_grad_at=x)
 
 
 def pgd(objective: Objective, x: jax.Array, key: jax.Array, eps: float, step_size: float,
@@ -68,16 +98,11 @@ def pgd(objective: Objective, x: jax.Array, key: jax.Array, eps: float, step_siz
   """PGD (Eq. 3): `num_steps` projected sign-ascent steps of size `step_size`.
 
   Starts from `uniform_start` when `random_start`, else from x. Also serves as
-  Fast AT's FGSM-RS (one step from a random start). `unroll` > 1 unrolls the
-  loop: XLA:CPU runs convolution gradients inside a while loop on a slow path.
+  Fast AT's FGSM-RS (one step from a random start) and, on `cw_margin`, as
+  CW-inf.
   """
-  x_adv = uniform_start(key, x, eps) if random_start else x
-
-  def body(_, z):
-    return project_linf(sign_ascent_step(z, objective_grad(objective, z), step_size), x, eps)
-
-  x_adv = jax.lax.fori_loop(0, num_steps, body, x_adv, unroll=unroll)
-  return jax.lax.stop_gradient(x_adv)
+  x_start = uniform_start(key, x, eps) if random_start else x
+  return projected_ascent(objective, x, x_start, eps, step_size, num_steps, unroll=unroll)
 
 
 def energy_attack(energy_xy_fn: Objective, x: jax.Array, key: jax.Array, eps: float,
@@ -93,11 +118,15 @@ def energy_attack(energy_xy_fn: Objective, x: jax.Array, key: jax.Array, eps: fl
   repeat the ascent, each from the current point (PGD on E(x, y)).
   """
   x_start = uniform_start(key, x, eps)
-  first_grad = objective_grad(energy_xy_fn, x_start if grad_at_start else x)
-  x_adv = project_linf(sign_ascent_step(x_start, first_grad, step_size), x, eps)
+  return projected_ascent(energy_xy_fn, x, x_start, eps, step_size, num_steps,
+                          first_grad_at=x_start if grad_at_start else x, unroll=unroll)
 
-  def body(_, z):
-    return project_linf(sign_ascent_step(z, objective_grad(energy_xy_fn, z), step_size), x, eps)
 
-  x_adv = jax.lax.fori_loop(0, num_steps - 1, body, x_adv, unroll=unroll)
-  return jax.lax.stop_gradient(x_adv)
+def trades_attack(logits_fn: LogitsFn, x: jax.Array, key: jax.Array, eps: float,
+                  step_size: float, num_steps: int, unroll: int = 1) -> jax.Array:
+  """TRADES inner maximisation: PGD on KL(f(x) || f(x')) from x + 0.001 N(0, I),
+  the clean logits held constant."""
+  logits_clean = jax.lax.stop_gradient(logits_fn(x))
+  x_start = x + 0.001 * jax.random.normal(key, x.shape, x.dtype)
+  return projected_ascent(lambda z: trades_kl(logits_fn(z), logits_clean), x, x_start, eps,
+                          step_size, num_steps, unroll=unroll)

@@ -4,8 +4,8 @@ Every attack takes `logits_fn` (pure, jax-traceable: NHWC [0, 1] float32 images
 -> float32 logits), `x`, `y`, a `jax.random` key, `eps` (l_inf, [0, 1] units)
 and its own settings, and returns adversarial images.
 """
-from jeat_jax.attacks.autoattack.apgd import (ApgdResult, apgd_ce, apgd_dlr, apgd_run, apgd_t,
-                                              dlr_loss, dlr_loss_targeted, step_size_checkpoints)
-from jeat_jax.attacks.autoattack.fab import fab_t, fab_targeted_run, linf_hyperplane_projection
+from jeat_jax.attacks.autoattack.apgd import (ApgdResult, apgd_run, dlr_loss, dlr_loss_targeted,
+                                              step_size_checkpoints)
+from jeat_jax.attacks.autoattack.fab import fab_targeted_run, linf_hyperplane_projection
 from jeat_jax.attacks.autoattack.runner import VERSIONS, run_autoattack
 from jeat_jax.attacks.autoattack.square import margin_loss, square

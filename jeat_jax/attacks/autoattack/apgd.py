@@ -280,38 +280,3 @@ def apgd_run(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array, ep
   c = iterate(_apgd_body, s, (x, y, targets, eps, key_grad), carry, n_iter, use_host_loop(host_loop))
   x_adv = where_per_example(c['robust'], c['x_best'], c['x_best_adv'])
   return ApgdResult(jax.lax.stop_gradient(x_adv), c['robust'], c['loss_best'], c['trace'])
-
-
-def apgd_ce(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array, eps: float = 8 / 255,
-            n_iter: int = 100, rho: float = 0.75, eot_iter: int = 1, stochastic: bool = False,
-            host_loop: Optional[bool] = None) -> jax.Array:
-  """APGD on the cross-entropy (AutoAttack's APGD-CE); returns the adversarial images."""
-  return apgd_run(logits_fn, x, y, key, eps, n_iter, 'ce', None, rho, 0.75, eot_iter,
-                  stochastic, host_loop).x_adv
-
-
-def apgd_dlr(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array, eps: float = 8 / 255,
-             n_iter: int = 100, rho: float = 0.75, eot_iter: int = 1, stochastic: bool = False,
-             host_loop: Optional[bool] = None) -> jax.Array:
-  """APGD on the untargeted DLR loss (the 'rand' version's second attack)."""
-  return apgd_run(logits_fn, x, y, key, eps, n_iter, 'dlr', None, rho, 0.75, eot_iter,
-                  stochastic, host_loop).x_adv
-
-
-def apgd_t(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array, eps: float = 8 / 255,
-           n_iter: int = 100, n_target_classes: int = 9, rho: float = 0.75,
-           host_loop: Optional[bool] = None) -> jax.Array:
-  """APGD-T: APGD on the targeted DLR loss for the top `n_target_classes` other classes.
-
-  Target ranks 2, 3, ... of the clean logits are tried in turn; a point keeps the
-  first adversarial image found. The batch keeps its shape (points already
-  fooled are recomputed and ignored); `runner.run_autoattack` compacts instead.
-  """
-  x_adv, robust = x, jnp.ones(x.shape[:1], bool)
-  for rank in range(2, n_target_classes + 2):
-    result = apgd_run(logits_fn, x, y, jax.random.fold_in(key, rank), eps, n_iter, 'dlr-targeted',
-                      rank, rho, host_loop=host_loop)
-    fooled = robust & ~result.robust
-    x_adv = where_per_example(fooled, result.x_adv, x_adv)
-    robust = robust & result.robust
-  return x_adv

@@ -125,23 +125,3 @@ def fab_targeted_run(logits_fn: Callable, x: jax.Array, y: jax.Array, target_ran
   target, carry = jit_call(_fab_init, s, x, jnp.asarray(target_rank, jnp.int32))
   _, adv, best = iterate(_fab_body, s, (x, y, target), carry, n_iter, use_host_loop(host_loop))
   return jax.lax.stop_gradient(adv.reshape(x.shape)), best
-
-
-def fab_t(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array = None,
-          eps: float = 8 / 255, n_iter: int = 100, n_target_classes: int = 9,
-          alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9,
-          host_loop: Optional[bool] = None) -> jax.Array:
-  """FAB-T, l_inf: minimal adversarial images for targets of clean rank 2..n_target_classes+1.
-
-  A point takes the first target's result whose norm is within `eps`; others
-  return x. `key` is unused (one restart without random start is deterministic)
-  and accepted for the common attack interface.
-  """
-  del key
-  x_adv, robust = x, jnp.ones(x.shape[:1], bool)
-  for rank in range(2, n_target_classes + 2):
-    adv, norm = fab_targeted_run(logits_fn, x, y, rank, n_iter, alpha_max, eta, beta, host_loop)
-    fooled = robust & (norm <= eps)
-    x_adv = where_per_example(fooled, adv, x_adv)
-    robust = robust & ~fooled
-  return x_adv
