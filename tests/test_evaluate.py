@@ -2,8 +2,12 @@
 import json
 import os
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
+from jeat_jax import data as data_lib
 from jeat_jax import evaluate, train
 from tests.conftest import smoke_config
 
@@ -55,3 +59,69 @@ def test_autoattack_on_a_subset(trained_workdir):
   assert [s['name'] for s in aa['stages']] == ['clean', 'apgd-ce', 'apgd-t', 'fab-t', 'square']
   accs = [s['robust_accuracy'] for s in aa['stages']]
   assert accs == sorted(accs, reverse=True) and accs[-1] == aa['robust_accuracy']
+
+
+# ----------------------------------------------------------------------------- the audit
+
+AUDIT_IMAGES = np.full((16, 8, 8, 3), 128, np.uint8)   # mid-grey, as uint8 like the test set
+
+
+def _linear(x):
+  """An honest model: logits linear in the pixels, so PGD's sign steps break it."""
+  w = jax.random.normal(jax.random.PRNGKey(0), (8 * 8 * 3, 10))
+  return x.reshape(x.shape[0], -1) @ w
+
+
+def _masked(x):
+  """Gradient masking: no gradient, and class 0 only for images of pixel std below 1/255
+  or above 0.2. PGD stays at its random start, so only a large eps (std eps / sqrt(3))
+  is 'robust' again: robust accuracy 0 at eps 8..64/255 and 1 at 128/255."""
+  std = jnp.std(x.reshape(x.shape[0], -1), axis=-1)
+  is_zero = (std < 1 / 255) | (std > 0.2)
+  return jax.lax.stop_gradient(jnp.stack([10.0 * is_zero] + [jnp.full_like(std, 5.0)] * 9, -1))
+
+
+def _noisy(x):
+  """Random at test time: a new constant on every eager call (traced once under jit)."""
+  return _linear(x) + float(np.random.default_rng().normal())
+
+
+def _softmax(x):
+  return jax.nn.softmax(_linear(x))
+
+
+def _autoattack_record(square):
+  stages = [('clean', 1.0), ('apgd-ce', 0.5), ('apgd-t', 0.5), ('fab-t', 0.5), ('square', square)]
+  return {'name': 'autoattack', 'stages': [{'name': n, 'robust_accuracy': a} for n, a in stages]}
+
+
+def _audit(logits_fn, records=()):
+  from jeat_jax import parallel  # pylint: disable=g-import-not-at-top
+  cfg = smoke_config('natural').eval
+  cfg.pgd_steps_scale, cfg.batch_size, cfg.audit_num_examples = 1.0, 16, 16
+  y = np.asarray(jnp.argmax(logits_fn(data_lib.to_float(jnp.asarray(AUDIT_IMAGES))), -1))
+  warnings, sweep = evaluate.audit(cfg, logits_fn, parallel.make_mesh(), AUDIT_IMAGES, y,
+                                   list(records), jax.random.PRNGKey(0))[:2]
+  return warnings, sweep
+
+
+def test_audit_is_quiet_on_an_honest_model():
+  warnings, sweep = _audit(_linear, [_autoattack_record(square=0.499)])  # Square: -0.001
+  assert warnings == [] and list(sweep) == [8, 16, 32, 64, 128]
+  assert sweep[128] == 0.0
+
+
+@pytest.mark.parametrize('logits_fn,square,needles', [
+    (_linear, 0.45, ['the black-box Square attack lowered robust accuracy from 0.5000 to 0.4500']),
+    (_masked, None, ['PGD-20 robust accuracy is still 1.000 at eps 128/255',
+                     'robust accuracy rises with eps']),
+    (_noisy, None, ['the model output is not deterministic']),
+    (_softmax, None, ['the model returns probabilities instead of logits']),
+], ids=['square_beats_white_box', 'masked_gradient', 'random_output', 'probabilities'])
+def test_audit_warns_on_each_sign_of_masking(logits_fn, square, needles):
+  records = [_autoattack_record(square)] if square is not None else []
+  warnings, sweep = _audit(logits_fn, records)
+  for needle in needles:
+    assert sum(needle in w for w in warnings) == 1, (needle, warnings)
+  if logits_fn is _masked:
+    assert sweep == {8: 0.0, 16: 0.0, 32: 0.0, 64: 0.0, 128: 1.0}

@@ -118,14 +118,16 @@ def test_single_step_recipes_watch_robustness_by_default():
   assert jeat.get_config().robust_watch.num_examples == 512
 
 
-def _tensorboard_scalars(workdir, tag):
+def tensorboard_scalars(workdir):
+  """{tag: {step: value}} of every scalar in the TensorBoard files of `workdir`."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   values = {}
-  for path in glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
+  for path in sorted(glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))):
     for event in tf.compat.v1.train.summary_iterator(path):
       for v in event.summary.value:
-        if v.tag == tag:
-          values[event.step] = float(tf.make_ndarray(v.tensor)) if v.HasField('tensor') else v.simple_value
+        value = tf.make_ndarray(v.tensor) if v.HasField('tensor') else np.float32(v.simple_value)
+        if value.dtype.kind == 'f' and value.size == 1:   # not images, nor hparams
+          values.setdefault(v.tag, {})[event.step] = float(value)
   return values
 
 
@@ -133,7 +135,7 @@ def test_robust_watch_logs_and_keeps_the_best_state(tmp_path, data_path):
   workdir = str(tmp_path / 'w')
   config = smoke_config('fast', data_path, eval_every_steps=2, **{'robust_watch.enabled': True})
   results = train.train_and_evaluate(config, workdir)
-  logged = _tensorboard_scalars(workdir, 'robust_watch_accuracy')
+  logged = tensorboard_scalars(workdir)['robust_watch_accuracy']
   assert sorted(logged) == [2, 4]
   best = json.loads((tmp_path / 'w' / 'best' / 'robust_watch.json').read_text())
   assert best == results['robust_watch_best']

@@ -3,10 +3,15 @@ import jax
 import numpy as np
 import pytest
 
+from jeat_jax import checkpoint as ckpt_lib
+from jeat_jax import evaluate
 from jeat_jax import train
 from jeat_jax.config_validation import RECIPES
 from tests.conftest import smoke_config, write_synthetic_npz
+from tests.test_long_runs import tensorboard_scalars
 from tests.test_train import _assert_trees_equal, resume_matches_uninterrupted
+
+DYNAMICS = ('dx_energy_xy', 'dtheta_energy_xy', 'dx_energy_x', 'dtheta_energy_x')
 
 
 @pytest.fixture(scope='module')
@@ -14,12 +19,63 @@ def data_path(tmp_path_factory):
   return write_synthetic_npz(tmp_path_factory.mktemp('d') / 'data.npz', n_train=256, n_test=32)
 
 
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, data_path):
+  """recipe -> (config, workdir, results) of its smoke run, trained once per module, with
+  the Eq. 15 energy changes logged every 2 steps."""
+  runs = {}
+
+  def get(recipe):
+    if recipe not in runs:
+      config = smoke_config(recipe, data_path, dynamics_every_steps=2)
+      workdir = str(tmp_path_factory.mktemp(recipe))
+      runs[recipe] = config, workdir, train.train_and_evaluate(config, workdir)
+    return runs[recipe]
+  return get
+
+
+def _checkpoint(workdir, config, step=None):
+  manager = ckpt_lib.Checkpointer(workdir, config, for_training=False)._manager  # pylint: disable=protected-access
+  return manager.restore(step or manager.latest_step())
+
+
 @pytest.mark.parametrize('recipe', [r for r in RECIPES if r not in ('natural', 'noise')])
-def test_recipe_smoke_trains(tmp_path, data_path, recipe):
-  results = train.train_and_evaluate(smoke_config(recipe, data_path), str(tmp_path))
+def test_recipe_smoke_trains(trained, recipe):
+  config, workdir, results = trained(recipe)
   assert results['step'] == 4 and results['config'] == recipe
-  if recipe != 'jem':  # adversarial recipes report PGD-10 robustness
-    assert 0.0 <= results['robust_accuracy_pgd10'] <= 1.0
+  # Steps 3 and 4 moved the parameters and left them finite.
+  at_2, at_4 = _checkpoint(workdir, config, 2)['params'], _checkpoint(workdir, config, 4)['params']
+  assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(at_4))
+  assert any(np.abs(np.asarray(a) - np.asarray(b)).max() > 0
+             for a, b in zip(jax.tree.leaves(at_2), jax.tree.leaves(at_4)))
+  if recipe == 'jem':
+    return
+  # Adversarial recipes report PGD-10 robustness over the test examples; for one recipe
+  # with BatchNorm and one without, it is recomputed from the saved final state.
+  n = results['test_examples']
+  correct = results['robust_accuracy_pgd10'] * n
+  assert correct == pytest.approx(round(correct))
+  if recipe in ('at', 'jeat'):
+    model, state, ds, mesh = train.load_trained(config, workdir)
+    logits_fn = train.make_logits_fn(model, state.params, state.batch_stats, 'running')
+    robust = evaluate.robust_accuracy_pgd(logits_fn, mesh, ds.x_test[:n], ds.y_test[:n],
+                                          config.eval.batch_size, jax.random.PRNGKey(config.seed))
+    assert results['robust_accuracy_pgd10'] == robust
+
+
+def test_energy_dynamics_are_logged(trained):
+  """Eq. 15's Delta_x and Delta_theta of E(x, y) and E(x) (mean and std over the batch),
+  every `dynamics_every_steps` = 2 steps of the 4, finite; the attack changes the energies."""
+  _, workdir, _ = trained('at')
+  logged = tensorboard_scalars(workdir)
+  for name in DYNAMICS:
+    for stat in ('mean', 'std'):
+      values = logged[f'{name}_{stat}']
+      assert sorted(values) == [2, 4], (name, stat, values)
+      assert all(np.isfinite(v) for v in values.values())
+      if stat == 'std':
+        assert all(v >= 0 for v in values.values())
+  assert all(abs(v) > 1e-6 for v in logged['dx_energy_xy_mean'].values())
 
 
 def test_jeat_resume_is_bitwise_identical_with_buffer(tmp_path, data_path):
@@ -27,33 +83,55 @@ def test_jeat_resume_is_bitwise_identical_with_buffer(tmp_path, data_path):
   _assert_trees_equal(a['extra']['buffer'], b['extra']['buffer'])
 
 
-def test_nan_is_rolled_back_and_run_finishes(tmp_path, data_path):
+def _recording_rollbacks(monkeypatch):
+  """train.rollback, recording (as numpy: the train step donates it) each state it returns."""
+  states, rollback = [], train.rollback
+
+  def recorded(*args):
+    state = rollback(*args)
+    states.append(jax.tree.map(np.array, dict(step=state.step, params=state.params,
+                                              extra=state.extra, rng=state.rng)))
+    return state
+  monkeypatch.setattr(train, 'rollback', recorded)
+  return states
+
+
+def test_nan_is_rolled_back_and_run_finishes(tmp_path, data_path, monkeypatch):
+  """NaN parameters before step 2 (found at step 3): the state goes back to the step-2
+  checkpoint with a new random stream, and the run finishes with finite losses."""
+  rollbacks = _recording_rollbacks(monkeypatch)
   config = smoke_config('jeat', data_path, debug_inject_nan_at_steps=(2,), log_every_steps=1)
-  results = train.train_and_evaluate(config, str(tmp_path))
+  workdir = str(tmp_path / 'w')
+  results = train.train_and_evaluate(config, workdir)
   assert results['step'] == 4 and results['divergence_rollbacks'] == 1
   assert np.isfinite(results['test_accuracy'])
+  [state] = rollbacks
+  saved, final = _checkpoint(workdir, config, 2), _checkpoint(workdir, config, 4)
+  assert int(state['step']) == 2
+  _assert_trees_equal(state['params'], saved['params'])
+  _assert_trees_equal(state['extra'], saved['extra'])
+  assert not np.array_equal(state['rng'], np.asarray(saved['rng']))   # a new stream,
+  np.testing.assert_array_equal(np.asarray(final['rng']), state['rng'])  # kept to the end
+  assert np.asarray(final['divergence']).tolist() == [0, 1, 1]
+  logged = tensorboard_scalars(workdir)
+  assert logged['divergence_rollbacks'] == {3: 1.0}
+  assert sorted(logged['loss']) == [1, 2, 3, 4] and np.isfinite(list(logged['loss'].values())).all()
+  assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(final['params']))
 
 
-def test_divergence_gives_up_after_max_retries(tmp_path, data_path):
+def test_divergence_gives_up_after_max_retries(tmp_path, data_path, monkeypatch):
+  rollbacks = _recording_rollbacks(monkeypatch)
   config = smoke_config('natural', data_path, log_every_steps=1, **{'optimizer.lr': 1e30,
                                                                    'divergence.max_retries': 1})
-  with pytest.raises(train.TrainingDiverged, match='after 1 rollbacks'):
+  with pytest.raises(train.TrainingDiverged,
+                     match=r'training diverged at step \d+ .* after 1 rollbacks'):
     train.train_and_evaluate(config, str(tmp_path))
-
-
-def test_energy_dynamics_are_logged(tmp_path, data_path):
-  config = smoke_config('at', data_path, dynamics_every_steps=2)
-  train.train_and_evaluate(config, str(tmp_path))
-  # clu's logging writer echoes scalars to the log; the TensorBoard file holds them too.
-  import glob
-  assert glob.glob(str(tmp_path / 'events.out.tfevents.*'))
+  assert len(rollbacks) == 1 and not (tmp_path / 'results.json').exists()
 
 
 def test_free_replays_unrolled_equal_scanned():
   """`perturbation.unroll` > 1 unrolls Free AT's m replays; the update is the same."""
-  import jax
   import jax.numpy as jnp
-  import numpy as np
   from jeat_jax import models
 
   def one_step(unroll):
