@@ -183,8 +183,11 @@ def test_two_processes_killed_resumed_match_one_process(tmp_path, data_path, jax
   with 2 CPU devices (the same 2-shard mesh and replay buffer): the parameters,
   optimizer state, replay buffer and rng must be bitwise equal. Exact, because an
   all-reduce over 2 devices adds 2 numbers, and a + b == b + a in IEEE arithmetic.
+  With BatchNorm (JEAT's smoke WRN has none): its running statistics, which train-mode
+  BatchNorm never reads, must be restored and equal too.
   """
-  common = [f'--data={data_path}', f'--overrides={json.dumps(OVERRIDES)}', '--mode=train']
+  overrides = {**OVERRIDES, 'model.norm': 'batch'}
+  common = [f'--data={data_path}', f'--overrides={json.dumps(overrides)}', '--mode=train']
   multi, single = tmp_path / 'multi', tmp_path / 'single'
 
   def launch_pair(name, *extra):
@@ -223,7 +226,9 @@ def test_two_processes_killed_resumed_match_one_process(tmp_path, data_path, jax
   step_single, single_state = restore_on_one_device(str(single))
   assert step_multi == step_single == 4
   assert multi_state['extra']['buffer'].shape == (2, 32, 32, 32, 3)
-  for part in ('params', 'opt_state', 'extra', 'rng', 'step'):
+  assert set(multi_state) == set(single_state) == {
+      'step', 'params', 'batch_stats', 'opt_state', 'rng', 'extra', 'divergence'}
+  for part in multi_state:
     leaves_m, leaves_s = jax.tree.leaves(multi_state[part]), jax.tree.leaves(single_state[part])
     assert len(leaves_m) == len(leaves_s) > 0, part
     for a, b in zip(leaves_m, leaves_s):

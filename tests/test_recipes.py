@@ -35,7 +35,8 @@ def trained(tmp_path_factory, data_path):
 
 
 def _checkpoint(workdir, config, step=None):
-  manager = ckpt_lib.Checkpointer(workdir, config, for_training=False)._manager  # pylint: disable=protected-access
+  checkpointer = ckpt_lib.Checkpointer(workdir, config, for_training=False)
+  manager = checkpointer._manager  # pylint: disable=protected-access
   return manager.restore(step or manager.latest_step())
 
 
