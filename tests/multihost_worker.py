@@ -229,8 +229,8 @@ def train_run(args):
   if args.exit_after_checkpoint > 0:
     save = ckpt_lib.Checkpointer.save
 
-    def save_then_die(self, state):
-      save(self, state)
+    def save_then_die(self, state, **kwargs):
+      save(self, state, **kwargs)
       if int(state.step) == args.exit_after_checkpoint:
         print(f'process {jax.process_index()}: checkpoint {args.exit_after_checkpoint} '
               'written, exiting hard', flush=True)
