@@ -142,3 +142,44 @@ def test_buffer_write_back_goes_to_the_drawn_slots_of_each_shard():
       assert float(new[shard, slots[shard, j], 0, 0, 0]) == float(values[shard * 2 + j, 0, 0, 0]) \
           or int(jnp.sum(slots[shard] == slots[shard, j])) > 1
   assert int(jnp.sum(new != 0)) <= 4
+
+
+def test_attacks_and_sgld_leave_batchnorm_statistics_untouched():
+  """Training's perturbations (PGD, the energy attack, TRADES' attack) and its SGLD
+  negatives, through the train step's logits function (`perturbation.bn_mode` 'batch'),
+  leave the running BatchNorm statistics as they were; they normalise with the batch's
+  own statistics, so their result does not depend on the running ones either."""
+  import copy
+  from jeat_jax import recipes
+  from jeat_jax import state as state_lib
+  from tests.conftest import smoke_config
+  model = WideResNet(depth=4, width=1, norm='batch')   # WRN-4-1: stem, BatchNorm, head
+  x = jax.random.uniform(jax.random.PRNGKey(0), (8, 8, 8, 3))
+  y = jnp.arange(8) % 10
+  variables = model.init(jax.random.PRNGKey(1), x)
+  params = variables['params']
+  running = jax.tree.map(lambda v: v + jax.random.uniform(jax.random.PRNGKey(2), v.shape),
+                         variables['batch_stats'])
+  config = smoke_config('jeat', None)
+  assert config.perturbation.bn_mode == 'batch'
+  cfgs = {name: copy.deepcopy(config.perturbation) for name in ('pgd', 'energy', 'trades_kl')}
+  for name, cfg in cfgs.items():
+    cfg.name = name
+  buffer = sampling.init_replay_buffer(jax.random.PRNGKey(3), 1, 16, x.shape[1:])
+
+  @jax.jit
+  def attacks_and_chain(batch_stats):
+    logits_fn = state_lib.make_logits_fn(model, params, batch_stats, config.perturbation.bn_mode)
+    key = jax.random.PRNGKey(4)
+    out = [recipes.perturb(cfg, logits_fn, x, y, key) for cfg in cfgs.values()]
+    return out + list(recipes.sample_negatives(config.sampler, logits_fn, buffer, 8, key))
+
+  before = jax.tree.map(np.array, running)
+  results = attacks_and_chain(running)
+  jax.tree.map(np.testing.assert_array_equal, running, before)
+  other_running = jax.tree.map(lambda v: 100.0 + 0.0 * v, running)
+  for a, b in zip(results, attacks_and_chain(other_running)):
+    np.testing.assert_array_equal(a, b)
+  # Not vacuous: a train-mode pass (the loss's) does move these statistics.
+  _, moved = state_lib.train_forward(model, params, running, x, jax.random.PRNGKey(5))
+  assert not any(np.allclose(a, b) for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(before)))
