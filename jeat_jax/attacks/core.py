@@ -110,12 +110,13 @@ def energy_attack(energy_xy_fn: Objective, x: jax.Array, key: jax.Array, eps: fl
                   unroll: int = 1) -> jax.Array:
   """The energy attack (Eq. 18; first block of Algorithms 1 and 2).
 
-  delta ~ U(-eps, eps); delta += step * sign(grad E(., y)); delta = clip(delta,
-  -eps, eps); x_adv = clip(x + delta, 0, 1). `energy_xy_fn(x) -> E(x, y)`.
-  The paper writes the gradient at x; FGSM-RS (Wong et al.), which this one-step
-  form follows, takes it at the random start x + delta: `grad_at_start=True`
-  (the default) does that, False takes the first gradient at x. More steps
-  repeat the ascent, each from the current point (PGD on E(x, y)).
+  delta ~ U(-eps, eps), with the start x + delta clipped to [0, 1]; delta +=
+  step * sign(grad E(., y)); delta = clip(delta, -eps, eps); x_adv = clip(x +
+  delta, 0, 1). `energy_xy_fn(x) -> E(x, y)`. The paper writes the gradient at
+  x; FGSM-RS (Wong et al.), which this one-step form follows (start clipped to
+  the pixel box as there), takes it at the start: `grad_at_start=True` (the
+  default) does that, False takes the first gradient at x. More steps repeat
+  the ascent, each from the current point (PGD on E(x, y)).
   """
   x_start = uniform_start(key, x, eps)
   return projected_ascent(energy_xy_fn, x, x_start, eps, step_size, num_steps,
