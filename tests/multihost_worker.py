@@ -168,9 +168,19 @@ def record_writes_under(directory: str) -> list:
 
   writing = lambda mode='r', *a, **k: any(c in mode for c in 'wax+')
   builtins.open = io.open = wrap(builtins.open, writing)
-  for name in ('makedirs', 'mkdir', 'replace', 'rename', 'remove'):
+  for name in ('makedirs', 'mkdir', 'remove'):
     setattr(os, name, wrap(getattr(os, name)))
+  for name in ('replace', 'rename'):  # both ends: an atomic write renames its temporary file
+    setattr(os, name, renaming(getattr(os, name), note))
   return attempts
+
+
+def renaming(fn, note):
+  def wrapped(src, dst, *args, **kwargs):
+    note(src)
+    note(dst)
+    return fn(src, dst, *args, **kwargs)
+  return wrapped
 
 
 def command_run(args):
