@@ -169,7 +169,7 @@ def sample_run(config, workdir: str) -> dict:
     x, y_global = parallel.global_batch(mesh, x0[mine], y[mine])
     batch_norms = []
     for piece in range(pieces):
-      out = gen(x, y_global, jax.random.fold_in(k_chain, piece))
+      out = gen(x, y_global, k_chain, first_step=piece * steps_per_call)  # one chain
       x, n = out if s.record_gradient_norms else (out, None)
       batch_norms.append(n)
       if piece + 1 < pieces:  # chains part-way: their share of the batch's images

@@ -116,9 +116,6 @@ def test_a_chain_in_pieces_is_the_whole_chain():
   np.testing.assert_allclose(np.concatenate(norms), whole_norms, rtol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason='generation.sample_run keys piece p with '
-                   'fold_in(k_chain, p) and restarts the step count in every piece; '
-                   'the pieces must pass k_chain and first_step=p * steps_per_call')
 def test_sampling_in_jitted_pieces_is_one_chain(tmp_path):
   """sample_run with `sample.steps_per_call` (jitted pieces of 2 steps) writes the images
   and gradient norms of ONE whole chain per batch: `sampling.generate` over all 4 steps
