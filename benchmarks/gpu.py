@@ -87,19 +87,24 @@ def peak_tflops(device_kind: str, dtype: str, override: float):
 
 @contextlib.contextmanager
 def unrolled_loops():
-  """Every `jax.lax.fori_loop` with static bounds fully unrolled while tracing (for FLOPs)."""
-  original = jax.lax.fori_loop
+  """Every `jax.lax.fori_loop` with static bounds and every `jax.lax.scan` (the SGLD chain,
+  Free AT's replays) fully unrolled while tracing (for FLOPs)."""
+  original_fori_loop, original_scan = jax.lax.fori_loop, jax.lax.scan
 
   def fori_loop(lower, upper, body_fun, init_val, **kwargs):
     if isinstance(lower, int) and isinstance(upper, int) and upper > lower:
       kwargs['unroll'] = True
-    return original(lower, upper, body_fun, init_val, **kwargs)
+    return original_fori_loop(lower, upper, body_fun, init_val, **kwargs)
 
-  jax.lax.fori_loop = fori_loop
+  def scan(f, init, xs=None, length=None, **kwargs):
+    kwargs['unroll'] = True
+    return original_scan(f, init, xs, length, **kwargs)
+
+  jax.lax.fori_loop, jax.lax.scan = fori_loop, scan
   try:
     yield
   finally:
-    jax.lax.fori_loop = original
+    jax.lax.fori_loop, jax.lax.scan = original_fori_loop, original_scan
 
 
 def flops_of(lowered) -> float:

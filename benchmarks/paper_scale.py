@@ -203,8 +203,6 @@ def unrolled_loops():
 def count_flops(config, mesh, args):
   """XLA's FLOPs of the step lowered with every loop unrolled; (flops, while loops left)."""
   counting = config.copy_and_resolve_references()
-  if counting.perturbation.name == 'free':  # Free AT's replays are a lax.scan: unroll it too
-    counting.perturbation.unroll = max(2, counting.perturbation.free_replays)
   model = models.create_model(counting.model, 10, jnp.dtype(counting.model.dtype))
   state, x, y = args
   fn = jax.jit(functools.partial(train.train_step, model=model, config=counting),
