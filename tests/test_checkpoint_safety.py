@@ -84,6 +84,7 @@ def resumed_on_fewer_devices(module_dir, data_path):
   return workdir, saved, second
 
 
+@pytest.mark.slow  # share a 4-device training subprocess
 def test_resume_on_fewer_devices_finishes(resumed_on_fewer_devices):
   workdir, saved, log = resumed_on_fewer_devices
   assert saved.shape == (4, 16, 32, 32, 3)
@@ -105,6 +106,7 @@ class ItemsState:
     return ItemsState(items=items)
 
 
+@pytest.mark.slow  # share a 4-device training subprocess
 def test_restore_onto_one_device_keeps_the_buffer_images(resumed_on_fewer_devices, data_path):
   """The step-2 checkpoint (4 shards) restored by Checkpointer onto this process's single
   device: the same 64 images, in the same order (so the same set)."""
@@ -203,6 +205,7 @@ def test_config_differences_ignore_run_length_and_eval():
       ('loss.gone', 1, '<absent>'), ('loss.new', '<absent>', 2), ('optimizer.lr', 0.1, 0.05)]
 
 
+@pytest.mark.slow  # share a 4-device training subprocess
 def test_resume_with_changed_hyperparameter_is_refused(resumed_on_fewer_devices, module_dir,
                                                        data_path):
   workdir, _, _ = resumed_on_fewer_devices

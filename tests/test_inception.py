@@ -109,6 +109,7 @@ def test_pytorch_fid_state_dict_loads(tmp_path, torchscript_path, variables):
   np.testing.assert_allclose(logits, feats @ fc_w.T + fc_b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # InceptionV3 in JAX and TorchScript
 def test_pool3_features_match_torchscript(torchscript_model, variables):
   """64 stand-in test images through both pipelines (resize + scaling + net).
 

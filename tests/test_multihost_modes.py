@@ -19,6 +19,8 @@ from tests.conftest import write_synthetic_npz
 from tests import test_parallel
 from tests.test_parallel import free_port
 
+pytestmark = pytest.mark.slow  # 2 processes x 2 devices against 1: minutes on 2 cores
+
 # A worker here runs several commands (the reference one trains, evaluates, samples, scores
 # and analyses: over 10 minutes on 2 cores shared with other jobs at load 17), longer than
 # test_parallel's; a hung collective still ends it, with every thread's stack in its log.

@@ -9,6 +9,7 @@ from tests.conftest import REPO, STANDIN, write_synthetic_npz
 NOTEBOOK = REPO / 'notebooks' / 'jeat_colab.ipynb'
 
 
+@pytest.mark.slow  # executes the whole notebook
 def test_colab_notebook_runs(tmp_path, monkeypatch):
   nbformat = pytest.importorskip('nbformat')
   nbclient = pytest.importorskip('nbclient')

@@ -39,6 +39,7 @@ def test_hand_count_matches_wrn_28_10():
   assert 11.5e9 < wrn_forward_flops(28, 10) < 12.3e9
 
 
+@pytest.mark.slow  # compiles and exports a train step for three platforms
 def test_paper_scale_jeat_tiny(tmp_path):
   data = write_synthetic_npz(tmp_path / 'data.npz', n_train=64, n_test=16)
   out = tmp_path / 'jeat.json'

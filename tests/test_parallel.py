@@ -98,6 +98,7 @@ def changed_entries(buffer, initial):
   return [shard[np.any(shard != initial, axis=(1, 2, 3))] for shard in buffer]
 
 
+@pytest.mark.slow  # subprocesses on simulated devices: minutes on 2 cores
 def test_eight_devices_match_one_device(tmp_path, data_path, jax_cache):
   """One train step on a mesh of 8 CPU devices and on a mesh of 1, same global batch of 16.
 
@@ -176,6 +177,7 @@ def restore_on_one_device(workdir):
   return step, jax.tree.map(np.asarray, checkpointer.restore(path, target))
 
 
+@pytest.mark.slow  # subprocesses on simulated devices: minutes on 2 cores
 def test_two_processes_killed_resumed_match_one_process(tmp_path, data_path, jax_cache):
   """JEAT smoke run (4 steps, global batch 16) by 2 processes with 1 CPU device each,
   joined by jax.distributed (gloo collectives): both exit hard right after the
@@ -269,6 +271,7 @@ def test_gpu_benchmark_counts_every_loop_iteration():
   assert gpu.peak_tflops('cpu', 'float32', 0.5)[0] == 0.5
 
 
+@pytest.mark.slow  # subprocesses on simulated devices: minutes on 2 cores
 def test_gpu_benchmark_runs_on_cpu(capsys):
   """benchmarks/gpu.py end to end on a tiny model: JEAT in bfloat16 (K = 2) and AutoAttack
   (quick settings); the table, MFU against --peak_tflops, and the projection."""

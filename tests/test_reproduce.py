@@ -10,6 +10,7 @@ from configs import at as at_config
 from jeat_jax import reproduce
 
 
+@pytest.mark.slow  # every stage of two runs
 def test_reproduce_smoke_writes_report_and_resumes(tmp_path):
   data = write_synthetic_npz(tmp_path / 'd.npz', n_train=256, n_test=32)
   root = str(tmp_path / 'repro')
