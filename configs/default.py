@@ -24,6 +24,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.augment = True           # reflect pad 4 + random crop + horizontal flip
 
   c.model = ml_collections.ConfigDict()
+  c.model.arch = 'wrn'            # wrn (WRN-depth-width) | resnet18 (depth, width unused)
   c.model.depth = 28
   c.model.width = 10
   c.model.norm = 'batch'          # none | batch | group
@@ -48,10 +49,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.optimizer.grad_clip_norm = 0.0
 
   c.schedule = ml_collections.ConfigDict()
-  c.schedule.name = 'multistep'   # constant | multistep | onecycle | cosine
+  c.schedule.name = 'multistep'   # constant | multistep | onecycle | cosine_onecycle | cosine
   c.schedule.decay_epochs = (100, 150)
   c.schedule.decay_factor = 0.1
-  c.schedule.peak_fraction = 0.4  # onecycle: where the lr peaks
+  c.schedule.peak_fraction = 0.4  # onecycle, cosine_onecycle: where the lr peaks
   c.schedule.warmup_steps = 0
 
   # What the loss sees instead of x (recipes.perturb).
@@ -85,6 +86,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict()
   c.loss.name = 'ce'              # ce | joint_energy | trades
   c.loss.trades_beta = 6.0
+  c.loss.weat_variant = 'nat'     # trades loss: CE on x ('nat': TRADES, WEAT_nat) or on x_adv ('adv')
+  c.loss.example_weights = 'uniform'  # uniform | inverse_softplus_energy (WEAT): per-example
+                                      # weights of the classification terms (recipes.example_weights)
   c.loss.energy_weight = 1.0
   c.loss.energy_l2 = 0.0          # > 0: + l2 * mean(E(x+)^2 + E(x-)^2) (Du & Mordatch; not the paper's)
 

@@ -7,7 +7,7 @@ from jeat_jax import data, models, recipes, sampling
 from jeat_jax.errors import ConfigError
 
 ATTACKS = ('fgsm', 'pgd20', 'pgd50', 'energy1', 'energyk', 'cw_l2', 'cw_linf', 'autoattack')
-RECIPES = ('natural', 'noise', 'at', 'prejeat', 'jeat', 'jem', 'trades', 'fast', 'free')
+RECIPES = ('natural', 'noise', 'at', 'prejeat', 'jeat', 'jem', 'trades', 'fast', 'free', 'weat')
 
 
 def _require(ok: bool, key: str, message: str, value) -> None:
@@ -55,6 +55,7 @@ def validate(config) -> None:
   _non_negative(config.data.train_subset, 'data.train_subset')
 
   m = config.model
+  _one_of(config, 'model.arch', models.ARCHS)
   _require(m.depth >= 10 and (m.depth - 4) % 6 == 0, 'model.depth', 'must be 6n + 4 with n >= 1',
            m.depth)
   _positive(m.width, 'model.width')
@@ -76,7 +77,8 @@ def validate(config) -> None:
   _require(0 <= o.momentum < 1, 'optimizer.momentum', 'must be in [0, 1)', o.momentum)
   _non_negative(o.weight_decay, 'optimizer.weight_decay')
   _non_negative(o.grad_clip_norm, 'optimizer.grad_clip_norm')
-  _one_of(config, 'schedule.name', ('constant', 'multistep', 'onecycle', 'cosine'))
+  _one_of(config, 'schedule.name', ('constant', 'multistep', 'onecycle', 'cosine_onecycle',
+                                          'cosine'))
   _positive(config.schedule.decay_factor, 'schedule.decay_factor')
   _require(0 < config.schedule.peak_fraction < 1, 'schedule.peak_fraction', 'must be in (0, 1)',
            config.schedule.peak_fraction)
@@ -112,6 +114,8 @@ def validate(config) -> None:
     _require(s.name != 'none', 'sampler.name', 'must be a sampler for loss.name=joint_energy', s.name)
   _non_negative(config.loss.trades_beta, 'loss.trades_beta')
   _non_negative(config.loss.energy_l2, 'loss.energy_l2')
+  _one_of(config, 'loss.weat_variant', ('nat', 'adv'))
+  _one_of(config, 'loss.example_weights', recipes.EXAMPLE_WEIGHTS)
 
   for key in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
               'max_checkpoints_to_keep'):

@@ -63,6 +63,8 @@ def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int) -> op
     schedule = optax.join_schedules(
         [optax.linear_schedule(0.0, lr, peak), optax.linear_schedule(lr, 0.0, max(1, total - peak))],
         [peak])
+  elif sched.name == 'cosine_onecycle':  # torch's OneCycleLR (WEAT): lr/25 -> lr -> lr/25e4, cosine
+    schedule = optax.cosine_onecycle_schedule(max(1, total), lr, sched.peak_fraction)
   elif sched.name == 'cosine':
     schedule = optax.cosine_decay_schedule(lr, max(1, total))
   else:

@@ -68,19 +68,27 @@ def recipe_loss(config, model, params, batch_stats, x, x_pos, y, x_neg, key):
   """The recipe's loss on one batch; returns (loss, (logits_pos, batch_stats, metrics))."""
   k1, k2 = jax.random.split(key)
   metrics = {}
+  weighting = config.loss.example_weights
   if config.loss.name == 'trades':
     logits_clean, batch_stats = train_forward(model, params, batch_stats, x, k1)
     logits_pos, batch_stats = train_forward(model, params, batch_stats, x_pos, k2)
-    loss = recipes.trades_loss(logits_clean, logits_pos, y, config.loss.trades_beta)
+    weights = recipes.example_weights(weighting, logits_clean)
+    loss = recipes.trades_loss(logits_clean, logits_pos, y, config.loss.trades_beta, weights,
+                               ce_on_adv=config.loss.weat_variant == 'adv')
   else:
+    weights = None
+    if weighting != 'uniform':  # natural logits; BatchNorm's statistics are not updated by them
+      weights = recipes.example_weights(weighting, make_logits_fn(model, params, batch_stats)(x))
     logits_pos, batch_stats = train_forward(model, params, batch_stats, x_pos, k1)
     if config.loss.name == 'joint_energy':
       logits_neg, batch_stats = train_forward(model, params, batch_stats, x_neg, k2)
       loss = recipes.joint_energy_loss(logits_pos, y, logits_neg, config.loss.energy_weight,
-                                        config.loss.energy_l2)
+                                        config.loss.energy_l2, weights)
       metrics['energy_x_neg'] = jnp.mean(energy.energy_x(logits_neg))
     else:
-      loss = recipes.ce_loss(logits_pos, y)
+      loss = recipes.ce_loss(logits_pos, y, weights)
+  if weights is not None:
+    metrics['example_weight_mean'] = jnp.mean(weights)
   metrics['energy_xy_pos'] = jnp.mean(energy.energy_xy(logits_pos, y))
   metrics['energy_x_pos'] = jnp.mean(energy.energy_x(logits_pos))
   return loss, (logits_pos, batch_stats, metrics)
