@@ -75,10 +75,12 @@ RUNS = (
     Run('fast', 'fast'),
     Run('free', 'free'),
     Run('weat', 'weat'),  # a successor (ECCV 2024): not in the paper, run when --runs names it
+    Run('ebjdat', 'ebjdat'),  # a successor (CVPR 2026): likewise
 )
 RUNS_BY_NAME = {r.name: r for r in RUNS}
-PAPER_RUNS = tuple(r.name for r in RUNS if r.name != 'weat')
-ADVERSARIAL = ('at', 'prejeat', 'jeat', 'trades', 'fast', 'free', 'weat')
+SUCCESSOR_RUNS = ('weat', 'ebjdat')  # not in the paper: run when --runs names them
+PAPER_RUNS = tuple(r.name for r in RUNS if r.name not in SUCCESSOR_RUNS)
+ADVERSARIAL = ('at', 'prejeat', 'jeat', 'trades', 'fast', 'free', 'weat', 'ebjdat')
 DYNAMICS_RUNS = ('at', 'jeat')  # Fig. 3 and 12 are of the PGD-AT model; JEAT beside it
 
 
@@ -91,6 +93,7 @@ DYNAMICS_RUNS = ('at', 'jeat')  # Fig. 3 and 12 are of the PGD-AT model; JEAT be
 CPU_TRAINING = {
     'noise8': {'num_epochs': 1}, 'noise16': {'num_epochs': 1}, 'noise24': {'num_epochs': 1},
     'trades': {'num_train_steps': 195}, 'weat': {'num_train_steps': 195},
+    'ebjdat': {'num_train_steps': 195},
     'fast': {'num_epochs': 1}, 'free': {'num_train_steps': 195},
 }
 CPU_ATTACKS = {'natural': 'pgd20,energyk', 'noise8': 'pgd20', 'noise16': 'pgd20',
