@@ -5,6 +5,7 @@ second (unaugmented) minibatch, SAM steps with the gradient at the perturbed wei
 its second pass leaves the BatchNorm running statistics alone. The smoke run of the recipe
 is test_recipes' (parametrized over config_validation.RECIPES)."""
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,8 @@ from jeat_jax import recipes
 from jeat_jax import sampling
 from jeat_jax import state as state_lib
 from jeat_jax import train
+from jeat_jax.config_validation import validate, with_overrides
+from jeat_jax.errors import ConfigError
 from tests.conftest import smoke_config
 
 LOGITS_DATA = np.array([[2.0, -1.0, 0.5], [-3.0, -2.5, -4.0]])
@@ -252,3 +255,25 @@ def test_config_follows_their_code():
   cpu = ebjdat.get_config('cpu')
   assert (cpu.model.depth, cpu.model.width, cpu.model.activation,
           cpu.model.input_normalization) == (10, 1, 'relu', 'meanstd')
+
+
+@pytest.mark.parametrize('key,value', [
+    ('data.energy_batch_size', -8), ('data.energy_noise_std', -0.1), ('sampler.reinit', 'pca'),
+    ('sampler.grad_clamp', -1.0), ('sampler.bn_mode', 'eval'), ('sampler.reinit_pool_size', 0),
+    ('perturbation.class_logit_sign', 2.0), ('perturbation.direction_weight', -1.0),
+    ('loss.ebjdat_weights', (1.0, 1.0)), ('optimizer.sam_rho', -0.5), ('sample.grad_clamp', -2.0),
+    ('loss.example_weights', 'inverse_softplus_energy')])
+def test_bad_values_are_refused_naming_the_key(key, value):
+  config = with_overrides(ebjdat.get_config('smoke'), {key: value})
+  with pytest.raises(ConfigError, match=re.escape(f'config.{key} ')):
+    validate(config)
+
+
+def test_sam_with_free_at_and_an_energy_batch_without_energy_loss_are_refused():
+  from configs import at, free  # pylint: disable=g-import-not-at-top
+  config = with_overrides(free.get_config('smoke'), {'optimizer.sam_rho': 0.5})
+  with pytest.raises(ConfigError, match=re.escape('config.optimizer.sam_rho ')):
+    validate(config)
+  config = with_overrides(at.get_config('smoke'), {'data.energy_batch_size': 8})
+  with pytest.raises(ConfigError, match=re.escape('config.data.energy_batch_size ')):
+    validate(config)
