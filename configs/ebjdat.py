@@ -17,11 +17,13 @@ Per step (`train.train_step`, no loop of its own):
   do we (`sampler.clip`). The 10 x 3072^2 Gaussians stay out of the TrainState: the state
   carries `sampler.reinit_pool_size` images pre-drawn from them (`extra['reinit_pool']`,
   sharded like the buffer), and re-initialisation draws from that pool;
+- x_q: as many chains as x+ has images (their sample_q draws args.batch_size = 64);
 - x~ (`perturbation.name = logit_direction`, BatchNorm running statistics): from
-  x + U(-eps, eps), 5 sign steps on f(x~)[y] + w || f(x)/|f(x)| - f(x~)/|f(x~)| ||^2, eps 8/255
+  x + U(-eps, eps), 5 sign steps on sum_i f(x~_i)[y_i] + ||f(x_i)/(|f(x_i)| + 1e-10) -
+  f(x~_i)/(|f(x~_i)| + 1e-10)||^2 (their `perceptionloss`: per-example normalisation, summed
+  over the micro-batch of 2 they attack in; `perturbation.direction_weight` = 1), eps 8/255
   and step 2/255 in THEIR units, i.e. 4/255 and 1/255 here (`perturbation.eps`,
-  `perturbation.step_size`). w = 0.5 (`perturbation.direction_weight`): their perceptual term
-  is a batch mean over the micro-batches of 2 in which they attack, the class term a sum.
+  `perturbation.step_size`).
   Code vs text: the code has no eps-ball projection, only the image box
   (`perturbation.project_eps = False`; True projects), and its class term RAISES f(x~)[y],
   lowering E(x~, y), where the text says energy ascent (`perturbation.class_logit_sign`:
@@ -30,7 +32,8 @@ Per step (`train.train_step`, no loop of its own):
   (`loss.ebjdat_weights`; the paper says 1/1/1);
 - SAM, adaptive, rho 2 (`optimizer.sam_rho`, `optimizer.sam_adaptive`): the second pass
   recomputes the loss at the perturbed weights on the same batches, x_q and x~, and its
-  BatchNorm statistics are discarded; base SGD 0.01, momentum 0.9, wd 5e-4, 1000 linear
+  BatchNorm statistics are discarded (theirs: `disable_running_stats`; their first pass also
+  adds l2_coeff (fp^2 + fq^2), with l2_coeff 0); base SGD 0.01, momentum 0.9, wd 5e-4, 1000 linear
   warm-up iterations, 200 epochs (the paper: 100), x0.2 at epochs 50, 100, 150.
 - WRN-28-10 with BatchNorm, leaky ReLU 0.2, [-1, 1] inputs: JEM's wideresnet, which
   SADA-JEM's `--model wrn --norm batch` builds (their models/wideresnet.py is not in the
@@ -62,7 +65,7 @@ def get_config(arg=None):
   c.perturbation.num_steps = 5
   c.perturbation.project_eps = False
   c.perturbation.class_logit_sign = 1.0
-  c.perturbation.direction_weight = 0.5
+  c.perturbation.direction_weight = 1.0
 
   c.sampler.name = 'sgld_buffer'
   c.sampler.bn_mode = 'batch'

@@ -168,8 +168,10 @@ def train_step(state: TrainState, x_uint8: jax.Array, y: jax.Array,
   sampler_logits = attack_logits
   if config.sampler.bn_mode != config.perturbation.bn_mode:
     sampler_logits = make_logits_fn(model, state.params, state.batch_stats, config.sampler.bn_mode)
+  # As many negatives as data in the energy terms: the energy batch where there is one.
+  num_neg = x.shape[0] if x_energy is None else x_energy.shape[0]
   x_neg, buffer = recipes.sample_negatives(config.sampler, sampler_logits,
-                                           state.extra.get('buffer'), x.shape[0], k_neg,
+                                           state.extra.get('buffer'), num_neg, k_neg,
                                            pool=state.extra.get('reinit_pool'))
   loss_fn = functools.partial(recipe_loss, config, model, batch_stats=state.batch_stats, x=x,
                               x_pos=x_pos, y=y, x_neg=x_neg, key=k_loss, x_energy=x_energy)

@@ -156,11 +156,11 @@ BATCH = 8
 
 @pytest.fixture(scope='module')
 def step_setup():
-  """ebjdat's smoke config on a WRN-4-1 with BatchNorm (batch 8, energy batch 8, plain SGD
+  """ebjdat's smoke config on a WRN-4-1 with BatchNorm (batch 8, energy batch 4, plain SGD
   inside SAM), a fresh state (buffer and pool uniform stand-ins for the class Gaussians),
   the step's inputs and its output."""
   config = smoke_config('ebjdat', batch_size=BATCH, **{
-      'model.depth': 4, 'data.energy_batch_size': BATCH, 'optimizer.momentum': 0.0,
+      'model.depth': 4, 'data.energy_batch_size': BATCH // 2, 'optimizer.momentum': 0.0,
       'optimizer.lr': 0.05, 'sampler.step_size': 50.0})
   assert config.optimizer.sam_rho == 2.0 and config.model.norm == 'batch'
   model = models.create_model(config.model, 10)
@@ -169,7 +169,8 @@ def step_setup():
   state = train.create_train_state(config, model, jax.random.PRNGKey(0), (32, 32, 3), tx, 1,
                                    starts)
   rng = np.random.default_rng(0)
-  x_u8, xe_u8 = (jnp.asarray(rng.integers(0, 256, (BATCH, 32, 32, 3), np.uint8)) for _ in 'ab')
+  x_u8, xe_u8 = (jnp.asarray(rng.integers(0, 256, (n, 32, 32, 3), np.uint8))
+                 for n in (BATCH, BATCH // 2))
   y = jnp.asarray(rng.permutation(10)[:BATCH], jnp.int32)
   step = jax.jit(functools.partial(train.train_step, model=model, config=config))
   new_state, metrics = step(state, x_u8, y, xe_u8)
@@ -187,16 +188,17 @@ def step_inputs(config, model, state, x_u8, y, xe_u8):
   running = state_lib.make_logits_fn(model, state.params, state.batch_stats, 'running')
   batch = state_lib.make_logits_fn(model, state.params, state.batch_stats, 'batch')
   x_pos = recipes.perturb(config.perturbation, running, x, y, k_pos)
-  x_neg, _ = recipes.sample_negatives(config.sampler, batch, state.extra['buffer'], BATCH, k_neg,
-                                      pool=state.extra['reinit_pool'])
+  # as many negatives as energy data
+  x_neg, _ = recipes.sample_negatives(config.sampler, batch, state.extra['buffer'],
+                                      xe_u8.shape[0], k_neg, pool=state.extra['reinit_pool'])
   return dict(x=x, x_energy=x_energy, x_pos=x_pos, x_neg=x_neg, k_loss=k_loss)
 
 
 def test_energy_terms_see_the_unaugmented_batch(step_setup):
   """The step's loss is the four terms by hand on train-mode logits of (x+ = the second
   batch, unaugmented, plus noise; x_q; the augmented batch; x~); E(x+) is not that of the
-  augmented batch."""
-  config, model, state, (x_u8, y, xe_u8), _, metrics = step_setup
+  augmented batch; there are as many negatives as x+."""
+  config, model, state, (x_u8, y, xe_u8), new_state, metrics = step_setup
   inp = step_inputs(config, model, state, x_u8, y, xe_u8)
   logits = {}
   bs = state.batch_stats
@@ -210,6 +212,10 @@ def test_energy_terms_see_the_unaugmented_batch(step_setup):
   np.testing.assert_allclose(metrics['energy_x_data'], np.mean(energy_by_hand(as_np['x_energy'])),
                              rtol=1e-5)
   assert abs(float(metrics['energy_x_data']) - np.mean(energy_by_hand(as_np['x']))) > 1e-4
+  # As many SGLD chains as energy data (their sample_q draws batch_size = |x+| chains): the
+  # step writes back at most that many buffer entries.
+  changed = np.any(np.asarray(new_state.extra['buffer'] != state.extra['buffer']), axis=(2, 3, 4))
+  assert 0 < changed.sum() <= xe_u8.shape[0] < x_u8.shape[0]
 
 
 def test_sam_step_uses_the_perturbed_gradient_and_keeps_first_pass_batch_stats(step_setup):
@@ -242,8 +248,8 @@ def test_config_follows_their_code():
   c = ebjdat.get_config()
   assert (c.batch_size, c.data.energy_batch_size, c.data.energy_noise_std) == (128, 64, 0.015)
   p = c.perturbation
-  assert (p.name, p.bn_mode, p.eps, p.step_size, p.num_steps, p.project_eps,
-          p.class_logit_sign) == ('logit_direction', 'running', 4 / 255, 1 / 255, 5, False, 1.0)
+  assert (p.name, p.bn_mode, p.eps, p.step_size, p.num_steps, p.project_eps, p.class_logit_sign,
+          p.direction_weight) == ('logit_direction', 'running', 4 / 255, 1 / 255, 5, False, 1.0, 1.0)
   assert (c.sampler.reinit, c.sampler.reinit_prob, c.sampler.buffer_size) == (
       'class_gaussian', 0.05, 10000)
   o, s = c.optimizer, c.schedule
