@@ -39,9 +39,8 @@ from jeat_jax.logs import format_eta
 # The run's state and model functions, importable from here as before (README, notebook).
 from jeat_jax.state import (  # pylint: disable=unused-import
     BEST_SUBDIR, TrainState, class_gaussian_starts, create_optimizer, create_train_state,
-    learning_rate_schedule,
-    load_trained, make_logits_fn, model_variables, state_shardings, train_forward,
-    updates_per_train_step, with_linear_warmup)
+    learning_rate_schedule, load_trained, make_logits_fn, model_variables, state_shardings,
+    train_forward, updates_per_train_step, with_linear_warmup)
 
 ROBUST_WATCH_RECORD = 'robust_watch.json'
 ENERGY_BATCH_SEED_OFFSET = 1_000_003  # the energy batch's order stream: seed + this
