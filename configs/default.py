@@ -22,8 +22,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.tfds_data_dir = ''
   c.data.train_subset = 0         # > 0: train on this many random training images
   c.data.augment = True           # reflect pad 4 + random crop + horizontal flip
+  c.data.energy_batch_size = 0    # > 0: a second, unaugmented batch of this size per step (its own
+                                  # order stream) for the energy terms (EB-JDAT: 64); 0: off
+  c.data.energy_noise_std = 0.0   # N(0, s^2) added to that batch, unclipped ([0, 1] units)
 
   c.model = ml_collections.ConfigDict()
+  c.model.arch = 'wrn'            # wrn (WRN-depth-width) | resnet18 (depth, width unused)
   c.model.depth = 28
   c.model.width = 10
   c.model.norm = 'batch'          # none | batch | group
@@ -46,12 +50,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.optimizer.b2 = 0.999
   c.optimizer.weight_decay = 5e-4
   c.optimizer.grad_clip_norm = 0.0
+  c.optimizer.sam_rho = 0.0       # > 0: SAM around the optimizer (jeat_jax/sam.py), ball radius rho
+  c.optimizer.sam_adaptive = True # SAM: adaptive (ASAM, |w|-scaled ball) or plain
 
   c.schedule = ml_collections.ConfigDict()
-  c.schedule.name = 'multistep'   # constant | multistep | onecycle | cosine
+  c.schedule.name = 'multistep'   # constant | multistep | onecycle | cosine_onecycle | cosine
   c.schedule.decay_epochs = (100, 150)
   c.schedule.decay_factor = 0.1
-  c.schedule.peak_fraction = 0.4  # onecycle: where the lr peaks
+  c.schedule.peak_fraction = 0.4  # onecycle, cosine_onecycle: where the lr peaks
   c.schedule.warmup_steps = 0
 
   # What the loss sees instead of x (recipes.perturb).
@@ -64,7 +70,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.perturbation.grad_at_start = True  # energy attack: gradient at x + delta (FGSM-RS) or at x
   c.perturbation.sigma = 0.0      # gaussian noise std, [0, 1] pixel units
   c.perturbation.free_replays = 8
-  c.perturbation.bn_mode = 'batch'  # BatchNorm inside attacks/SGLD: batch | running
+  c.perturbation.bn_mode = 'batch'  # BatchNorm inside attacks: batch | running
+  c.perturbation.project_eps = True  # logit_direction: project onto the eps-ball (else [0, 1] only)
+  c.perturbation.class_logit_sign = 1.0  # logit_direction: sign of its f(x~)[y] term
+  c.perturbation.direction_weight = 1.0  # logit_direction: weight of its logit-direction term
   c.perturbation.unroll = 1       # > 1 unrolls attack loops (XLA:CPU runs conv gradients in
                                   # while loops on a slow path; the :cpu configs unroll fully)
 
@@ -80,12 +89,23 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.sampler.buffer_size = 10000
   c.sampler.reinit_prob = 0.05
   c.sampler.init_range = (0.0, 1.0)
+  c.sampler.reinit = 'uniform'    # fresh chain starts: uniform (U(init_range)) | class_gaussian
+                                  # (N(mu_c, Sigma_c) of the train set, a random class per entry;
+                                  # the buffer is initialised from it too)
+  c.sampler.reinit_pool_size = 10000  # class_gaussian: images pre-drawn at state creation
+  c.sampler.grad_clamp = 0.0      # > 0: clamp grad_x E to [-c, c] in each step (EB-JDAT); 0: off
+  c.sampler.bn_mode = 'batch'     # BatchNorm inside the chain: batch | running
   c.sampler.unroll = 1            # > 1 unrolls the SGLD loop (faster on XLA:CPU)
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = 'ce'              # ce | joint_energy | trades
   c.loss.trades_beta = 6.0
+  c.loss.weat_variant = 'nat'     # trades loss: CE on x ('nat': TRADES, WEAT_nat) or on x_adv ('adv')
+  c.loss.example_weights = 'uniform'  # uniform | inverse_softplus_energy (WEAT): per-example
+                                      # weights of the classification terms (recipes.example_weights)
   c.loss.energy_weight = 1.0
+  c.loss.ebjdat_weights = (1.0, 1.0, 0.1, 1.0)  # ebjdat: [E(x+) - E(x_q)], CE(x_lab),
+                                                # [E(x+) - E(x~)], CE(x~)
   c.loss.energy_l2 = 0.0          # > 0: + l2 * mean(E(x+)^2 + E(x-)^2) (Du & Mordatch; not the paper's)
 
   c.divergence = ml_collections.ConfigDict()
@@ -157,6 +177,7 @@ def apply_scale(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict:
     c.eval_every_steps = 4
     c.checkpoint_every_steps = 2
     c.sampler.buffer_size = 64
+    c.sampler.reinit_pool_size = 64
     c.sampler.num_steps = 2
     c.perturbation.num_steps = min(c.perturbation.num_steps, 2)
     c.perturbation.free_replays = 2
@@ -210,6 +231,7 @@ def add_sample_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   c.sample.step_size = 1.0
   c.sample.noise_std = 0.01
   c.sample.clip = True             # keep chains in [0, 1]
+  c.sample.grad_clamp = 0.0        # > 0: clamp each gradient entry to [-c, c] (EB-JDAT's chain)
   c.sample.batch_size = 250
   c.sample.record_gradient_norms = True
   c.sample.gaussian_cache = ''     # the class Gaussians' fit; '': <workdir>/class_gaussian_*.npz

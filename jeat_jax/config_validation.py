@@ -7,7 +7,8 @@ from jeat_jax import data, models, recipes, sampling
 from jeat_jax.errors import ConfigError
 
 ATTACKS = ('fgsm', 'pgd20', 'pgd50', 'energy1', 'energyk', 'cw_l2', 'cw_linf', 'autoattack')
-RECIPES = ('natural', 'noise', 'at', 'prejeat', 'jeat', 'jem', 'trades', 'fast', 'free')
+RECIPES = ('natural', 'noise', 'at', 'prejeat', 'jeat', 'jem', 'trades', 'fast', 'free', 'weat',
+           'ebjdat')
 
 
 def _require(ok: bool, key: str, message: str, value) -> None:
@@ -53,8 +54,17 @@ def validate(config) -> None:
     _require(bool(config.data.path), 'data.path', 'must name an .npz file for data.source=npz',
              config.data.path)
   _non_negative(config.data.train_subset, 'data.train_subset')
+  devices = jax.device_count()
+  eb = config.data.energy_batch_size
+  _require(eb >= 0 and eb % devices == 0, 'data.energy_batch_size',
+           f'must be 0 (off) or > 0 and divisible by the {devices} devices', eb)
+  _non_negative(config.data.energy_noise_std, 'data.energy_noise_std')
+  if eb > 0:
+    _require(config.loss.name in ('joint_energy', 'ebjdat'), 'data.energy_batch_size',
+             'needs an energy loss (loss.name joint_energy or ebjdat) to use its batch', eb)
 
   m = config.model
+  _one_of(config, 'model.arch', models.ARCHS)
   _require(m.depth >= 10 and (m.depth - 4) % 6 == 0, 'model.depth', 'must be 6n + 4 with n >= 1',
            m.depth)
   _positive(m.width, 'model.width')
@@ -65,7 +75,6 @@ def validate(config) -> None:
   _require(0 <= m.dropout_rate < 1, 'model.dropout_rate', 'must be in [0, 1)', m.dropout_rate)
 
   _positive(config.batch_size, 'batch_size')
-  devices = jax.device_count()
   _require(config.batch_size % devices == 0, 'batch_size',
            f'must be divisible by the {devices} devices', config.batch_size)
   _positive(config.num_epochs, 'num_epochs')
@@ -76,7 +85,15 @@ def validate(config) -> None:
   _require(0 <= o.momentum < 1, 'optimizer.momentum', 'must be in [0, 1)', o.momentum)
   _non_negative(o.weight_decay, 'optimizer.weight_decay')
   _non_negative(o.grad_clip_norm, 'optimizer.grad_clip_norm')
-  _one_of(config, 'schedule.name', ('constant', 'multistep', 'onecycle', 'cosine'))
+  _non_negative(o.sam_rho, 'optimizer.sam_rho')
+  _require(isinstance(o.sam_adaptive, bool), 'optimizer.sam_adaptive', 'must be True or False',
+           o.sam_adaptive)
+  if o.sam_rho > 0:
+    _require(config.perturbation.name != 'free', 'optimizer.sam_rho',
+             'must be 0 with perturbation.name=free (its replays update without a second pass)',
+             o.sam_rho)
+  _one_of(config, 'schedule.name', ('constant', 'multistep', 'onecycle', 'cosine_onecycle',
+                                          'cosine'))
   _positive(config.schedule.decay_factor, 'schedule.decay_factor')
   _require(0 < config.schedule.peak_fraction < 1, 'schedule.peak_fraction', 'must be in (0, 1)',
            config.schedule.peak_fraction)
@@ -91,6 +108,12 @@ def validate(config) -> None:
   _positive(p.free_replays, 'perturbation.free_replays')
   _one_of(config, 'perturbation.bn_mode', ('batch', 'running'))
   _positive(p.unroll, 'perturbation.unroll')
+  _require(isinstance(p.project_eps, bool), 'perturbation.project_eps', 'must be True or False',
+           p.project_eps)
+  _require(p.class_logit_sign in (-1.0, 0.0, 1.0), 'perturbation.class_logit_sign',
+           'must be +1 (raise f(x~)[y], their code), -1 (energy ascent, their text) or 0',
+           p.class_logit_sign)
+  _non_negative(p.direction_weight, 'perturbation.direction_weight')
 
   s = config.sampler
   _one_of(config, 'sampler.name', recipes.SAMPLERS)
@@ -103,6 +126,13 @@ def validate(config) -> None:
   _require(len(s.init_range) == 2 and s.init_range[0] < s.init_range[1], 'sampler.init_range',
            'must be (low, high) with low < high', s.init_range)
   _positive(s.unroll, 'sampler.unroll')
+  _non_negative(s.grad_clamp, 'sampler.grad_clamp')
+  _one_of(config, 'sampler.reinit', recipes.REINITS)
+  _one_of(config, 'sampler.bn_mode', ('batch', 'running'))
+  if s.name == 'sgld_buffer' and s.reinit == 'class_gaussian':
+    _require(s.reinit_pool_size > 0 and s.reinit_pool_size % devices == 0,
+             'sampler.reinit_pool_size', f'must be > 0 and divisible by the {devices} devices',
+             s.reinit_pool_size)
   if s.name == 'sgld_buffer':
     _require(s.buffer_size > 0 and s.buffer_size % devices == 0, 'sampler.buffer_size',
              f'must be > 0 and divisible by the {devices} devices', s.buffer_size)
@@ -112,6 +142,16 @@ def validate(config) -> None:
     _require(s.name != 'none', 'sampler.name', 'must be a sampler for loss.name=joint_energy', s.name)
   _non_negative(config.loss.trades_beta, 'loss.trades_beta')
   _non_negative(config.loss.energy_l2, 'loss.energy_l2')
+  _one_of(config, 'loss.weat_variant', ('nat', 'adv'))
+  _one_of(config, 'loss.example_weights', recipes.EXAMPLE_WEIGHTS)
+  w = config.loss.ebjdat_weights
+  _require(len(w) == 4 and all(v >= 0 for v in w), 'loss.ebjdat_weights',
+           'must be 4 weights >= 0 ([E(x+) - E(x_q)], CE(x), [E(x+) - E(x~)], CE(x~))', w)
+  if config.loss.name == 'ebjdat':
+    _require(s.name != 'none', 'sampler.name', 'must be a sampler for loss.name=ebjdat', s.name)
+    _require(config.loss.example_weights == 'uniform', 'loss.example_weights',
+             'must be uniform for loss.name=ebjdat (its terms are not weighted per example)',
+             config.loss.example_weights)
 
   for key in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
               'max_checkpoints_to_keep'):
@@ -135,6 +175,7 @@ def validate(config) -> None:
   _positive(s.num_samples, 'sample.num_samples')
   _positive(s.num_steps, 'sample.num_steps')
   _non_negative(s.step_size, 'sample.step_size')
+  _non_negative(s.grad_clamp, 'sample.grad_clamp')
   _non_negative(s.noise_std, 'sample.noise_std')
   _positive(s.batch_size, 'sample.batch_size')
   _positive(s.unroll, 'sample.unroll')

@@ -147,6 +147,7 @@ def sample_run(config, workdir: str) -> dict:
   gen = jax.jit(functools.partial(
       sampling.generate, logits_fn, objective=s.objective, num_steps=steps_per_call,
       step_size=s.step_size, noise_std=s.noise_std, clip=(0.0, 1.0) if s.clip else None,
+      grad_clamp=s.grad_clamp,
       record_gradient_norms=s.record_gradient_norms, unroll=s.unroll))
   batch_size = chain_batch_size(s.batch_size, mesh.size)
   if batch_size != s.batch_size:

@@ -1,4 +1,5 @@
-"""Pre-activation Wide ResNet (Zagoruyko & Komodakis), as used by JEM and the paper.
+"""Pre-activation Wide ResNet (Zagoruyko & Komodakis), as used by JEM and the paper, and the
+ResNet-18 (He et al.) of TRADES-style training and of WEAT.
 
 Images enter in [0, 1] (NHWC); the model normalises them itself, so every eps
 in the project is in [0, 1] pixel units. Normalisation layers, activation and
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 
+ARCHS = ('wrn', 'resnet18')
 NORMS = ('none', 'batch', 'group')
 ACTIVATIONS = ('relu', 'leaky_relu', 'swish')
 INPUT_NORMALIZATIONS = ('meanstd', 'minus_one_one', 'none')
@@ -67,6 +69,22 @@ class WideBasicBlock(nn.Module):
     return out + shortcut
 
 
+def norm_layer(norm: str, use_running_average: bool, dtype) -> Callable:
+  """A constructor of the configured normalisation layer (BatchNorm momentum 0.9 as torch's 0.1)."""
+  if norm == 'batch':
+    return functools.partial(nn.BatchNorm, use_running_average=use_running_average,
+                             momentum=0.9, epsilon=1e-5, dtype=dtype)
+  if norm == 'group':
+    return functools.partial(nn.GroupNorm, num_groups=16, dtype=dtype)
+  return Identity
+
+
+def float32_head(x, num_classes: int):
+  """Global average pooling and the classifier, in float32 (see WideResNet)."""
+  x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+  return nn.Dense(num_classes, dtype=jnp.float32, name='head')(x)
+
+
 class WideResNet(nn.Module):
   """WRN-depth-width; depth = 6n + 4. Returns float32 logits.
 
@@ -90,13 +108,7 @@ class WideResNet(nn.Module):
     (default: running averages unless `train`)."""
     if use_running_average is None:
       use_running_average = not train
-    if self.norm == 'batch':
-      norm = functools.partial(nn.BatchNorm, use_running_average=use_running_average,
-                               momentum=0.9, epsilon=1e-5, dtype=self.dtype)
-    elif self.norm == 'group':
-      norm = functools.partial(nn.GroupNorm, num_groups=16, dtype=self.dtype)
-    else:
-      norm = Identity
+    norm = norm_layer(self.norm, use_running_average, self.dtype)
     act = activation_fn(self.activation)
     n = (self.depth - 4) // 6
     widths: Sequence[int] = (16 * self.width, 32 * self.width, 64 * self.width)
@@ -109,11 +121,60 @@ class WideResNet(nn.Module):
         x = WideBasicBlock(channels, stride, self.dropout_rate, norm, act, self.dtype,
                            name=f'group{group}_block{i}')(x, train)
     x = act(norm()(x))
-    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    return nn.Dense(self.num_classes, dtype=jnp.float32, name='head')(x)
+    return float32_head(x, self.num_classes)
 
 
-def create_model(model_config, num_classes: int, dtype=jnp.float32) -> WideResNet:
+class BasicBlock(nn.Module):
+  """Post-activation block of ResNet-18: conv-norm-act-conv-norm, plus shortcut, then act."""
+  channels: int
+  stride: int
+  norm: Callable
+  act: Callable
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    out = self.act(self.norm()(conv(self.channels, (3, 3), strides=self.stride, padding=1,
+                                    name='conv1')(x)))
+    out = self.norm()(conv(self.channels, (3, 3), padding=1, name='conv2')(out))
+    shortcut = x
+    if self.stride != 1 or x.shape[-1] != self.channels:
+      shortcut = self.norm()(conv(self.channels, (1, 1), strides=self.stride, name='shortcut')(x))
+    return self.act(out + shortcut)
+
+
+class ResNet18(nn.Module):
+  """ResNet-18 for 32x32 images (3x3 stem, stages of 64-512 channels, 2 blocks each), the
+  architecture of TRADES' and WEAT's CIFAR-10 code. Returns float32 logits (float32 head)."""
+  num_classes: int = 10
+  norm: str = 'batch'
+  activation: str = 'relu'
+  input_normalization: str = 'none'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, use_running_average: Optional[bool] = None):
+    if use_running_average is None:
+      use_running_average = not train
+    norm = norm_layer(self.norm, use_running_average, self.dtype)
+    act = activation_fn(self.activation)
+    x = normalize_input(x.astype(jnp.float32), self.input_normalization).astype(self.dtype)
+    x = act(norm()(nn.Conv(64, (3, 3), padding=1, use_bias=False, dtype=self.dtype,
+                           name='stem')(x)))
+    for stage, channels in enumerate((64, 128, 256, 512)):
+      for i in range(2):
+        stride = 2 if (stage > 0 and i == 0) else 1
+        x = BasicBlock(channels, stride, norm, act, self.dtype, name=f'stage{stage}_block{i}')(x)
+    return float32_head(x, self.num_classes)
+
+
+def create_model(model_config, num_classes: int, dtype=jnp.float32) -> nn.Module:
+  """The network of `model.arch`: a WRN-depth-width or a ResNet-18."""
+  if model_config.arch == 'resnet18':
+    return ResNet18(num_classes=num_classes, norm=model_config.norm,
+                    activation=model_config.activation,
+                    input_normalization=model_config.input_normalization, dtype=dtype)
   return WideResNet(
       depth=model_config.depth, width=model_config.width, num_classes=num_classes,
       norm=model_config.norm, activation=model_config.activation,
@@ -122,6 +183,7 @@ def create_model(model_config, num_classes: int, dtype=jnp.float32) -> WideResNe
 
 
 def model_name(model_config) -> str:
-  """E.g. 'WRN-28-10 (norm none, leaky_relu)'."""
-  return (f'WRN-{model_config.depth}-{model_config.width} '
-          f'(norm {model_config.norm}, {model_config.activation})')
+  """E.g. 'WRN-28-10 (norm none, leaky_relu)' or 'ResNet-18 (norm batch, relu)'."""
+  arch = ('ResNet-18' if model_config.arch == 'resnet18'
+          else f'WRN-{model_config.depth}-{model_config.width}')
+  return f'{arch} (norm {model_config.norm}, {model_config.activation})'

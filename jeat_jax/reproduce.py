@@ -74,9 +74,13 @@ RUNS = (
     Run('trades', 'trades'),
     Run('fast', 'fast'),
     Run('free', 'free'),
+    Run('weat', 'weat'),  # a successor (ECCV 2024): not in the paper, run when --runs names it
+    Run('ebjdat', 'ebjdat'),  # a successor (CVPR 2026): likewise
 )
 RUNS_BY_NAME = {r.name: r for r in RUNS}
-ADVERSARIAL = ('at', 'prejeat', 'jeat', 'trades', 'fast', 'free')
+SUCCESSOR_RUNS = ('weat', 'ebjdat')  # not in the paper: run when --runs names them
+PAPER_RUNS = tuple(r.name for r in RUNS if r.name not in SUCCESSOR_RUNS)
+ADVERSARIAL = ('at', 'prejeat', 'jeat', 'trades', 'fast', 'free', 'weat', 'ebjdat')
 DYNAMICS_RUNS = ('at', 'jeat')  # Fig. 3 and 12 are of the PGD-AT model; JEAT beside it
 
 
@@ -88,7 +92,8 @@ DYNAMICS_RUNS = ('at', 'jeat')  # Fig. 3 and 12 are of the PGD-AT model; JEAT be
 # uses 500 samples against 2000 training images (Inception runs at ~5 img/s).
 CPU_TRAINING = {
     'noise8': {'num_epochs': 1}, 'noise16': {'num_epochs': 1}, 'noise24': {'num_epochs': 1},
-    'trades': {'num_train_steps': 195},
+    'trades': {'num_train_steps': 195}, 'weat': {'num_train_steps': 195},
+    'ebjdat': {'num_train_steps': 195},
     'fast': {'num_epochs': 1}, 'free': {'num_train_steps': 195},
 }
 CPU_ATTACKS = {'natural': 'pgd20,energyk', 'noise8': 'pgd20', 'noise16': 'pgd20',
@@ -542,7 +547,8 @@ def _write_report(path: str, root: str, scale: str, data_path: str, wall_seconds
 flags.DEFINE_enum('scale', 'cpu', SCALES, 'cpu: the :cpu configs on 2 cores; paper: WRN-28-10.')
 flags.DEFINE_string('workdir', None, 'Root directory: one subdirectory per run, REPORT.md.')
 flags.DEFINE_string('data_path', '', 'An npz dataset (the offline stand-in); empty: TFDS.')
-flags.DEFINE_list('runs', [r.name for r in RUNS], 'Which runs, in this order (default: all).')
+flags.DEFINE_list('runs', list(PAPER_RUNS), 'Which runs, in this order (default: the paper\'s; '
+                  f'also: {", ".join(n for n in RUNS_BY_NAME if n not in PAPER_RUNS)}).')
 flags.DEFINE_list('stages', list(STAGES), f'Which stages, of {STAGES}.')
 flags.DEFINE_integer('jobs', 1, 'Runs processed side by side, each in its own process (log: '
                      'WORKDIR/<run>/reproduce.log). On 2 CPU cores 2 jobs gave 1.4x the throughput '

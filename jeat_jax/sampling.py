@@ -35,11 +35,13 @@ def sgld_parameters(parametrization: str, step_size: float, noise_std: float,
 
 def langevin_chain(grad_fn: GradFn, x0: jax.Array, key: jax.Array, num_steps: int,
                    step_size: float, noise_std: float, clip: Optional[Tuple[float, float]] = None,
-                   unroll: int = 1, first_step=0) -> Tuple[jax.Array, Any]:
+                   unroll: int = 1, first_step=0, grad_clamp: float = 0.0) -> Tuple[jax.Array, Any]:
   """The one SGLD chain: `num_steps` Langevin steps from x0 (Eq. 9/10; Algorithm 1).
 
   x_{t+1} = x_t - step_size * grad + noise_std * N(0, I), clipped to `clip`
-  where given, with (grad, record) = grad_fn(x_t). Returns x_K and the records
+  where given, with (grad, record) = grad_fn(x_t); `grad_clamp` > 0 clamps each
+  gradient entry to [-grad_clamp, grad_clamp] first (EB-JDAT's SADA-JEM update,
+  x + lr * clamp(grad, -1, 1) on [-1, 1] images). Returns x_K and the records
   stacked over the steps (None where grad_fn records nothing). The noise of
   step t is drawn with fold_in(key, first_step + t): a chain run in pieces
   with first_step = 0, k, 2k, ... is the same chain. `unroll` > 1 unrolls the
@@ -48,6 +50,8 @@ def langevin_chain(grad_fn: GradFn, x0: jax.Array, key: jax.Array, num_steps: in
   """
   def body(x, t):
     grad, record = grad_fn(x)
+    if grad_clamp > 0:
+      grad = jnp.clip(grad, -grad_clamp, grad_clamp)
     noise = jax.random.normal(jax.random.fold_in(key, first_step + t), x.shape, x.dtype)
     x = x - step_size * grad + noise_std * noise
     return (x if clip is None else jnp.clip(x, *clip)), record
@@ -63,10 +67,10 @@ def energy_gradient(energy_fn: EnergyFn) -> GradFn:
 
 def sgld_chain(energy_fn: EnergyFn, x0: jax.Array, key: jax.Array, num_steps: int,
                step_size: float, noise_std: float, clip: Optional[Tuple[float, float]] = None,
-               unroll: int = 1) -> jax.Array:
+               unroll: int = 1, grad_clamp: float = 0.0) -> jax.Array:
   """x_K of `langevin_chain` on the energy `energy_fn` (training negatives on E(x))."""
   return langevin_chain(energy_gradient(energy_fn), x0, key, num_steps, step_size, noise_std,
-                        clip, unroll)[0]
+                        clip, unroll, grad_clamp=grad_clamp)[0]
 
 
 def init_replay_buffer(key: jax.Array, num_shards: int, size: int, image_shape,
@@ -79,8 +83,11 @@ def init_replay_buffer(key: jax.Array, num_shards: int, size: int, image_shape,
 
 
 def draw_from_buffer(buffer: jax.Array, key: jax.Array, batch_size: int, reinit_prob: float,
-                     low: float = 0.0, high: float = 1.0) -> Tuple[jax.Array, jax.Array]:
-  """Chain starts for Algorithm 1: a uniformly drawn buffer entry, or U(low, high) with prob. rho.
+                     low: float = 0.0, high: float = 1.0,
+                     pool: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array]:
+  """Chain starts for Algorithm 1: a uniformly drawn buffer entry, or with prob. rho a fresh
+  start: U(low, high), or a uniformly drawn entry of `pool` where given (pre-drawn
+  class-Gaussian images, `sampler.reinit = class_gaussian`; sharded like the buffer).
 
   Each shard serves batch_size / num_shards chains. Returns the starts, shape
   (batch_size, H, W, C), and the slot of each within its shard,
@@ -93,8 +100,24 @@ def draw_from_buffer(buffer: jax.Array, key: jax.Array, batch_size: int, reinit_
   starts = jax.vmap(lambda shard, idx: shard[idx])(buffer, slots)
   starts = starts.reshape((batch_size,) + buffer.shape[2:])
   reinit = jax.random.bernoulli(k_reinit, reinit_prob, (batch_size,))
-  fresh = jax.random.uniform(k_noise, starts.shape, starts.dtype, low, high)
+  if pool is None:
+    fresh = jax.random.uniform(k_noise, starts.shape, starts.dtype, low, high)
+  else:
+    picks = jax.random.randint(k_noise, (num_shards, per_device), 0, pool.shape[1])
+    fresh = jax.vmap(lambda shard, idx: shard[idx])(pool, picks).reshape(starts.shape)
   return jnp.where(reinit[:, None, None, None], fresh, starts), slots
+
+
+def class_gaussian_images(gaussian: 'ClassConditionalGaussian', key: jax.Array, num_shards: int,
+                          size: int, image_shape) -> jax.Array:
+  """`size` draws of N(mu_c, Sigma_c), each of a uniformly random class c (SADA-JEM's
+  buffer initialisation and re-initialisation), as (num_shards, size / num_shards, H, W, C)."""
+  if size % num_shards:
+    raise ValueError(f'{size} class-Gaussian images are not divisible by {num_shards} shards')
+  k_class, k_draw = jax.random.split(key)
+  labels = np.asarray(jax.random.randint(k_class, (size,), 0, gaussian.means.shape[0]))
+  images = gaussian.sample(k_draw, labels, image_shape)
+  return images.reshape((num_shards, size // num_shards, *image_shape))
 
 
 def write_to_buffer(buffer: jax.Array, slots: jax.Array, x: jax.Array) -> jax.Array:
@@ -215,7 +238,7 @@ def class_labels(num_samples: int, num_classes: int) -> np.ndarray:
 def generate(logits_fn, x0: jax.Array, y: jax.Array, key: jax.Array, *, objective: str = 'eq17',
              num_steps: int = 100, step_size: float = 1.0, noise_std: float = 0.01,
              clip=(0.0, 1.0), record_gradient_norms: bool = False, unroll: int = 1,
-             first_step=0):
+             first_step=0, grad_clamp: float = 0.0):
   """Generation by SGLD from x0 (Eq. 16, 17 or unconditional on E(x)).
 
   Returns x_K, or (x_K, per-step gradient norms of shape (num_steps, 2):
@@ -228,5 +251,5 @@ def generate(logits_fn, x0: jax.Array, y: jax.Array, key: jax.Array, *, objectiv
   else:
     grad_fn = energy_gradient(generation_energy(logits_fn, y, objective))
   x, norms = langevin_chain(grad_fn, x0, key, num_steps, step_size, noise_std, clip, unroll,
-                            first_step)
+                            first_step, grad_clamp)
   return (x, norms) if record_gradient_norms else x

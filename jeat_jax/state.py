@@ -5,7 +5,7 @@ config, the model passes (`make_logits_fn` for attacks, SGLD and evaluation;
 `train_forward` for the loss) and `load_trained`, which restores a trained run for
 evaluation, sampling and analysis.
 """
-from typing import Any, Dict
+from typing import Any, Callable, Dict, Optional
 
 import flax
 import jax
@@ -16,6 +16,7 @@ from jeat_jax import checkpoint as ckpt_lib
 from jeat_jax import data as data_lib
 from jeat_jax import models
 from jeat_jax import parallel
+from jeat_jax import sam
 from jeat_jax import sampling
 from jeat_jax.errors import WorkdirError
 
@@ -25,7 +26,8 @@ BEST_SUBDIR = 'best'                      # robust_watch's best state, inside th
 class TrainState(flax.struct.PyTreeNode):
   """Everything a run needs to continue: saved and restored as one pytree.
 
-  `extra` holds recipe state: 'buffer' (the SGLD replay buffer) and
+  `extra` holds recipe state: 'buffer' (the SGLD replay buffer), 'reinit_pool'
+  (pre-drawn class-Gaussian chain starts, `sampler.reinit = class_gaussian`) and
   'free_delta' (Free AT's perturbation carried across minibatches).
   `divergence` is the divergence guard's budget, int32 [window, rollbacks in that
   window, rollbacks in all] (`count_rollback`): saved, so a resumed run keeps it.
@@ -63,6 +65,8 @@ def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int) -> op
     schedule = optax.join_schedules(
         [optax.linear_schedule(0.0, lr, peak), optax.linear_schedule(lr, 0.0, max(1, total - peak))],
         [peak])
+  elif sched.name == 'cosine_onecycle':  # torch's OneCycleLR (WEAT): lr/25 -> lr -> lr/25e4, cosine
+    schedule = optax.cosine_onecycle_schedule(max(1, total), lr, sched.peak_fraction)
   elif sched.name == 'cosine':
     schedule = optax.cosine_decay_schedule(lr, max(1, total))
   else:
@@ -83,7 +87,9 @@ def with_linear_warmup(schedule: optax.Schedule, warmup: int) -> optax.Schedule:
 
 
 def create_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
-  """SGD with momentum (coupled L2 weight decay, as PyTorch) or Adam."""
+  """SGD with momentum (coupled L2 weight decay, as PyTorch) or Adam; with
+  `optimizer.sam_rho` > 0 wrapped in SAM/ASAM (`sam.sam`), whose update then needs
+  `grad_fn=` (the train step passes it)."""
   opt = config.optimizer
   if opt.name == 'sgd':
     base = optax.sgd(schedule, momentum=opt.momentum or None, nesterov=opt.nesterov)
@@ -94,7 +100,10 @@ def create_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransfor
     parts.append(optax.add_decayed_weights(opt.weight_decay))
   if opt.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(opt.grad_clip_norm))
-  return optax.chain(*parts, base)
+  tx = optax.chain(*parts, base)
+  if opt.sam_rho > 0:
+    tx = sam.sam(tx, opt.sam_rho, opt.sam_adaptive)
+  return tx
 
 
 def updates_per_train_step(config) -> int:
@@ -137,16 +146,43 @@ def train_forward(model, params, batch_stats, x, dropout_key):
 
 # ----------------------------------------------------------------------------- state
 
-def create_train_state(config, model, key: jax.Array, image_shape, tx, num_shards: int) -> TrainState:
+StartImages = Callable[[jax.Array, int], jax.Array]  # (key, n) -> (num_shards, n / shards, H, W, C)
+
+
+def class_gaussian_starts(gaussian: 'sampling.ClassConditionalGaussian', num_shards: int,
+                          image_shape) -> StartImages:
+  """Draws of the class Gaussians, each of a random class, sharded like the replay buffer."""
+  return lambda key, n: sampling.class_gaussian_images(gaussian, key, num_shards, n, image_shape)
+
+
+def placeholder_starts(num_shards: int, image_shape) -> StartImages:
+  """Zeros of the right shape: for a state that a checkpoint is restored into."""
+  return lambda key, n: jnp.zeros((num_shards, n // num_shards, *image_shape), jnp.float32)
+
+
+def create_train_state(config, model, key: jax.Array, image_shape, tx, num_shards: int,
+                       start_images: Optional[StartImages] = None) -> TrainState:
+  """A fresh state. `sampler.reinit = class_gaussian` needs `start_images` (the buffer and the
+  re-initialisation pool are drawn from it: `class_gaussian_starts`, or `placeholder_starts`
+  for a state to restore into); the full-covariance Gaussians (10 x D x D) stay out of the
+  state, which carries `sampler.reinit_pool_size` pre-drawn images instead."""
   k_init, k_buffer, k_run = jax.random.split(key, 3)
   variables = model.init({'params': k_init, 'dropout': k_init},
                          jnp.zeros((1, *image_shape), jnp.float32), train=False)
   params = variables['params']
   batch_stats = variables.get('batch_stats', {})
   extra = {}
-  if config.sampler.name == 'sgld_buffer':
-    extra['buffer'] = sampling.init_replay_buffer(k_buffer, num_shards, config.sampler.buffer_size,
-                                                  image_shape, *config.sampler.init_range)
+  s = config.sampler
+  if s.name == 'sgld_buffer' and s.reinit == 'class_gaussian':
+    if start_images is None:
+      raise ValueError('sampler.reinit=class_gaussian: create_train_state needs start_images '
+                       '(state.class_gaussian_starts of the training data)')
+    k_buffer, k_pool = jax.random.split(k_buffer)
+    extra['buffer'] = start_images(k_buffer, s.buffer_size)
+    extra['reinit_pool'] = start_images(k_pool, s.reinit_pool_size)
+  elif s.name == 'sgld_buffer':
+    extra['buffer'] = sampling.init_replay_buffer(k_buffer, num_shards, s.buffer_size,
+                                                  image_shape, *s.init_range)
   if config.perturbation.name == 'free':
     extra['free_delta'] = jnp.zeros((config.batch_size, *image_shape), jnp.float32)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
@@ -155,7 +191,8 @@ def create_train_state(config, model, key: jax.Array, image_shape, tx, num_shard
 
 
 def state_shardings(mesh, state: TrainState):
-  """Everything replicated but the replay buffer and Free AT's delta (sharded on axis 0)."""
+  """Everything replicated but the replay buffer, its re-initialisation pool and Free AT's
+  delta (sharded on axis 0)."""
   rep, shard = parallel.replicated(mesh), parallel.sharded_on_first_axis(mesh)
   shardings = jax.tree.map(lambda _: rep, state)
   return shardings.replace(extra={k: shard for k in state.extra})
@@ -172,7 +209,7 @@ def load_trained(config, workdir: str):
   steps_per_epoch = ds.x_train.shape[0] // config.batch_size
   tx = create_optimizer(config, learning_rate_schedule(config, steps_per_epoch, steps_per_epoch))
   state = create_train_state(config, model, jax.random.PRNGKey(config.seed), ds.x_train.shape[1:],
-                             tx, mesh.size)
+                             tx, mesh.size, placeholder_starts(mesh.size, ds.x_train.shape[1:]))
   state = jax.device_put(state, state_shardings(mesh, state))
   restored = checkpointer.restore_latest(state)
   if restored is None:

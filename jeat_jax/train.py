@@ -3,6 +3,11 @@
 batch (uint8 -> [0, 1], augmented) -> perturbation -> x_pos;
 replay buffer -> SGLD -> x_neg, buffer';  loss(params, x_pos, y, x_neg) -> grads -> update.
 
+Two optional mechanisms: a second, unaugmented minibatch for the energy terms
+(`data.energy_batch_size`, EB-JDAT's x+), and SAM (`optimizer.sam_rho`), whose second
+pass recomputes the same loss at the perturbed weights on the same batches and
+negatives, its BatchNorm statistics discarded.
+
 Randomness of step t is `fold_in(state.rng, t)` and the data order is a pure
 function of (seed, epoch), so a run resumed from a checkpoint continues
 exactly as if it had never stopped.
@@ -27,16 +32,18 @@ from jeat_jax import generation
 from jeat_jax import models
 from jeat_jax import parallel
 from jeat_jax import recipes
+from jeat_jax import sampling
 from jeat_jax.errors import UserError
 from jeat_jax.files import read_json, write_json_atomic
 from jeat_jax.logs import format_eta
 # The run's state and model functions, importable from here as before (README, notebook).
 from jeat_jax.state import (  # pylint: disable=unused-import
-    BEST_SUBDIR, TrainState, create_optimizer, create_train_state, learning_rate_schedule,
-    load_trained, make_logits_fn, model_variables, state_shardings, train_forward,
-    updates_per_train_step, with_linear_warmup)
+    BEST_SUBDIR, TrainState, class_gaussian_starts, create_optimizer, create_train_state,
+    learning_rate_schedule, load_trained, make_logits_fn, model_variables, state_shardings,
+    train_forward, updates_per_train_step, with_linear_warmup)
 
 ROBUST_WATCH_RECORD = 'robust_watch.json'
+ENERGY_BATCH_SEED_OFFSET = 1_000_003  # the energy batch's order stream: seed + this
 
 
 class TrainingDiverged(UserError):
@@ -64,23 +71,61 @@ def energy_dynamics(logits_old_clean, logits_old_pos, logits_new_pos, y) -> Dict
   return metrics
 
 
-def recipe_loss(config, model, params, batch_stats, x, x_pos, y, x_neg, key):
-  """The recipe's loss on one batch; returns (loss, (logits_pos, batch_stats, metrics))."""
+def ebjdat_recipe_loss(config, model, params, batch_stats, x, x_pos, y, x_neg, key, x_energy):
+  """EB-JDAT's four terms (recipes.ebjdat_loss): train-mode passes over the energy data
+  (x_energy, or x without a second batch), the SGLD negatives, the labelled batch and the
+  logit-direction negatives x_pos, in the order of their code."""
+  keys = jax.random.split(key, 4)
+  logits = []
+  for x_i, k in zip((x if x_energy is None else x_energy, x_neg, x, x_pos), keys):
+    out, batch_stats = train_forward(model, params, batch_stats, x_i, k)
+    logits.append(out)
+  logits_data, logits_neg, logits_lab, logits_pos = logits
+  loss = recipes.ebjdat_loss(logits_data, logits_lab, y, logits_neg, logits_pos,
+                             tuple(config.loss.ebjdat_weights))
+  metrics = {'energy_x_data': jnp.mean(energy.energy_x(logits_data)),
+             'energy_x_neg': jnp.mean(energy.energy_x(logits_neg)),
+             'ce_clean': jnp.mean(energy.cross_entropy(logits_lab, y)),
+             'energy_xy_pos': jnp.mean(energy.energy_xy(logits_pos, y)),
+             'energy_x_pos': jnp.mean(energy.energy_x(logits_pos))}
+  return loss, (logits_pos, batch_stats, metrics)
+
+
+def recipe_loss(config, model, params, batch_stats, x, x_pos, y, x_neg, key, x_energy=None):
+  """The recipe's loss on one batch; returns (loss, (logits_pos, batch_stats, metrics)).
+
+  `x_energy`: the second (unaugmented) minibatch where `data.energy_batch_size` > 0; the
+  positive energy terms see it instead of x_pos."""
+  if config.loss.name == 'ebjdat':
+    return ebjdat_recipe_loss(config, model, params, batch_stats, x, x_pos, y, x_neg, key,
+                              x_energy)
   k1, k2 = jax.random.split(key)
   metrics = {}
+  weighting = config.loss.example_weights
   if config.loss.name == 'trades':
     logits_clean, batch_stats = train_forward(model, params, batch_stats, x, k1)
     logits_pos, batch_stats = train_forward(model, params, batch_stats, x_pos, k2)
-    loss = recipes.trades_loss(logits_clean, logits_pos, y, config.loss.trades_beta)
+    weights = recipes.example_weights(weighting, logits_clean)
+    loss = recipes.trades_loss(logits_clean, logits_pos, y, config.loss.trades_beta, weights,
+                               ce_on_adv=config.loss.weat_variant == 'adv')
   else:
+    weights = None
+    if weighting != 'uniform':  # natural logits; BatchNorm's statistics are not updated by them
+      weights = recipes.example_weights(weighting, make_logits_fn(model, params, batch_stats)(x))
     logits_pos, batch_stats = train_forward(model, params, batch_stats, x_pos, k1)
     if config.loss.name == 'joint_energy':
       logits_neg, batch_stats = train_forward(model, params, batch_stats, x_neg, k2)
+      logits_data = None
+      if x_energy is not None:
+        logits_data, batch_stats = train_forward(model, params, batch_stats, x_energy,
+                                                 jax.random.fold_in(k2, 1))
       loss = recipes.joint_energy_loss(logits_pos, y, logits_neg, config.loss.energy_weight,
-                                        config.loss.energy_l2)
+                                        config.loss.energy_l2, weights, logits_data)
       metrics['energy_x_neg'] = jnp.mean(energy.energy_x(logits_neg))
     else:
-      loss = recipes.ce_loss(logits_pos, y)
+      loss = recipes.ce_loss(logits_pos, y, weights)
+  if weights is not None:
+    metrics['example_weight_mean'] = jnp.mean(weights)
   metrics['energy_xy_pos'] = jnp.mean(energy.energy_xy(logits_pos, y))
   metrics['energy_x_pos'] = jnp.mean(energy.energy_x(logits_pos))
   return loss, (logits_pos, batch_stats, metrics)
@@ -90,11 +135,27 @@ def _accuracy(logits, y):
   return jnp.mean(jnp.argmax(logits, -1) == y)
 
 
-def train_step(state: TrainState, x_uint8: jax.Array, y: jax.Array, *, model, config,
+def energy_batch(x_uint8: jax.Array, key: jax.Array, noise_std: float) -> jax.Array:
+  """The energy terms' minibatch: unaugmented, plus N(0, noise_std^2), not clipped (JEM's
+  and EB-JDAT's data noise)."""
+  x = data_lib.to_float(x_uint8)
+  if noise_std > 0:
+    x = x + noise_std * jax.random.normal(key, x.shape, x.dtype)
+  return x
+
+
+def train_step(state: TrainState, x_uint8: jax.Array, y: jax.Array,
+               x_energy_uint8: Optional[jax.Array] = None, *, model, config,
                with_dynamics: bool = False):
-  """One step of any recipe. Returns the new state and a dict of scalar metrics."""
+  """One step of any recipe. Returns the new state and a dict of scalar metrics.
+
+  `x_energy_uint8`: the second minibatch of `data.energy_batch_size` (None: off)."""
   key = jax.random.fold_in(state.rng, state.step)
   k_aug, k_pos, k_neg, k_loss = jax.random.split(key, 4)
+  x_energy = None
+  if x_energy_uint8 is not None:
+    x_energy = energy_batch(x_energy_uint8, jax.random.fold_in(key, 1),
+                            config.data.energy_noise_std)
   x = data_lib.to_float(x_uint8)
   if config.data.augment:
     x = data_lib.augment(k_aug, x)
@@ -103,14 +164,23 @@ def train_step(state: TrainState, x_uint8: jax.Array, y: jax.Array, *, model, co
 
   attack_logits = make_logits_fn(model, state.params, state.batch_stats, config.perturbation.bn_mode)
   x_pos = recipes.perturb(config.perturbation, attack_logits, x, y, k_pos)
-  x_neg, buffer = recipes.sample_negatives(config.sampler, attack_logits, state.extra.get('buffer'),
-                                           x.shape[0], k_neg)
+  sampler_logits = attack_logits
+  if config.sampler.bn_mode != config.perturbation.bn_mode:
+    sampler_logits = make_logits_fn(model, state.params, state.batch_stats, config.sampler.bn_mode)
+  # As many negatives as data in the energy terms: the energy batch where there is one.
+  num_neg = x.shape[0] if x_energy is None else x_energy.shape[0]
+  x_neg, buffer = recipes.sample_negatives(config.sampler, sampler_logits,
+                                           state.extra.get('buffer'), num_neg, k_neg,
+                                           pool=state.extra.get('reinit_pool'))
   loss_fn = functools.partial(recipe_loss, config, model, batch_stats=state.batch_stats, x=x,
-                              x_pos=x_pos, y=y, x_neg=x_neg, key=k_loss)
+                              x_pos=x_pos, y=y, x_neg=x_neg, key=k_loss, x_energy=x_energy)
   (loss, (logits_pos, batch_stats, metrics)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
   extra = dict(state.extra, buffer=buffer) if buffer is not None else state.extra
-  new_state = apply_update(state, grads, batch_stats, extra)
+  grad_fn = None
+  if config.optimizer.sam_rho > 0:  # SAM's second pass: its BatchNorm statistics are dropped
+    grad_fn = jax.grad(lambda params: loss_fn(params)[0])
+  new_state = apply_update(state, grads, batch_stats, extra, grad_fn)
   metrics.update(loss=loss, train_accuracy=_accuracy(logits_pos, y),
                  grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(state.params))
   if with_dynamics:
@@ -120,8 +190,12 @@ def train_step(state: TrainState, x_uint8: jax.Array, y: jax.Array, *, model, co
   return new_state, metrics
 
 
-def apply_update(state: TrainState, grads, batch_stats, extra) -> TrainState:
-  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+def apply_update(state: TrainState, grads, batch_stats, extra, grad_fn=None) -> TrainState:
+  """One optimizer update; `grad_fn` (params -> gradient of the same loss) for SAM."""
+  if grad_fn is None:
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  else:
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params, grad_fn=grad_fn)
   return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                        opt_state=opt_state, batch_stats=batch_stats, extra=extra)
 
@@ -269,8 +343,13 @@ def train_in_workdir(config, workdir: str, checkpointer) -> Dict[str, Any]:
 
   model = models.create_model(config.model, ds.num_classes, jnp.dtype(config.model.dtype))
   tx = create_optimizer(config, learning_rate_schedule(config, steps_per_epoch, total_steps))
+  start_images = None
+  if config.sampler.name == 'sgld_buffer' and config.sampler.reinit == 'class_gaussian':
+    gaussian = sampling.ClassConditionalGaussian.cached(
+        generation.gaussian_cache_path(config, workdir), ds.x_train, ds.y_train, ds.num_classes)
+    start_images = class_gaussian_starts(gaussian, mesh.size, image_shape)
   state = create_train_state(config, model, jax.random.PRNGKey(config.seed), image_shape, tx,
-                             mesh.size)
+                             mesh.size, start_images)
   shardings = state_shardings(mesh, state)
   state = jax.device_put(state, shardings)
 
@@ -279,9 +358,11 @@ def train_in_workdir(config, workdir: str, checkpointer) -> Dict[str, Any]:
   seconds_before = earlier_wall_seconds(checkpointer, workdir, start_step)
 
   batch_sharding = parallel.sharded_on_first_axis(mesh)
+  energy_batch_size = config.data.energy_batch_size
+  batch_shardings = (batch_sharding,) * (3 if energy_batch_size > 0 else 2)
   step_fns = {
       dyn: jax.jit(functools.partial(train_step, model=model, config=config, with_dynamics=dyn),
-                   in_shardings=(shardings, batch_sharding, batch_sharding),
+                   in_shardings=(shardings, *batch_shardings),
                    out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
       for dyn in (False, True)}
   eval_fn = jax.jit(functools.partial(eval_step, model=model))
@@ -300,13 +381,16 @@ def train_in_workdir(config, workdir: str, checkpointer) -> Dict[str, Any]:
   start_time = time.time()
   step = start_step
   while step < total_steps:
-    x, y = data_lib.train_batch(ds, step, config.batch_size, config.seed)
-    x, y = parallel.global_batch(mesh, x, y)
+    batch = data_lib.train_batch(ds, step, config.batch_size, config.seed)
+    if energy_batch_size > 0:  # its own order stream; labels unused
+      batch += data_lib.train_batch(ds, step, energy_batch_size,
+                                    config.seed + ENERGY_BATCH_SEED_OFFSET)[:1]
+    batch = parallel.global_batch(mesh, *batch)
     with_dynamics = config.dynamics_every_steps > 0 and (step + 1) % config.dynamics_every_steps == 0
     if step in config.debug_inject_nan_at_steps and step not in nan_injected:
       nan_injected.add(step)
       state = state.replace(params=jax.tree.map(lambda p: p * jnp.nan, state.params))
-    state, metrics = step_fns[with_dynamics](state, x, y)
+    state, metrics = step_fns[with_dynamics](state, *batch)
     step += 1
     is_last = step == total_steps
     checkpoint_now = step % config.checkpoint_every_steps == 0 or is_last
@@ -323,7 +407,7 @@ def train_in_workdir(config, workdir: str, checkpointer) -> Dict[str, Any]:
               f'{guard.max_retries} rollbacks within {guard.window_steps or "all"} steps; '
               'see divergence.* in the config')
         state = rollback(checkpointer, config, model, tx, image_shape, mesh.size, shardings,
-                         int(counts[2]))
+                         int(counts[2]), start_images)
         state = state.replace(divergence=jax.device_put(jnp.asarray(counts), shardings.divergence))
         logging.warning('divergence at step %d (loss %s): rolled back to step %d with seed '
                         'stream %d (rollback %d/%d of this window, %d in all)', step,
@@ -398,9 +482,10 @@ def earlier_wall_seconds(checkpointer, workdir: str, step: int) -> float:
   return float(seconds or 0.0)
 
 
-def rollback(checkpointer, config, model, tx, image_shape, num_shards, shardings, retry: int):
+def rollback(checkpointer, config, model, tx, image_shape, num_shards, shardings, retry: int,
+             start_images=None):
   """The last good checkpoint (or a fresh init) with the step rng stream changed by `retry`."""
   fresh = jax.device_put(create_train_state(config, model, jax.random.PRNGKey(config.seed),
-                                            image_shape, tx, num_shards), shardings)
+                                            image_shape, tx, num_shards, start_images), shardings)
   state = checkpointer.restore_latest(fresh) or fresh
   return state.replace(rng=jax.random.fold_in(state.rng, 1_000_003 + retry))

@@ -16,6 +16,7 @@ an attack. Every attack below is a start, an objective and settings of it:
 | CW-inf            | U(-eps, eps)       | `cw_margin`          | k, alpha         | at the start   |
 | `energy_attack`   | U(-eps, eps)       | E(x, y) (Eq. 18)     | 1 or k, alpha    | start, or x    |
 | `trades_attack`   | x + 0.001 N(0, I)  | `trades_kl`          | k, alpha         | at the start   |
+| `logit_direction_attack` | U(-eps, eps) | `logit_direction` | k, alpha; ball optional | at the start |
 
 Objectives are functions of logits (and labels) so that evaluation and
 training share them: `energy.cross_entropy` (Eq. 13/14), `energy.energy_xy`
@@ -65,6 +66,24 @@ def cw_margin(logits: jax.Array, labels: jax.Array, kappa: float = 50.0) -> jax.
   correct = jnp.sum(onehot * logits, axis=-1)
   other = jnp.max(logits - 1e9 * onehot, axis=-1)
   return jnp.minimum(other - correct, kappa)
+
+
+def logit_direction(logits_adv: jax.Array, logits_clean: jax.Array, labels: jax.Array,
+                    class_logit_sign: float = 1.0, direction_weight: float = 1.0,
+                    norm_eps: float = 1e-10) -> jax.Array:
+  """EB-JDAT's objective for its adversarial negatives x~ (SADA-JEM `sampleXadv`), per example:
+
+  sign * f(x~)[y] + weight * || f(x)/(||f(x)|| + eps) - f(x~)/(||f(x~)|| + eps) ||_2^2,
+
+  the class logit (sign +1, their code: raises f[y], i.e. lowers E(x~, y)) plus the squared
+  distance between the directions of the clean and the perturbed logits.
+  """
+  logits_adv = logits_adv.astype(jnp.float32)
+  logits_clean = logits_clean.astype(jnp.float32)
+  onehot = jax.nn.one_hot(labels, logits_adv.shape[-1], dtype=logits_adv.dtype)
+  unit = lambda z: z / (jnp.sqrt(jnp.sum(z ** 2, axis=-1, keepdims=True)) + norm_eps)
+  distance = jnp.sum((unit(logits_clean) - unit(logits_adv)) ** 2, axis=-1)
+  return class_logit_sign * jnp.sum(onehot * logits_adv, axis=-1) + direction_weight * distance
 
 
 def projected_ascent(objective: Objective, x: jax.Array, x_start: jax.Array, eps: float,
@@ -130,4 +149,19 @@ def trades_attack(logits_fn: LogitsFn, x: jax.Array, key: jax.Array, eps: float,
   logits_clean = jax.lax.stop_gradient(logits_fn(x))
   x_start = x + 0.001 * jax.random.normal(key, x.shape, x.dtype)
   return projected_ascent(lambda z: trades_kl(logits_fn(z), logits_clean), x, x_start, eps,
+                          step_size, num_steps, unroll=unroll)
+
+
+def logit_direction_attack(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: jax.Array,
+                           eps: float, step_size: float, num_steps: int, project: bool = False,
+                           class_logit_sign: float = 1.0, direction_weight: float = 1.0,
+                           unroll: int = 1) -> jax.Array:
+  """EB-JDAT's adversarial negatives x~: sign ascent on `logit_direction` from
+  x + U(-eps, eps) (clipped to [0, 1]), the clean logits held constant. Their code clips
+  to the image box only (`project=False`: the ball's radius is infinite); `project=True`
+  also projects onto the eps-ball, as their text's PGD would."""
+  logits_clean = jax.lax.stop_gradient(logits_fn(x))
+  objective = lambda z: logit_direction(logits_fn(z), logits_clean, y, class_logit_sign,
+                                        direction_weight)
+  return projected_ascent(objective, x, uniform_start(key, x, eps), eps if project else jnp.inf,
                           step_size, num_steps, unroll=unroll)
