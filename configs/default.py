@@ -177,7 +177,6 @@ def apply_scale(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict:
     c.eval_every_steps = 4
     c.checkpoint_every_steps = 2
     c.sampler.buffer_size = 64
-    c.sampler.reinit_pool_size = 64
     c.sampler.num_steps = 2
     c.perturbation.num_steps = min(c.perturbation.num_steps, 2)
     c.perturbation.free_replays = 2

@@ -115,4 +115,5 @@ def get_config(arg=None):
     c.optimizer.lr = 0.1
   if arg == 'smoke':
     c.data.energy_batch_size = 8
+    c.sampler.reinit_pool_size = 64
   return c

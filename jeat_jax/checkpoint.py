@@ -101,19 +101,19 @@ def is_resumable_key(key: str) -> bool:
 _ABSENT = '<absent>'
 
 # Keys added to the configs after config.json existed, with the value that behaves as the code
-# did before them: a config.json without the key saved that value.
+# did before them: a config.json without the key saved that value (as JSON gives it back).
 ADDED_KEYS = {'model.arch': 'wrn', 'loss.weat_variant': 'nat', 'loss.example_weights': 'uniform',
               'data.energy_batch_size': 0, 'data.energy_noise_std': 0.0,
               'perturbation.project_eps': True, 'perturbation.class_logit_sign': 1.0,
               'perturbation.direction_weight': 1.0, 'sampler.grad_clamp': 0.0,
               'sampler.reinit': 'uniform', 'sampler.reinit_pool_size': 10000,
-              'sampler.bn_mode': 'batch', 'loss.ebjdat_weights': (1.0, 1.0, 0.1, 1.0),
+              'sampler.bn_mode': 'batch', 'loss.ebjdat_weights': [1.0, 1.0, 0.1, 1.0],
               'optimizer.sam_rho': 0.0, 'optimizer.sam_adaptive': True, 'sample.grad_clamp': 0.0}
 
 
 def config_differences(saved: Dict[str, Any], new: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:
   """(key, saved value, new value) of every key that a resume may not change."""
-  saved = {**ADDED_KEYS, **saved}
+  saved = {**{k: v for k, v in ADDED_KEYS.items() if k in new}, **saved}
   keys = sorted(k for k in set(saved) | set(new) if not is_resumable_key(k))
   return [(k, saved.get(k, _ABSENT), new.get(k, _ABSENT)) for k in keys
           if saved.get(k, _ABSENT) != new.get(k, _ABSENT)]

@@ -205,6 +205,19 @@ def test_config_differences_ignore_run_length_and_eval():
       ('loss.gone', 1, '<absent>'), ('loss.new', '<absent>', 2), ('optimizer.lr', 0.1, 0.05)]
 
 
+def test_keys_added_since_a_config_json_default_to_the_old_behaviour(tmp_path):
+  """A config.json written before `model.arch` and `loss.example_weights` existed resumes with
+  their old-behaviour values, and not with others."""
+  from configs import at
+  new = ckpt_lib.flat_config(at.get_config('smoke'))
+  saved = {k: v for k, v in new.items() if k not in ckpt_lib.ADDED_KEYS}
+  assert ckpt_lib.config_differences(saved, new) == []
+  new['model.arch'], new['loss.example_weights'] = 'resnet18', 'inverse_softplus_energy'
+  assert ckpt_lib.config_differences(saved, new) == [
+      ('loss.example_weights', 'uniform', 'inverse_softplus_energy'),
+      ('model.arch', 'wrn', 'resnet18')]
+
+
 @pytest.mark.slow  # share a 4-device training subprocess
 def test_resume_with_changed_hyperparameter_is_refused(resumed_on_fewer_devices, module_dir,
                                                        data_path):

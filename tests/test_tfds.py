@@ -78,6 +78,7 @@ def test_load_dataset_from_tfds(name):
                                'train_subset': SUBSET, 'train_subset_seed': 0}
 
 
+@pytest.mark.slow  # two trainings on a TFDS copy: ~30 s, for a 15-minute default suite
 @pytest.mark.parametrize('recipe,name', [('natural', 'cifar10'), ('at', 'cifar100')])
 def test_train_and_evaluate_on_tfds(tmp_path, recipe, name):
   """A real :smoke run and a PGD-20 evaluation; their JSON names the TFDS data and version."""
