@@ -40,9 +40,12 @@ def _checkpoint(workdir, config, step=None):
   return manager.restore(step or manager.latest_step())
 
 
-# EB-JDAT fits the 10 x 3072^2 class Gaussians of its buffer first (~40 s more).
+# Behind the slow marker for a 15-minute default suite: EB-JDAT fits the 10 x 3072^2 class
+# Gaussians of its buffer first (~40 s more); WEAT's step is TRADES' with weights (test_weat
+# checks its loss in the step) and Fast AT's is PGD-1 (test_train_step checks it).
+SLOW_SMOKE_RECIPES = ('ebjdat', 'weat', 'fast')
 @pytest.mark.parametrize('recipe', [
-    pytest.param(r, marks=pytest.mark.slow) if r == 'ebjdat' else r
+    pytest.param(r, marks=pytest.mark.slow) if r in SLOW_SMOKE_RECIPES else r
     for r in RECIPES if r not in ('natural', 'noise')])
 def test_recipe_smoke_trains(trained, recipe):
   config, workdir, results = trained(recipe)
@@ -82,6 +85,7 @@ def test_energy_dynamics_are_logged(trained):
   assert all(abs(v) > 1e-6 for v in logged['dx_energy_xy_mean'].values())
 
 
+@pytest.mark.slow  # ~40 s: two JEAT trainings with a replay buffer
 def test_jeat_resume_is_bitwise_identical_with_buffer(tmp_path, data_path):
   a, b = resume_matches_uninterrupted(tmp_path, data_path, 'jeat')
   _assert_trees_equal(a['extra']['buffer'], b['extra']['buffer'])
