@@ -96,10 +96,8 @@ def get_config(arg=None):
 
   c.sample.objective = 'unconditional'
   c.sample.start = 'buffer'
-  c.sample.num_steps = 10
-  c.sample.step_size = 0.25
-  c.sample.noise_std = 0.0
-  c.sample.grad_clamp = 2.0
+  for key in ('num_steps', 'step_size', 'noise_std', 'grad_clamp'):  # their training chain
+    c.sample[key] = c.sampler[key]
   default.apply_scale(c, arg)
   if arg in ('cpu', 'smoke'):  # the model family of at/trades at these scales
     c.model.activation = 'relu'
