@@ -197,6 +197,7 @@ def add_eval_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Keys of the clean accuracy during training and of --mode=evaluate (jeat_jax.evaluate)."""
   c.eval = ml_collections.ConfigDict()
   c.eval.num_examples = 10000      # the first test images, as RobustBench
+  c.eval.first_example = 0         # --mode=evaluate: test images first_example .. + num_examples
   c.eval.batch_size = 500
   c.eval.eps = 8 / 255
   c.eval.step_size = 2 / 255

@@ -161,6 +161,7 @@ def validate(config) -> None:
   _require(e.batch_size % devices == 0, 'eval.batch_size',
            f'must be divisible by the {devices} devices', e.batch_size)
   _positive(e.num_examples, 'eval.num_examples')
+  _non_negative(e.first_example, 'eval.first_example')
   _non_negative(e.eps, 'eval.eps')
   unknown = [a for a in e.attacks.split(',') if a and a not in ATTACKS]
   _require(not unknown, 'eval.attacks', f'must be a comma list of {list(ATTACKS)}', e.attacks)

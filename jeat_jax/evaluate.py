@@ -28,6 +28,7 @@ from jax.experimental import multihost_utils
 from jeat_jax import attacks
 from jeat_jax import data as data_lib
 from jeat_jax import energy
+from jeat_jax import errors
 from jeat_jax import models
 from jeat_jax import parallel
 from jeat_jax.attacks import cw as cw_lib
@@ -245,8 +246,11 @@ def evaluate_run(config, workdir: str) -> Dict:
   cfg = config.eval
   model, state, ds, mesh = state_lib.load_trained(config, workdir)
   logits_fn = state_lib.make_logits_fn(model, state.params, state.batch_stats, 'running')
-  n = min(cfg.num_examples, ds.x_test.shape[0])
-  x, y = ds.x_test[:n], ds.y_test[:n]
+  first = cfg.first_example
+  if not 0 <= first < ds.x_test.shape[0]:
+    raise errors.ConfigError(f'eval.first_example={first} is outside the {ds.x_test.shape[0]} test images')
+  n = min(cfg.num_examples, ds.x_test.shape[0] - first)
+  x, y = ds.x_test[first:first + n], ds.y_test[first:first + n]
   key = jax.random.PRNGKey(cfg.seed)
   clean = clean_mask(logits_fn, mesh, x, y, cfg.batch_size)
   logging.info('clean accuracy %.4f on %d test images', clean.mean(), n)
@@ -274,7 +278,8 @@ def evaluate_run(config, workdir: str) -> Dict:
     records.append(record)
     logging.info('[%d/%d] %s: robust accuracy %.4f (%.1fs)', i + 1, len(names), ATTACK_NAMES[name],
                  record['robust_accuracy'], record['seconds'])
-  result = {'clean_accuracy': float(clean.mean()), 'num_examples': int(n), 'attacks': records,
+  result = {'clean_accuracy': float(clean.mean()), 'num_examples': int(n), 'first_example': first,
+            'attacks': records,
             'model': models.model_name(config.model), 'recipe': config.recipe,
             'step': int(state.step), 'data_source': ds.source, 'data': ds.provenance}
   if cfg.audit:

@@ -11,6 +11,7 @@ import functools
 import hashlib
 import os
 import time
+from typing import Optional, Tuple
 
 import jax
 import numpy as np
@@ -32,6 +33,8 @@ def gaussian_cache_path(config, workdir: str) -> str:
   if config.sample.gaussian_cache:
     return config.sample.gaussian_cache
   key = f'{config.dataset}|{config.data.source}|{config.data.path}|{config.data.train_subset}'
+  if config.data.train_subset > 0:  # the subset is drawn with the run's seed
+    key += f'|{config.seed}'
   digest = hashlib.sha1(key.encode()).hexdigest()[:12]
   return os.path.join(workdir, f'class_gaussian_{config.dataset}_{digest}.npz')
 
@@ -101,6 +104,11 @@ def fid_json_path(config, workdir: str) -> str:
   if config.sample.subdir == 'samples':
     return os.path.join(workdir, 'fid.json')
   return os.path.join(samples_dir(config, workdir), 'fid.json')
+
+
+def features_path(config, workdir: str) -> str:
+  """The samples' pool3 features that --mode=fid keeps, beside the samples."""
+  return os.path.join(samples_dir(config, workdir), 'pool3.npz')
 
 
 def to_host(array) -> np.ndarray:
@@ -196,19 +204,11 @@ def sample_run(config, workdir: str) -> dict:
           'num_samples': int(s.num_samples)}
 
 
-def fid_run(config, workdir: str) -> dict:
-  """--mode=fid: FID (and IS where the weights have the 1008-way head) of
-  WORKDIR/samples/samples.npz against the training set; writes WORKDIR/fid.json
-  (with `sample.subdir`: that directory's samples.npz and fid.json), naming the
-  dataset (`data`: its provenance). With several processes each featurises its
-  share of the images (`fid.sharded_activations`) and process 0 writes."""
-  from jeat_jax.metrics import fid  # pylint: disable=g-import-not-at-top
-  samples = os.path.join(samples_dir(config, workdir), 'samples.npz')
-  if not os.path.isfile(samples):
-    from jeat_jax.errors import WorkdirError  # pylint: disable=g-import-not-at-top
-    raise WorkdirError(f'{samples} not found: run --mode=sample first')
+def fid_reference(config, workdir: str, ds) -> Tuple[str, Optional[str], str]:
+  """(reference .npz, its image key or None, the directory of its cached statistics) of
+  `config.fid`: `fid.reference`, else the training images of `data` (for TFDS written as
+  an .npz into the statistics directory, `fid.reference_dir` or the workdir)."""
   f = config.fid
-  ds = data_lib.load_dataset(config)
   reference, key = f.reference, f.reference_key or None
   reference_dir = f.reference_dir or workdir
   if not reference:
@@ -217,16 +217,48 @@ def fid_run(config, workdir: str) -> dict:
     else:  # TFDS: its training images as an .npz, beside the statistics
       reference, key = os.path.join(reference_dir, f'{config.dataset}_train.npz'), 'x_train'
       atomic_write(reference, lambda tmp: np.savez(tmp, x_train=ds.x_train))
+  return reference, key, reference_dir
+
+
+def fid_reference_statistics(config, workdir: str) -> Tuple[np.ndarray, np.ndarray]:
+  """(mu, sigma) of the reference `fid_run` scores against (from the statistics cache
+  where it has run before)."""
+  from jeat_jax.metrics import fid, inception  # pylint: disable=g-import-not-at-top
+  reference, key, reference_dir = fid_reference(config, workdir, data_lib.load_dataset(config))
+  variables = inception.load_inception_variables(config.fid.weights or None)
+  return fid.reference_statistics(reference, variables, key, config.fid.max_reference or None,
+                                  batch_size=config.fid.batch_size, cache_dir=reference_dir)
+
+
+def fid_run(config, workdir: str) -> dict:
+  """--mode=fid: FID (and IS where the weights have the 1008-way head) of
+  WORKDIR/samples/samples.npz against the training set; writes WORKDIR/fid.json and the
+  samples' features (`features_path`)
+  (with `sample.subdir`: that directory's samples.npz and fid.json), naming the
+  dataset (`data`: its provenance). With several processes each featurises its
+  share of the images (`fid.sharded_activations`) and process 0 writes."""
+  from jeat_jax.metrics import fid  # pylint: disable=g-import-not-at-top
+  samples = os.path.join(samples_dir(config, workdir), 'samples.npz')
+  if not os.path.isfile(samples):
+    from jeat_jax.errors import WorkdirError  # pylint: disable=g-import-not-at-top
+    raise WorkdirError(f'{samples} not found: run --mode=sample first')
+  ds = data_lib.load_dataset(config)
+  reference, key, reference_dir = fid_reference(config, workdir, ds)
+  f = config.fid
   start = time.time()
   result = fid.score_npz(samples, reference, weights=f.weights or None, reference_key=key,
                          max_reference=f.max_reference or None, batch_size=f.batch_size,
-                         stats_dir=reference_dir)
+                         stats_dir=reference_dir, keep_features=True)
+  features = result.pop('pool3')
   result.update({'num_samples': int(np.load(samples)['x'].shape[0]), 'reference': reference,
                  'reference_images': f.max_reference or 'all', 'data': ds.provenance,
                  'protocol': 'TTUR/pytorch-fid: pool3 of the TF 2015 Inception at 299x299; '
                              'IS on the 1008-way logits, 10 splits',
                  'seconds': round(time.time() - start, 1)})
   if jax.process_index() == 0:
+    # The samples' Inception features, beside fid.json: what a bootstrap interval or a
+    # pooled FID over several runs needs (`fid.bootstrap_fids`).
+    atomic_write(features_path(config, workdir), lambda tmp: np.savez(tmp, pool3=features))
     write_json_atomic(fid_json_path(config, workdir), result)
   multihost_utils.sync_global_devices('fid: fid.json written')
   logging.info('FID: %s', result)

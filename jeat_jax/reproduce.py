@@ -36,13 +36,15 @@ from jax.experimental import multihost_utils
 from jeat_jax import logs
 logs.quiet_tensorflow()  # before anything imports TensorFlow
 # pylint: disable=g-import-not-at-top
-from jeat_jax import analysis, evaluate, files, generation, hardware, parallel, train
+from jeat_jax import analysis, evaluate, fair, files, generation, hardware, parallel, train
 from jeat_jax import state as state_lib
 from jeat_jax.config_validation import with_overrides
 from jeat_jax.files import read_json, write_json_atomic, write_text_atomic
 
-SCALES = ('cpu', 'paper', 'smoke')
+SCALES = ('cpu', 'cpu-fair', 'paper', 'smoke')
+CONFIG_SCALE = {'cpu': 'cpu', 'cpu-fair': 'cpu', 'paper': None, 'smoke': 'smoke'}  # get_config's
 STAGES = ('train', 'evaluate', 'sample', 'fid', 'analyze', 'report')
+FAIR_STAGES = ('train', 'evaluate', 'sample', 'fid', 'report')  # cpu-fair's default
 
 # Paper numbers (CIFAR-10, WRN-28-10): Table 1, Table 2, Fig. 6 (IS, FID).
 PAPER_TABLE1 = {'clean': 0.9439, 'pgd': 0.0012, 'energy': 0.0011}
@@ -77,7 +79,10 @@ RUNS = (
     Run('weat', 'weat'),  # a successor (ECCV 2024): not in the paper, run when --runs names it
     Run('ebjdat', 'ebjdat'),  # a successor (CVPR 2026): likewise
 )
-RUNS_BY_NAME = {r.name: r for r in RUNS}
+# --scale=cpu-fair: each recipe of the fair comparison on each seed (jeat_jax/fair.py).
+FAIR_RUNS = tuple(Run(fair.run_name(recipe, seed), recipe, tuple(fair.run_overrides(seed).items()))
+                  for recipe in fair.START_ORDER for seed in fair.SEEDS)
+RUNS_BY_NAME = {r.name: r for r in RUNS + FAIR_RUNS}
 SUCCESSOR_RUNS = ('weat', 'ebjdat')  # not in the paper: run when --runs names them
 PAPER_RUNS = tuple(r.name for r in RUNS if r.name not in SUCCESSOR_RUNS)
 ADVERSARIAL = ('at', 'prejeat', 'jeat', 'trades', 'fast', 'free', 'weat', 'ebjdat')
@@ -108,6 +113,8 @@ def scale_overrides(scale: str, run: Run) -> Dict[str, object]:
            'eval.audit_num_examples': 100,
            'sample.num_samples': 500, 'fid.max_reference': 2000, 'dynamics_every_steps': 50,
            **CPU_TRAINING.get(run.name, {})}
+  elif scale == 'cpu-fair':
+    out = {**fair.TRAINING, **fair.EVALUATION}
   elif scale == 'smoke':
     out = {'eval.attacks': 'pgd20,energyk,cw_linf'}
   else:
@@ -121,8 +128,7 @@ def scale_overrides(scale: str, run: Run) -> Dict[str, object]:
 def make_config(run: Run, scale: str, data_path: str, distributed: Optional[Dict] = None):
   """configs/<recipe>.py:<scale> with the scale's and the run's overrides, the npz data
   path (if any) and `distributed.*` settings (if any: {'enabled': True, ...})."""
-  config = importlib.import_module(f'configs.{run.recipe}').get_config(
-      None if scale == 'paper' else scale)
+  config = importlib.import_module(f'configs.{run.recipe}').get_config(CONFIG_SCALE[scale])
   settings = dict(scale_overrides(scale, run))
   settings.update(dict(run.overrides))
   if data_path:
@@ -209,10 +215,10 @@ def run_stages(run: Run, config, workdir: str, stages) -> None:
 # ----------------------------------------------------------------------------- report
 
 
-def collect(root: str) -> Dict[str, dict]:
+def collect(root: str, runs=RUNS) -> Dict[str, dict]:
   """Everything the runs wrote, per run name."""
   out = {}
-  for run in RUNS:
+  for run in runs:
     d = os.path.join(root, run.name)
     if not os.path.isdir(d):
       continue
@@ -221,6 +227,7 @@ def collect(root: str) -> Dict[str, dict]:
     out[run.name] = {
         'results': results,
         'data': (results or {}).get('data') or (ev or {}).get('data'),
+        'robustness': ev,
         'attacks': {a['name']: a for a in ev['attacks']} if ev else {},
         'clean': ev['clean_accuracy'] if ev else None,
         'audit': (ev or {}).get('audit', {}).get('warnings', []),
@@ -542,14 +549,108 @@ def _write_report(path: str, root: str, scale: str, data_path: str, wall_seconds
   write_text_atomic(path, '\n'.join(lines))
 
 
+def fair_results(root: str, data_path: str) -> Dict[str, 'fair.RecipeResult']:
+  """Per recipe of the fair comparison: its seeds' counts and FIDs and its pooled FID with
+  bootstrap replicates (against the reference statistics the runs' FID stage cached)."""
+  runs = collect(root, FAIR_RUNS)
+  reference = None
+  results = {}
+  for recipe in fair.RECIPES:
+    seeds = {s: runs.get(fair.run_name(recipe, s)) for s in fair.SEEDS}
+    seeds = {s: r for s, r in seeds.items() if r and r['robustness']}
+    if not seeds:
+      continue
+    result = fair.RecipeResult(
+        recipe, {s: fair.seed_counts(r['robustness']) for s, r in seeds.items()},
+        {s: _fid(r['fid']) for s, r in seeds.items() if _fid(r['fid']) is not None})
+    paths = [fair.feature_path(os.path.join(root, fair.run_name(recipe, s))) for s in seeds]
+    if len(seeds) == len(fair.SEEDS) and all(os.path.exists(p) for p in paths):
+      if reference is None:
+        reference = generation.fid_reference_statistics(
+            make_config(FAIR_RUNS[0], 'cpu-fair', data_path), root)
+      result.fid, result.fid_replicates = fair.pooled_fid(
+          [np.load(p)['pool3'] for p in paths], *reference)
+    results[recipe] = result
+  return results
+
+
+def write_fair_report(root: str, data_path: str, wall_seconds: float, jobs: int,
+                      command: str) -> str:
+  """ROOT/REPORT.md of --scale=cpu-fair: the pooled table with intervals, a verdict per
+  claim, the seeds' values, the setup, the compute time and the sample grids."""
+  results = fair_results(root, data_path)
+  runs = collect(root, FAIR_RUNS)
+  figdir = os.path.join(root, 'figures')
+  os.makedirs(figdir, exist_ok=True)
+  fair.plot_comparison(os.path.join(figdir, 'comparison.png'), results)
+  timings, compute_seconds = timing_table(runs)
+  config = make_config(FAIR_RUNS[0], 'cpu-fair', data_path)
+  points, samples = config.eval.num_examples, config.sample.num_samples
+  setup = ['| recipe | model | batch | steps | training images |', '|---|---|---|---|---|']
+  for recipe in fair.RECIPES:
+    c = make_config(RUNS_BY_NAME[fair.run_name(recipe, 0)], 'cpu-fair', data_path)
+    r = (runs.get(fair.run_name(recipe, 0)) or {}).get('results') or {}
+    setup.append(f'| {recipe} | {r.get("model", "-")} | {c.batch_size} | {r.get("step", "-")} | '
+                 f'{c.data.train_subset} |')
+  lines = [
+      '# jeat-jax: the fair comparison, scale `cpu-fair`', '',
+      ('> **Data caveat:** the offline CIFAR-10 stand-in (a lossy JPEG copy of CIFAR-10). '
+       'Models of a few minutes of CPU training: this compares the recipes at one small, '
+       'equal budget, not their converged accuracies.' if data_path else '> Data: CIFAR-10 '
+       'from TFDS.'), '', data_line(runs), '',
+      f'Machine: {hardware.cpu_description()}, jax {jax.__version__} on '
+      f'{jax.devices()[0].platform}. Wall time of this invocation: {wall_seconds / 60:.1f} min'
+      f'{f", {jobs} runs side by side" if jobs > 1 else ""}.' +
+      (f' Command: `{command}`.' if command else ''), '',
+      '## Protocol', '',
+      f'- Recipes {", ".join(fair.RECIPES)}, each on seeds {", ".join(map(str, fair.SEEDS))} '
+      f'(initialisation, data order, training subset and chains).',
+      f'- The same training for all: {config.num_epochs} epoch(s) over a fixed random subset of '
+      f'{config.data.train_subset} training images per seed, random crop and flip, each recipe\'s '
+      '`:cpu` model size (WRN-10-1; its own normalisation and activation), optimizer, batch and '
+      'attack settings. No test point is seen during training (robust_watch off).',
+      f'- The same evaluation for all: seed s is attacked on test points '
+      f'[{points} s, {points} (s + 1)), so every recipe is measured '
+      f'on the same {points * len(fair.SEEDS)} points, each once: clean, PGD-20 '
+      '(step 2/255, random start) and standard AutoAttack at eps 8/255 (l_inf). Intervals: '
+      'Wilson 95% over the pooled points.',
+      f'- FID: {samples} samples per seed (Eq. 17 chains from the class Gaussians), '
+      f'pooled to {samples * len(fair.SEEDS)} per recipe, against the statistics '
+      f'of the same {config.fid.max_reference} training images for all; interval: estimate -/+ '
+      f'1.96 bootstrap standard deviations over the samples ({fair.BOOTSTRAP_RESAMPLES} '
+      'resamples). FID at 1000 samples is '
+      'biased upwards against the usual 10000/50000: compare the rows, not the paper\'s values.',
+      '- A claim is **resolved** where the 95% interval of the difference excludes 0 (Newcombe '
+      'for accuracies, bootstrap for FID), else **within noise**; 95% per claim, not corrected '
+      f'for the {len(fair.CLAIMS)} claims.', '',
+      '## Results (pooled over the seeds, 95% intervals)', '', fair.comparison_table(results), '',
+      '![robust accuracy against FID](figures/comparison.png)', '',
+      '## Claims', ''] + fair.claim_lines(results) + [
+      '', '## Setup per recipe (seed 0)', ''] + setup + [
+      '', '## Compute time (wall minutes per stage)', '', timings, '',
+      f'Sum over runs and stages: {compute_seconds / 60:.1f} min (runs side by side: each stage\'s '
+      'own wall time, shared cores included).', '', '## Samples (seed 0)', '']
+  for recipe in fair.RECIPES:
+    rel = copy_figure(os.path.join(root, fair.run_name(recipe, 0), 'samples', 'grid.png'), figdir,
+                      f'{recipe}_samples.png')
+    if rel:
+      lines += [f'**{recipe}**', '', f'![{recipe} samples]({rel})', '']
+  path = os.path.join(root, 'REPORT.md')
+  write_text_atomic(path, '\n'.join(lines))
+  return path
+
+
 # ----------------------------------------------------------------------------- CLI
 
-flags.DEFINE_enum('scale', 'cpu', SCALES, 'cpu: the :cpu configs on 2 cores; paper: WRN-28-10.')
+flags.DEFINE_enum('scale', 'cpu', SCALES, 'cpu: the :cpu configs on 2 cores; cpu-fair: the '
+                  'recipes of jeat_jax/fair.py on 2 seeds at one equal budget, with intervals; '
+                  'paper: WRN-28-10.')
 flags.DEFINE_string('workdir', None, 'Root directory: one subdirectory per run, REPORT.md.')
 flags.DEFINE_string('data_path', '', 'An npz dataset (the offline stand-in); empty: TFDS.')
 flags.DEFINE_list('runs', list(PAPER_RUNS), 'Which runs, in this order (default: the paper\'s; '
                   f'also: {", ".join(n for n in RUNS_BY_NAME if n not in PAPER_RUNS)}).')
-flags.DEFINE_list('stages', list(STAGES), f'Which stages, of {STAGES}.')
+flags.DEFINE_list('stages', list(STAGES), f'Which stages, of {STAGES} (cpu-fair: by default '
+                  f'{FAIR_STAGES}).')
 flags.DEFINE_integer('jobs', 1, 'Runs processed side by side, each in its own process (log: '
                      'WORKDIR/<run>/reproduce.log). On 2 CPU cores 2 jobs gave 1.4x the throughput '
                      'of one: XLA:CPU leaves cores idle on these small models.')
@@ -605,20 +706,24 @@ def main(argv):
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   if not FLAGS.workdir:
     raise app.UsageError('--workdir is required')
-  unknown = set(FLAGS.runs) - {r.name for r in RUNS}
+  unknown = set(FLAGS.runs) - set(RUNS_BY_NAME)
   if unknown:
-    raise app.UsageError(f'unknown runs {sorted(unknown)}; choose from {[r.name for r in RUNS]}')
+    raise app.UsageError(f'unknown runs {sorted(unknown)}; choose from {list(RUNS_BY_NAME)}')
   if FLAGS.jobs < 1:
     raise app.UsageError(f'--jobs must be >= 1, got {FLAGS.jobs}')
   distributed = distributed_settings(FLAGS)
   if distributed and FLAGS.jobs > 1:
     raise app.UsageError('--jobs > 1 runs each run in a child process: not with --distributed')
   start = time.time()
-  names = list(dict.fromkeys(FLAGS.runs))  # in the order given (RUNS order by default)
+  fair_scale = FLAGS.scale == 'cpu-fair'
+  # In the order given; by default the paper's runs (cpu-fair: its recipes on its seeds).
+  names = list(dict.fromkeys(FLAGS.runs if FLAGS['runs'].present or not fair_scale
+                             else [r.name for r in FAIR_RUNS]))
+  stages = (FLAGS.stages if FLAGS['stages'].present or not fair_scale else list(FAIR_STAGES))
   if distributed:  # before anything touches JAX's devices
     parallel.initialize_distributed(
         make_config(RUNS_BY_NAME[names[0]], FLAGS.scale, FLAGS.data_path, distributed))
-  per_run = [s for s in FLAGS.stages if s != 'report']
+  per_run = [s for s in stages if s != 'report']
   failed = []
   if FLAGS.jobs > 1 and len(names) > 1 and per_run:
     failed = run_in_subprocesses(FLAGS.workdir, FLAGS.scale, FLAGS.data_path, names, per_run,
@@ -628,10 +733,15 @@ def main(argv):
       run = RUNS_BY_NAME[name]
       logging.info('=== %s (%s)', run.name, run.recipe)
       run_stages(run, make_config(run, FLAGS.scale, FLAGS.data_path, distributed),
-                 os.path.join(FLAGS.workdir, run.name), FLAGS.stages)
-  if 'report' in FLAGS.stages:
-    path = write_report(FLAGS.workdir, FLAGS.scale, FLAGS.data_path, time.time() - start,
-                        FLAGS.jobs, ' '.join(['python -m jeat_jax.reproduce'] + sys.argv[1:]))
+                 os.path.join(FLAGS.workdir, run.name), stages)
+  if 'report' in stages:
+    command = ' '.join(['python -m jeat_jax.reproduce'] + sys.argv[1:])
+    if fair_scale:
+      path = write_fair_report(FLAGS.workdir, FLAGS.data_path, time.time() - start, FLAGS.jobs,
+                               command)
+    else:
+      path = write_report(FLAGS.workdir, FLAGS.scale, FLAGS.data_path, time.time() - start,
+                          FLAGS.jobs, command)
     logging.info('wrote %s', path)
   if failed:
     sys.exit(f'runs whose process failed: {failed}; see WORKDIR/<run>/reproduce.log')

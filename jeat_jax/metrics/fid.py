@@ -104,6 +104,41 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6,
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
 
 
+def fid_from_features(features, mu_ref, sigma_ref) -> float:
+  """FID of (N, D) features against (mu_ref, sigma_ref), N small against D.
+
+  With A the centred features over sqrt(N - 1), S = A^T A and tr((S S_ref)^(1/2)) is the sum
+  of the square roots of the eigenvalues of the N x N matrix (A R)(A R)^T, R = S_ref^(1/2):
+  the same number as `frechet_distance` of `activation_statistics(features)`, at a fraction
+  of the cost where N << D (what makes `bootstrap_fids` affordable)."""
+  return float(bootstrap_fids(features, mu_ref, sigma_ref, 0)[1])
+
+
+def bootstrap_fids(features, mu_ref, sigma_ref, num_resamples: int,
+                   seed: int = 0) -> Tuple[np.ndarray, float]:
+  """(FIDs of `num_resamples` bootstrap resamples of the N feature rows, the FID of all N):
+  the rows drawn with replacement, the reference statistics held fixed."""
+  f = np.asarray(features, np.float64)
+  mu_ref = np.asarray(mu_ref, np.float64)
+  root = _sqrt_psd(np.asarray(sigma_ref, np.float64))
+  projected = f @ root  # rows x R: centring commutes with the product
+  trace_ref = float(np.trace(sigma_ref))
+
+  def fid_of(rows) -> float:
+    x, y = f[rows], projected[rows]
+    n = x.shape[0]
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    eig = np.linalg.eigvalsh(yc @ yc.T / (n - 1))
+    diff = x.mean(0) - mu_ref
+    return float(diff @ diff + (xc * xc).sum() / (n - 1) + trace_ref
+                 - 2 * np.sqrt(np.clip(eig, 0, None)).sum())
+
+  rng = np.random.default_rng(seed)
+  n = f.shape[0]
+  replicates = np.array([fid_of(rng.integers(0, n, n)) for _ in range(num_resamples)])
+  return replicates, fid_of(np.arange(n))
+
+
 def _log_softmax(logits) -> np.ndarray:
   z = np.asarray(logits, np.float64)
   z = z - z.max(axis=-1, keepdims=True)
@@ -230,12 +265,15 @@ def reference_statistics(reference_npz, variables, reference_key: Optional[str] 
 
 def score_images(images: np.ndarray, mu_ref, sigma_ref, variables, batch_size: int = 50,
                  resize_mode: str = 'tf', splits: int = 10, method: str = 'sqrtm',
-                 is_logits: str = 'logits_unbiased') -> Dict[str, float]:
-  """FID of images against (mu_ref, sigma_ref), and IS where the head exists."""
+                 is_logits: str = 'logits_unbiased', keep_features: bool = False) -> Dict:
+  """FID of images against (mu_ref, sigma_ref), and IS where the head exists; with
+  `keep_features` also 'pool3', the (N, 2048) features (for `bootstrap_fids`)."""
   acts = sharded_activations(images, variables, batch_size=batch_size, resize_mode=resize_mode,
                              desc='samples')
   mu, sigma = activation_statistics(acts['pool3'])
   result = {'fid': frechet_distance(mu, sigma, mu_ref, sigma_ref, method=method)}
+  if keep_features:
+    result['pool3'] = np.asarray(acts['pool3'], np.float32)
   if is_logits in acts:
     result['inception_score'], result['inception_score_std'] = inception_score(
         acts[is_logits], splits)
@@ -246,7 +284,7 @@ def score_npz(samples_npz, reference_npz, weights=None, samples_key: Optional[st
               reference_key: Optional[str] = None, max_samples: Optional[int] = None,
               max_reference: Optional[int] = None, seed: int = 0, batch_size: int = 50,
               resize_mode: str = 'tf', splits: int = 10, method: str = 'sqrtm',
-              cache_dir=None, stats_dir=None) -> Dict[str, float]:
+              cache_dir=None, stats_dir=None, keep_features: bool = False) -> Dict:
   """{'fid', ['inception_score', 'inception_score_std']} of samples in an .npz.
 
   Samples: key `x` (uint8 N x H x W x 3, or floats in [0, 1]). Reference: a
@@ -263,7 +301,7 @@ def score_npz(samples_npz, reference_npz, weights=None, samples_key: Optional[st
       resize_mode, stats_dir if stats_dir is not None else cache_dir)
   images = load_images(samples_npz, samples_key, max_samples, seed)
   return score_images(images, mu_ref, sigma_ref, variables, batch_size, resize_mode,
-                      splits, method)
+                      splits, method, keep_features=keep_features)
 
 
 def main(argv=None) -> Dict[str, float]:
