@@ -39,6 +39,20 @@ ATTACK_NAMES = {
     'autoattack': 'AutoAttack'}
 
 
+def record_name(name: str, cfg) -> str:
+  """The name an attack's result is filed under: AutoAttack with its iterations and queries
+  cut (`eval.pgd_steps_scale` < 1) is not AutoAttack, and says so: 'autoattack (0.1x)'."""
+  if name == 'autoattack' and cfg.pgd_steps_scale != 1.0:
+    return f'autoattack ({cfg.pgd_steps_scale:g}x)'
+  return name
+
+
+def attack_title(record_name_: str) -> str:
+  """'AutoAttack', or 'AutoAttack (0.1x, reduced strength)' for a reduced run."""
+  base, _, scale = record_name_.partition(' (')
+  return ATTACK_NAMES[base] + (f' ({scale[:-1]}, reduced strength)' if scale else '')
+
+
 def pgd_correct(logits_fn, x_uint8, y, mask, key, *, eps, step_size, num_steps):
   """Number of (unmasked) examples still classified correctly after PGD on CE (Eq. 3)."""
   x = data_lib.to_float(x_uint8)
@@ -228,7 +242,7 @@ def markdown_tables(model_name: str, recipe: str, clean: float, records: List[Di
            f'| clean | - | {records[0]["num_examples"] if records else "-"} | {100 * clean:.2f}% | - |']
   for r in records:
     eps = f'{r["eps"] * 255:.0f}/255' if r['name'] != 'cw_l2' else 'L2, c = 0.2'
-    lines.append(f'| {ATTACK_NAMES[r["name"]]} | {eps} | {r["num_examples"]} | '
+    lines.append(f'| {attack_title(r["name"])} | {eps} | {r["num_examples"]} | '
                  f'{100 * r["robust_accuracy"]:.2f}% | {r["seconds"]:.1f} |')
   return '\n'.join(lines) + '\n'
 
@@ -270,13 +284,14 @@ def evaluate_run(config, workdir: str) -> Dict:
     else:
       robust = robust_mask(name, cfg, logits_fn, mesh, x, y, cfg.eps, k, cfg.pgd_restarts)
       stages = None
-    record = {'name': name, 'eps': float(cfg.eps), 'num_examples': int(m),
+    record = {'name': record_name(name, cfg), 'eps': float(cfg.eps), 'num_examples': int(m),
               'robust_accuracy': float(np.mean(robust & clean[:m])),
               'seconds': round(time.time() - start, 2)}
     if stages:
       record['stages'] = stages
     records.append(record)
-    logging.info('[%d/%d] %s: robust accuracy %.4f (%.1fs)', i + 1, len(names), ATTACK_NAMES[name],
+    logging.info('[%d/%d] %s: robust accuracy %.4f (%.1fs)', i + 1, len(names),
+                 attack_title(record['name']),
                  record['robust_accuracy'], record['seconds'])
   result = {'clean_accuracy': float(clean.mean()), 'num_examples': int(n), 'first_example': first,
             'attacks': records,

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jeat_jax.attacks.autoattack import (apgd_run, dlr_loss, dlr_loss_targeted, fab_targeted_run,
                                          linf_hyperplane_projection, run_autoattack, square,
                                          step_size_checkpoints)
+from jeat_jax.attacks.autoattack.apgd import apgd_start
 from jeat_jax.attacks.autoattack.square import schedule_level, window_sides
 from jeat_jax.attacks.cw import cw_l2
 from tests.torch_reference import SmallCNN, accuracy, load_data, train_classifier
@@ -150,9 +151,11 @@ def test_linf_hyperplane_projection_is_the_box_constrained_minimum():
     np.testing.assert_allclose(t[i] + d[i], (w[i] > 0).astype(np.float32), atol=1e-6)
 
 
-def test_square_schedule_matches_the_reference_p_selection():
+@pytest.mark.parametrize('rescale', [True, False])
+def test_square_schedule_matches_the_reference_p_selection(rescale):
   def reference_p(it, n_queries, p_init=0.8):   # the schedule of Andriushchenko et al. 2020
-    it = int(it / n_queries * 10000)
+    if rescale:  # the reference class's resc_schedule
+      it = int(it / n_queries * 10000)
     for bound, div in ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32),
                        (4000, 64), (6000, 128), (8000, 256)):
       if it <= bound:
@@ -161,10 +164,27 @@ def test_square_schedule_matches_the_reference_p_selection():
 
   sides = window_sides(5000, 0.8, 32, 32)
   for n_queries in (100, 5000):
-    for query in (0, 5, 6, 25, 26, 99, 100, 101, 1000, 3000, 4999):
-      level = int(schedule_level(jnp.asarray(query), n_queries))
+    for query in (0, 5, 6, 25, 26, 99, 100, 101, 1000, 3000, 4000, 4001, 4999):
+      level = int(schedule_level(jnp.asarray(query), n_queries, rescale))
       expected = max(int(round(np.sqrt(reference_p(query, n_queries) * 32 * 32))), 1)
       assert sides[level] == expected, (n_queries, query)
+
+
+def test_autoattack_square_keeps_a_3x3_window_for_its_last_queries():
+  # fra31/auto-attack runs Square with resc_schedule=False: p_init / 128 after 4000 queries.
+  sides = window_sides(5000, 0.8, 32, 32)
+  assert sides[int(schedule_level(jnp.asarray(4500), 5000, False))] == 3
+  assert sides[int(schedule_level(jnp.asarray(4500), 5000, True))] == 1
+
+
+def test_apgd_start_reaches_eps_in_each_examples_largest_coordinate():
+  x = jnp.full((6, 8, 8, 3), 0.5)
+  start = np.asarray(apgd_start(jax.random.PRNGKey(0), x, EPS))
+  delta = np.abs(start - 0.5).reshape(6, -1)
+  np.testing.assert_allclose(delta.max(1), EPS, rtol=1e-5)
+  assert delta.mean() < 0.6 * EPS  # uniform directions, not the vertices
+  edge = np.asarray(apgd_start(jax.random.PRNGKey(1), jnp.zeros((2, 4, 4, 3)), EPS))
+  assert edge.min() >= 0.0 and edge.max() <= EPS + 1e-7  # clipped to [0, 1]
 
 
 def test_run_autoattack_robust_accuracy_never_exceeds_clean(setup):

@@ -56,6 +56,9 @@ def test_autoattack_on_a_subset(trained_workdir):
   result = evaluate.evaluate_run(config, workdir)
   pgd, aa = result['attacks']
   assert pgd['num_examples'] == 96 and aa['num_examples'] == 24
+  assert aa['name'] == 'autoattack (0.05x)'  # cut iterations: not filed as AutoAttack
+  table = open(os.path.join(workdir, 'eval', 'robustness.md')).read()
+  assert '| AutoAttack (0.05x, reduced strength) | 8/255 | 24 |' in table
   assert [s['name'] for s in aa['stages']] == ['clean', 'apgd-ce', 'apgd-t', 'fab-t', 'square']
   accs = [s['robust_accuracy'] for s in aa['stages']]
   assert accs == sorted(accs, reverse=True) and accs[-1] == aa['robust_accuracy']

@@ -84,7 +84,7 @@ def test_two_processes_evaluate_like_one(runs):
   multi = json.loads((runs['multi'] / 'eval' / 'robustness.json').read_text())
   assert runs['returned'][0]['process_count'] == 2
   assert runs['returned'][0]['device_count'] == 4
-  assert [a['name'] for a in multi['attacks']] == ['pgd20', 'energy1', 'autoattack']
+  assert [a['name'] for a in multi['attacks']] == ['pgd20', 'energy1', 'autoattack (0.1x)']
   assert multi['data'] == single['data'] and multi['data']['source'] == 'npz'
   assert multi['data']['path'] == runs['data'] and len(multi['data']['sha256']) == 64
   for key in ('clean_accuracy', 'num_examples', 'step', 'audit'):

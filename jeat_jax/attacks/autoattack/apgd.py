@@ -10,8 +10,9 @@ checkpoints w_j when either
 a halving restarts the iterate from the best point found so far.
 
 The losses are cross-entropy (`energy.cross_entropy`), the Difference of Logits
-Ratio (DLR) and its targeted form, both introduced in that paper. Starting point and projection
-are `core.uniform_start` and `core.project_linf`. The trace of the best-so-far
+Ratio (DLR) and its targeted form, both introduced in that paper. The start is `apgd_start`
+(the reference's: a uniform draw rescaled to reach eps in its largest coordinate), the
+projection `core.project_linf`. The trace of the best-so-far
 loss is returned so that its monotonicity can be checked. Iterations run
 through `iterate`: one `lax` loop program, or on CPU a Python loop over one
 jitted step (see `use_host_loop`).
@@ -23,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jeat_jax.attacks.core import cw_margin, project_linf, sign_ascent_step, uniform_start
+from jeat_jax.attacks.core import cw_margin, project_linf, sign_ascent_step
 from jeat_jax.energy import cross_entropy
 
 LOSSES = ('ce', 'dlr', 'dlr-targeted', 'ce-targeted')
@@ -200,6 +201,15 @@ class ApgdSettings(NamedTuple):
   stochastic: bool = False
 
 
+def apgd_start(key: jax.Array, x: jax.Array, eps: float) -> jax.Array:
+  """x + eps t / max|t|, t ~ U(-1, 1) per coordinate, clipped to [0, 1]: APGD's random start
+  in fra31/auto-attack, on the boundary of the eps-ball in each example's largest coordinate
+  (not uniform in the ball)."""
+  t = jax.random.uniform(key, x.shape, x.dtype, -1.0, 1.0)
+  largest = jnp.max(jnp.abs(t).reshape(x.shape[0], -1), axis=1).reshape((-1,) + (1,) * (x.ndim - 1))
+  return jnp.clip(x + eps * t / largest, 0.0, 1.0)
+
+
 def _apgd_value_and_grad(s: ApgdSettings, x_adv, y, targets, key):
   return eot_value_and_grad(s.logits_fn, loss_of_logits(s.loss, y, targets), x_adv, key,
                             s.eot_iter, s.stochastic)
@@ -211,7 +221,7 @@ def _apgd_init(s: ApgdSettings, x, y, key, eps, target_rank):
   targets = jnp.zeros_like(y)
   if s.loss.endswith('targeted'):
     targets = ranked_class(call_logits(s.logits_fn, x, key_clean, s.stochastic), target_rank)
-  x_start = uniform_start(key_start, x, eps)
+  x_start = apgd_start(key_start, x, eps)
   loss0, logits0, grad0 = _apgd_value_and_grad(s, x_start, y, targets, jax.random.fold_in(key_grad, 0))
   batch = x.shape[0]
   carry = dict(

@@ -3,7 +3,7 @@
 Versions, as in fra31/auto-attack:
   standard: APGD-CE (100 iterations, no restarts), APGD-T (targeted DLR, 9 target
             classes), FAB-T (9 targets, 100 iterations), Square (5000 queries,
-            p_init 0.8);
+            p_init 0.8, the p schedule not rescaled to the query budget);
   rand:     APGD-CE and APGD-DLR, each with Expectation over Transformation
             (20 gradient draws per step), for randomised defences.
 
@@ -64,7 +64,8 @@ def _attack_chunk(logits_fn: Callable, attack: str, settings: Dict, x: jax.Array
   """One pass of one attack on a chunk: adversarial candidates."""
   s = settings
   if attack == 'square':
-    return square(logits_fn, x, y, key, eps, s['n_queries'], s['p_init'], s['square_segment'])
+    return square(logits_fn, x, y, key, eps, s['n_queries'], s['p_init'], s['square_segment'],
+                  rescale_schedule=False)  # as fra31/auto-attack's Square
   if attack == 'fab-t':
     adv, norm = fab_targeted_run(logits_fn, x, y, rank, s['fab_n_iter'], host_loop=s['host_loop'])
     return jnp.where((norm <= eps)[:, None, None, None], adv, x)

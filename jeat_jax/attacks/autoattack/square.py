@@ -7,8 +7,9 @@ every query proposes to overwrite one random square window, of side
 s = round(sqrt(p * H * W)), with +-2 eps per channel (then projected back
 onto the ball and [0, 1]); the proposal is kept when it lowers the margin
 loss z_y - max_{k!=y} z_k, or misclassifies. The fraction p starts at p_init
-and halves at fixed query counts (the schedule of the paper, rescaled to
-n_queries out of 10000). Each example draws its own window and signs.
+and halves at fixed query counts (the schedule of the paper, for 10000 queries; with
+`rescale_schedule`, as the reference's Square class by default, stretched to n_queries;
+AutoAttack's 5000-query Square does not rescale). Each example draws its own window and signs.
 The search is a forward-only `lax.while_loop` (no gradient, so XLA:CPU's slow
 path for convolution gradients in loops does not apply) that stops once every
 example is misclassified; only examples with a positive margin change.
@@ -42,10 +43,13 @@ def window_sides(n_queries: int, p_init: float, height: int, width: int) -> np.n
   return np.maximum(np.round(np.sqrt(p * height * width)).astype(np.int32), 1)
 
 
-def schedule_level(query: jax.Array, n_queries: int) -> jax.Array:
-  """How many times p has been halved at this query (rescaled to 10000 queries)."""
-  rescaled = (query * 10000) // n_queries
-  return jnp.sum(rescaled > jnp.asarray(P_SCHEDULE_QUERIES, jnp.int32))
+def schedule_level(query: jax.Array, n_queries: int, rescale: bool) -> jax.Array:
+  """How many times p has been halved at this query: the schedule's query counts are of
+  10000 queries; `rescale` maps n_queries onto them (a 5000-query run halves twice as
+  fast), else they are taken as they are (a 5000-query run stops half way through)."""
+  if rescale:
+    query = (query * 10000) // n_queries
+  return jnp.sum(query > jnp.asarray(P_SCHEDULE_QUERIES, jnp.int32))
 
 
 def stripes_start(key: jax.Array, x: jax.Array, eps: float) -> jax.Array:
@@ -77,10 +81,12 @@ def square_init(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array,
   return SquareState(x_best, margin_loss(logits_fn(x_best), y), jnp.asarray(0, jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=('logits_fn', 'n_queries', 'p_init', 'max_steps'))
+@functools.partial(jax.jit, static_argnames=('logits_fn', 'n_queries', 'p_init', 'max_steps',
+                                             'rescale_schedule'))
 def square_steps(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array,
                  state: SquareState, eps: float = 8 / 255, n_queries: int = 5000,
-                 p_init: float = 0.8, max_steps: int = None) -> SquareState:
+                 p_init: float = 0.8, max_steps: int = None,
+                 rescale_schedule: bool = True) -> SquareState:
   """Random-search steps from `state` until n_queries proposals, all examples fooled,
   or `max_steps` more steps (a segment, so that a caller can drop fooled examples in
   between). As in the reference, the start's evaluation is not counted.
@@ -92,7 +98,7 @@ def square_steps(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array
     return (s.query < stop) & jnp.any(s.margin > 0)
 
   def body(s):
-    side = sides[schedule_level(s.query, n_queries)]
+    side = sides[schedule_level(s.query, n_queries, rescale_schedule)]
     x_new = square_proposal(jax.random.fold_in(key, s.query), s.x_best, x, eps, side)
     margin = margin_loss(logits_fn(x_new), y)
     accept = (s.margin > 0) & (margin < s.margin)        # lower margin (<= 0: fooled)
@@ -120,8 +126,10 @@ def pad_indices(idx: np.ndarray, cap: int) -> np.ndarray:
 
 
 def square(logits_fn: Callable, x, y, key: jax.Array, eps: float = 8 / 255,
-           n_queries: int = 5000, p_init: float = 0.8, segment: int = 250) -> jax.Array:
+           n_queries: int = 5000, p_init: float = 0.8, segment: int = 250,
+           rescale_schedule: bool = True) -> jax.Array:
   """Square attack (l_inf, margin loss, one restart); returns the adversarial images.
+  `rescale_schedule` as the reference class (default on; AutoAttack turns it off).
 
   The queries run in segments of `segment` (each one `lax.while_loop`); between
   segments the examples already fooled are dropped in numpy and the rest padded
@@ -141,7 +149,7 @@ def square(logits_fn: Callable, x, y, key: jax.Array, eps: float = 8 / 255,
                         jnp.asarray(query, jnp.int32))
     state = square_steps(logits_fn, jnp.asarray(x[idx]), jnp.asarray(y[idx]),
                          jax.random.fold_in(k_steps, query), state, eps, n_queries, p_init,
-                         segment)
+                         segment, rescale_schedule)
     x_best[active] = np.asarray(state.x_best)[:len(active)]
     margin[active] = np.asarray(state.margin)[:len(active)]
   return jnp.asarray(x_best)
