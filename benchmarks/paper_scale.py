@@ -103,16 +103,31 @@ def find_data(path: str):
 
 
 def batches(config, path, n: int):
-  """n (x uint8, y int32) training batches, the data source and its provenance."""
-  b = config.batch_size
+  """n training batches as train_step takes them ((x uint8, y int32), plus the energy
+  batch's images where data.energy_batch_size > 0), the data source and its provenance."""
+  b, b_energy = config.batch_size, config.data.energy_batch_size
   if path is None:
     rng = np.random.default_rng(config.seed)
-    return ([(rng.integers(0, 256, (b, 32, 32, 3), np.uint8),
-              rng.integers(0, 10, b).astype(np.int32)) for _ in range(n)],
+    images = lambda k: rng.integers(0, 256, (k, 32, 32, 3), np.uint8)
+    return ([(images(b), rng.integers(0, 10, b).astype(np.int32))
+             + ((images(b_energy),) if b_energy > 0 else ()) for _ in range(n)],
             'synthetic uint8 (no npz given or found)', {'source': 'synthetic'})
   ds = data_lib.load_dataset(config)
-  return ([data_lib.train_batch(ds, step, b, config.seed) for step in range(n)], ds.source,
-          ds.provenance)
+  return [train.step_batch(ds, step, config) for step in range(n)], ds.source, ds.provenance
+
+
+def chain_starts(config, num_shards: int):
+  """create_train_state's start_images: zeros where sampler.reinit = class_gaussian (the
+  buffer and re-initialisation pool the step carries have their real shapes; what is drawn
+  into them does not change the step's cost), else None."""
+  if config.sampler.name == 'sgld_buffer' and config.sampler.reinit == 'class_gaussian':
+    return state_lib.placeholder_starts(num_shards, (32, 32, 3))
+  return None
+
+
+def num_batch_args(config) -> int:
+  """How many batch arrays train_step takes after the state (EB-JDAT's energy batch: 3)."""
+  return 3 if config.data.energy_batch_size > 0 else 2
 
 
 def build(config, mesh):
@@ -124,13 +139,14 @@ def build(config, mesh):
                                                                     total_steps))
   # state.create_train_state, jitted: eager op-by-op init of WRN-28-10 takes minutes here.
   init = functools.partial(state_lib.create_train_state, config, model, image_shape=(32, 32, 3),
-                           tx=tx, num_shards=mesh.size)
+                           tx=tx, num_shards=mesh.size,
+                           start_images=chain_starts(config, mesh.size))
   shardings = state_lib.state_shardings(mesh, jax.eval_shape(init, jax.random.PRNGKey(config.seed)))
   state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
   batch_sharding = parallel.sharded_on_first_axis(mesh)
   step_fn = jax.jit(functools.partial(train.train_step, model=model, config=config,
                                       with_dynamics=False),
-                    in_shardings=(shardings, batch_sharding, batch_sharding),
+                    in_shardings=(shardings,) + (batch_sharding,) * num_batch_args(config),
                     out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
   return model, state, shardings, batch_sharding, step_fn
 
@@ -147,18 +163,21 @@ def abstract_at_batch(config, mesh, batch_size: int):
   model = models.create_model(config.model, 10, jnp.dtype(config.model.dtype))
   tx = state_lib.create_optimizer(config, state_lib.learning_rate_schedule(
       config, steps_per_epoch, config.num_epochs * steps_per_epoch))
-  state = jax.eval_shape(lambda k: state_lib.create_train_state(config, model, k, (32, 32, 3), tx,
-                                                            mesh.size), jax.random.PRNGKey(0))
+  state = jax.eval_shape(lambda k: state_lib.create_train_state(
+      config, model, k, (32, 32, 3), tx, mesh.size, chain_starts(config, mesh.size)),
+                         jax.random.PRNGKey(0))
   shardings = state_lib.state_shardings(mesh, state)
   batch_sharding = parallel.sharded_on_first_axis(mesh)
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state,
                        shardings)
-  x = jax.ShapeDtypeStruct((batch_size, 32, 32, 3), jnp.uint8, sharding=batch_sharding)
-  y = jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=batch_sharding)
+  images = lambda k: jax.ShapeDtypeStruct((k, 32, 32, 3), jnp.uint8, sharding=batch_sharding)
+  batch = (images(batch_size), jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=batch_sharding))
+  if config.data.energy_batch_size > 0:
+    batch += (images(config.data.energy_batch_size),)
   step_fn = jax.jit(functools.partial(train.train_step, model=model, config=config),
-                    in_shardings=(shardings, batch_sharding, batch_sharding),
+                    in_shardings=(shardings,) + (batch_sharding,) * len(batch),
                     out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
-  return step_fn, (state, x, y)
+  return step_fn, (state,) + batch
 
 
 def memory_of(compiled) -> dict:
@@ -204,13 +223,12 @@ def count_flops(config, mesh, args):
   """XLA's FLOPs of the step lowered with every loop unrolled; (flops, while loops left)."""
   counting = config.copy_and_resolve_references()
   model = models.create_model(counting.model, 10, jnp.dtype(counting.model.dtype))
-  state, x, y = args
   fn = jax.jit(functools.partial(train.train_step, model=model, config=counting),
-               in_shardings=jax.tree.map(lambda a: a.sharding, (state, x, y)),
-               out_shardings=(jax.tree.map(lambda a: a.sharding, state),
+               in_shardings=jax.tree.map(lambda a: a.sharding, args),
+               out_shardings=(jax.tree.map(lambda a: a.sharding, args[0]),
                               parallel.replicated(mesh)), donate_argnums=0)
   with unrolled_loops():
-    lowered = fn.lower(state, x, y)
+    lowered = fn.lower(*args)
   # jax's threefry2x32 lowers its 5 rounds as a small elementwise while loop: not ours.
   whiles = sum(chunk.count('stablehlo.while') for chunk in lowered.as_text().split('func.func')
                if not re.match(r'\s*(private\s+)?@threefry', chunk))
@@ -226,8 +244,8 @@ def export_step(step_fn, args, shardings_in, shardings_out):
   leaves, treedef = jax.tree.flatten(args[0])
   out_state_shardings = jax.tree.leaves(shardings_out[0])
 
-  def flat_step(state_leaves, x, y):
-    new_state, metrics = step_fn(jax.tree.unflatten(treedef, state_leaves), x, y)
+  def flat_step(state_leaves, *batch):
+    new_state, metrics = step_fn(jax.tree.unflatten(treedef, state_leaves), *batch)
     return jax.tree.leaves(new_state), metrics
 
   flat_jit = jax.jit(flat_step,
@@ -254,6 +272,7 @@ def describe(config) -> dict:
       free_replays=p.free_replays if p.name == 'free' else 0,
       sampler=s.name, sgld_steps=s.num_steps if s.name != 'none' else 0,
       replay_buffer_size=s.buffer_size if s.name != 'none' else 0,
+      energy_batch_size=config.data.energy_batch_size, sam_rho=config.optimizer.sam_rho,
       loss=config.loss.name, optimizer=config.optimizer.name,
       updates_per_train_step=state_lib.updates_per_train_step(config),
       num_epochs=config.num_epochs)
@@ -299,8 +318,8 @@ def run(config, out: str, batch_size: int, data_path: str, steps: int, memory_at
   result['state_bytes'] = dict(params=nbytes(state.params), opt_state=nbytes(state.opt_state),
                                batch_stats=nbytes(state.batch_stats),
                                extra={k: nbytes(v) for k, v in state.extra.items()})
-  x0, y0 = (jax.device_put(a, batch_sharding) for a in data[0])
-  args = abstract((state, x0, y0))
+  batch0 = tuple(jax.device_put(a, batch_sharding) for a in data[0])
+  args = abstract((state,) + batch0)
 
   log('counting FLOPs: lowering the step with every loop unrolled ...')
   start = time.perf_counter()
@@ -320,7 +339,7 @@ def run(config, out: str, batch_size: int, data_path: str, steps: int, memory_at
 
   log('exporting the jitted step for platforms tpu, cuda ...')
   start = time.perf_counter()
-  result.update(export_step(step_fn, args, (shardings, batch_sharding, batch_sharding),
+  result.update(export_step(step_fn, args, (shardings,) + (batch_sharding,) * len(batch0),
                             (shardings, parallel.replicated(mesh))))
   result['export_seconds'] = round(time.perf_counter() - start, 1)
   save()
@@ -330,7 +349,7 @@ def run(config, out: str, batch_size: int, data_path: str, steps: int, memory_at
 
   log('compiling the step (the looped one train.py runs) ...')
   start = time.perf_counter()
-  compiled = step_fn.lower(state, x0, y0).compile()
+  compiled = step_fn.lower(state, *batch0).compile()
   result['compile_seconds'] = round(time.perf_counter() - start, 1)
   result['memory_analysis'] = memory_of(compiled)
   result['memory_bytes_per_device'] = result['memory_analysis'].get('peak_estimate_bytes')
@@ -348,11 +367,11 @@ def run(config, out: str, batch_size: int, data_path: str, steps: int, memory_at
     log(f'  {result["memory_analysis_at_paper_batch"]}')
 
   times, losses = [], []
-  for i, (x, y) in enumerate(data):
+  for i, batch in enumerate(data):
     log(f'step {i + 1}/{steps} ...')
-    x, y = jax.device_put(x, batch_sharding), jax.device_put(y, batch_sharding)
+    batch = tuple(jax.device_put(a, batch_sharding) for a in batch)
     start = time.perf_counter()
-    state, metrics = compiled(state, x, y)
+    state, metrics = compiled(state, *batch)
     metrics = jax.device_get(metrics)
     times.append(time.perf_counter() - start)
     losses.append(float(metrics['loss']))

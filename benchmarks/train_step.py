@@ -28,6 +28,7 @@ import numpy as np
 
 from jeat_jax import hardware, models, train
 from jeat_jax import state as state_lib
+from benchmarks import paper_scale
 from tests import torch_reference
 
 
@@ -49,12 +50,14 @@ def start_torch_and_print_machine():
   return torch
 
 
-RECIPES = ('natural', 'noise', 'at', 'prejeat', 'jeat', 'jem', 'trades', 'fast', 'free')
+RECIPES = ('natural', 'noise', 'at', 'prejeat', 'jeat', 'jem', 'trades', 'fast', 'free', 'weat',
+           'ebjdat')
 TORCH_RECIPES = ('natural', 'jeat')
 
 
 def make_config(recipe, depth, width, batch, sgld_steps, unroll, dtype):
   c = importlib.import_module(f'configs.{recipe}').get_config()
+  c.model.arch = 'wrn'  # --models names WRN-depth-width, for every recipe
   c.model.depth, c.model.width = depth, width
   c.model.dtype = dtype
   c.batch_size = batch or c.batch_size
@@ -72,20 +75,25 @@ def time_jax(config, steps):
   steps_per_epoch = 100
   tx = state_lib.create_optimizer(
       config, state_lib.learning_rate_schedule(config, steps_per_epoch, 1000))
-  state = state_lib.create_train_state(config, model, jax.random.PRNGKey(0), (32, 32, 3), tx, 1)
-  x = jnp.asarray(np.random.default_rng(0).integers(0, 256, (config.batch_size, 32, 32, 3), np.uint8))
-  y = jnp.asarray(np.random.default_rng(1).integers(0, 10, config.batch_size).astype(np.int32))
-  step = jax.jit(lambda s, a, b: train.train_step(s, a, b, model=model, config=config),
+  state = state_lib.create_train_state(config, model, jax.random.PRNGKey(0), (32, 32, 3), tx, 1,
+                                       paper_scale.chain_starts(config, 1))
+  images = lambda n, seed: jnp.asarray(
+      np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), np.uint8))
+  batch = (images(config.batch_size, 0),
+           jnp.asarray(np.random.default_rng(1).integers(0, 10, config.batch_size).astype(np.int32)))
+  if config.data.energy_batch_size > 0:  # EB-JDAT's second, unaugmented batch
+    batch += (images(config.data.energy_batch_size, 2),)
+  step = jax.jit(lambda s, *b: train.train_step(s, *b, model=model, config=config),
                  donate_argnums=0)
-  compiled = step.lower(state, x, y).compile()
+  compiled = step.lower(state, *batch).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get('flops', 0.0)) if cost else 0.0
-  state, m = compiled(state, x, y)
+  state, m = compiled(state, *batch)
   jax.block_until_ready(m)
   start = time.perf_counter()
   for _ in range(steps):
-    state, m = compiled(state, x, y)
+    state, m = compiled(state, *batch)
   jax.block_until_ready(m)
   seconds = (time.perf_counter() - start) / steps
   return config.batch_size / seconds, flops / seconds, state, model

@@ -15,7 +15,7 @@ exactly as if it had never stopped.
 import functools
 import os
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -142,6 +142,16 @@ def energy_batch(x_uint8: jax.Array, key: jax.Array, noise_std: float) -> jax.Ar
   if noise_std > 0:
     x = x + noise_std * jax.random.normal(key, x.shape, x.dtype)
   return x
+
+
+def step_batch(ds, step: int, config) -> Tuple[np.ndarray, ...]:
+  """The host arrays `train_step` takes after the state at `step`: (x uint8, y), and where
+  `data.energy_batch_size` > 0 the second minibatch's images (their own order stream)."""
+  batch = data_lib.train_batch(ds, step, config.batch_size, config.seed)
+  if config.data.energy_batch_size > 0:  # labels unused
+    batch += data_lib.train_batch(ds, step, config.data.energy_batch_size,
+                                  config.seed + ENERGY_BATCH_SEED_OFFSET)[:1]
+  return batch
 
 
 def train_step(state: TrainState, x_uint8: jax.Array, y: jax.Array,
@@ -358,8 +368,7 @@ def train_in_workdir(config, workdir: str, checkpointer) -> Dict[str, Any]:
   seconds_before = earlier_wall_seconds(checkpointer, workdir, start_step)
 
   batch_sharding = parallel.sharded_on_first_axis(mesh)
-  energy_batch_size = config.data.energy_batch_size
-  batch_shardings = (batch_sharding,) * (3 if energy_batch_size > 0 else 2)
+  batch_shardings = (batch_sharding,) * (3 if config.data.energy_batch_size > 0 else 2)
   step_fns = {
       dyn: jax.jit(functools.partial(train_step, model=model, config=config, with_dynamics=dyn),
                    in_shardings=(shardings, *batch_shardings),
@@ -381,11 +390,7 @@ def train_in_workdir(config, workdir: str, checkpointer) -> Dict[str, Any]:
   start_time = time.time()
   step = start_step
   while step < total_steps:
-    batch = data_lib.train_batch(ds, step, config.batch_size, config.seed)
-    if energy_batch_size > 0:  # its own order stream; labels unused
-      batch += data_lib.train_batch(ds, step, energy_batch_size,
-                                    config.seed + ENERGY_BATCH_SEED_OFFSET)[:1]
-    batch = parallel.global_batch(mesh, *batch)
+    batch = parallel.global_batch(mesh, *step_batch(ds, step, config))
     with_dynamics = config.dynamics_every_steps > 0 and (step + 1) % config.dynamics_every_steps == 0
     if step in config.debug_inject_nan_at_steps and step not in nan_injected:
       nan_injected.add(step)

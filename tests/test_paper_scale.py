@@ -102,3 +102,22 @@ def test_free_at_flops_count_every_replay():
   # a count of one replay only would come out near half of this.
   expected = 2 * 3 * wrn_forward_flops(10, 1)
   assert 0.8 < flops / 8 / expected < 1.25, (flops / 8, expected)
+
+
+def test_ebjdat_paper_step_takes_its_energy_batch_and_chain_pool():
+  """EB-JDAT's step takes a second (energy) batch and carries a class-Gaussian pool: the
+  paper-scale tools build it with both, and its count has no loop left."""
+  from benchmarks import paper_scale  # pylint: disable=g-import-not-at-top
+  from configs import ebjdat  # pylint: disable=g-import-not-at-top
+  from jeat_jax import parallel  # pylint: disable=g-import-not-at-top
+  config = ebjdat.get_config()
+  config.model.depth, config.model.width = 10, 1
+  config.sampler.num_steps, config.sampler.buffer_size = 1, 64
+  config.sampler.reinit_pool_size = 64
+  mesh = parallel.make_mesh()
+  _, args = paper_scale.abstract_at_batch(config, mesh, 8)
+  state, x, y, x_energy = args
+  assert x_energy.shape == (config.data.energy_batch_size, 32, 32, 3)
+  assert state.extra['reinit_pool'].shape[-4:] == (64, 32, 32, 3)
+  flops, whiles = paper_scale.count_flops(config, mesh, args)
+  assert whiles == 0 and flops > 0
