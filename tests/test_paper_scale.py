@@ -112,7 +112,8 @@ def test_ebjdat_paper_step_takes_its_energy_batch_and_chain_pool():
   from jeat_jax import parallel  # pylint: disable=g-import-not-at-top
   config = ebjdat.get_config()
   config.model.depth, config.model.width = 10, 1
-  config.sampler.num_steps, config.sampler.buffer_size = 1, 64
+  # 2 steps: a scan of length 1 'unrolled' keeps its while loop (unroll = length = 1)
+  config.sampler.num_steps, config.sampler.buffer_size = 2, 64
   config.sampler.reinit_pool_size = 64
   mesh = parallel.make_mesh()
   _, args = paper_scale.abstract_at_batch(config, mesh, 8)
