@@ -88,11 +88,14 @@ def ebjdat_recipe_loss(config, model, params, batch_stats, x, x_pos, y, x_neg, k
              'ce_clean': jnp.mean(energy.cross_entropy(logits_lab, y)),
              'energy_xy_pos': jnp.mean(energy.energy_xy(logits_pos, y)),
              'energy_x_pos': jnp.mean(energy.energy_x(logits_pos))}
-  return loss, (logits_pos, batch_stats, metrics)
+  # Train accuracy on the labelled batch: x~ is pushed towards its class (a negative of the
+  # energy terms, not an attack on the classifier), so accuracy on it says little.
+  return loss, (logits_lab, batch_stats, metrics)
 
 
 def recipe_loss(config, model, params, batch_stats, x, x_pos, y, x_neg, key, x_energy=None):
-  """The recipe's loss on one batch; returns (loss, (logits_pos, batch_stats, metrics)).
+  """The recipe's loss on one batch; returns (loss, (logits, batch_stats, metrics)), the logits
+  those of the batch the train accuracy is measured on (x_pos; EB-JDAT: the labelled batch).
 
   `x_energy`: the second (unaugmented) minibatch where `data.energy_batch_size` > 0; the
   positive energy terms see it instead of x_pos."""
@@ -184,14 +187,14 @@ def train_step(state: TrainState, x_uint8: jax.Array, y: jax.Array,
                                            pool=state.extra.get('reinit_pool'))
   loss_fn = functools.partial(recipe_loss, config, model, batch_stats=state.batch_stats, x=x,
                               x_pos=x_pos, y=y, x_neg=x_neg, key=k_loss, x_energy=x_energy)
-  (loss, (logits_pos, batch_stats, metrics)), grads = jax.value_and_grad(
+  (loss, (logits_train, batch_stats, metrics)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
   extra = dict(state.extra, buffer=buffer) if buffer is not None else state.extra
   grad_fn = None
   if config.optimizer.sam_rho > 0:  # SAM's second pass: its BatchNorm statistics are dropped
     grad_fn = jax.grad(lambda params: loss_fn(params)[0])
   new_state = apply_update(state, grads, batch_stats, extra, grad_fn)
-  metrics.update(loss=loss, train_accuracy=_accuracy(logits_pos, y),
+  metrics.update(loss=loss, train_accuracy=_accuracy(logits_train, y),
                  grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(state.params))
   if with_dynamics:
     new_logits = make_logits_fn(model, new_state.params, new_state.batch_stats,

@@ -216,6 +216,9 @@ def test_energy_terms_see_the_unaugmented_batch(step_setup):
   # step writes back at most that many buffer entries.
   changed = np.any(np.asarray(new_state.extra['buffer'] != state.extra['buffer']), axis=(2, 3, 4))
   assert 0 < changed.sum() <= xe_u8.shape[0] < x_u8.shape[0]
+  # Train accuracy of the labelled (augmented) batch, not of x~ (pushed towards its class).
+  np.testing.assert_allclose(metrics['train_accuracy'],
+                             np.mean(np.argmax(as_np['x'], -1) == np.asarray(y)))
 
 
 def test_sam_step_uses_the_perturbed_gradient_and_keeps_first_pass_batch_stats(step_setup):
