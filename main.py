@@ -20,8 +20,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Recipe config file (and :cpu / :smoke).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
-flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'sample', 'fid', 'analyze'],
-                  'train (resumes), or evaluate / sample the latest checkpoint in --workdir.')
+flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'sample', 'fid', 'analyze', 'export'],
+                  'train (resumes), or evaluate / sample / export the latest checkpoint in --workdir.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -46,6 +46,9 @@ def run(config, workdir: str, mode: str):
   elif mode == 'analyze':
     from jeat_jax import analysis  # pylint: disable=g-import-not-at-top
     analysis.analyze_run(config, workdir)
+  elif mode == 'export':
+    from jeat_jax import export  # pylint: disable=g-import-not-at-top
+    export.export_run(config, workdir)
 
 
 class _QuietLibraries(std_logging.Filter):

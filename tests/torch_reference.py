@@ -3,19 +3,18 @@
 Holds
   * `SmallCNN`, a tiny Flax classifier, with its PyTorch twin (`torch_small_cnn`)
     and `port_small_cnn(variables) -> torch.nn.Module`;
-  * `port_wideresnet(variables, model) -> torch.nn.Module`: a PyTorch copy of
-    `jeat_jax.models.WideResNet` (norm 'none' / 'batch' / 'group', activations
-    relu / leaky_relu(0.2) / swish, input normalisation 'meanstd' /
-    'minus_one_one' / 'none') carrying the Flax weights;
+  * `port_wideresnet(variables, model) -> torch.nn.Module`: a PyTorch copy of a Flax
+    `jeat_jax.models.WideResNet` carrying its weights, by the package's own port
+    (`jeat_jax.torch_port`, whose twins `--mode=export` writes);
   * the CIFAR-10 stand-in loader and a short Flax training loop used by the
     tests and `benchmarks/autoattack.py`;
   * `torch_autoattack_standard`, torchattacks' standard AutoAttack composition
     with the iteration counts of fra31/auto-attack (torchattacks' own
     `AutoAttack` runs APGD and FAB with their class defaults of 10 steps).
 
-This is the only module of the project that imports torch, and it imports it
-lazily: the Flax half works where torch is absent. Every torch model works on
-NCHW [0, 1] images; `to_torch_images` converts from the project's NHWC.
+torch is imported lazily, here as in the package (`jeat_jax.torch_port`): the Flax
+half works where torch is absent. Every torch model works on NCHW [0, 1] images;
+`to_torch_images` converts from the project's NHWC.
 """
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jeat_jax import torch_port
 from jeat_jax.energy import cross_entropy
 from jeat_jax.models import CIFAR10_MEAN, CIFAR10_STD, WideResNet
 
@@ -165,36 +165,10 @@ def from_torch_images(x) -> np.ndarray:
   return x.detach().cpu().numpy().transpose(0, 2, 3, 1)
 
 
-def _copy(param, value):
-  torch = _torch()
-  with torch.no_grad():
-    param.copy_(torch.from_numpy(np.array(value, np.float32)))
-
-
-def _load_conv(conv, flax_conv):
-  _copy(conv.weight, np.asarray(flax_conv['kernel']).transpose(3, 2, 0, 1))
-  _copy(conv.bias, flax_conv['bias'])
-
-
-def _load_dense(linear, flax_dense):
-  _copy(linear.weight, np.asarray(flax_dense['kernel']).T)
-  _copy(linear.bias, flax_dense['bias'])
-
-
-def _input_normalizer(how: str):
-  torch = _torch()
-  mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
-  std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
-  return {
-      'meanstd': lambda x: (x - mean) / std,
-      'minus_one_one': lambda x: 2.0 * x - 1.0,
-      'none': lambda x: x,
-  }[how]
-
-
 def torch_small_cnn(widths=(16, 32, 64), num_classes: int = 10):
   """The PyTorch twin of `SmallCNN` (random weights; see `port_small_cnn`)."""
   torch = _torch()
+  from jeat_jax.torch_models import InputNormalization  # pylint: disable=import-outside-toplevel
   tnn = torch.nn
 
   class TorchSmallCNN(tnn.Module):
@@ -206,7 +180,7 @@ def torch_small_cnn(widths=(16, 32, 64), num_classes: int = 10):
           tnn.Conv2d(chans[i], chans[i + 1], 3, stride=1 if i == 0 else 2, padding=1)
           for i in range(len(widths))])
       self.head = tnn.Linear(widths[-1], num_classes)
-      self.normalize = _input_normalizer('meanstd')
+      self.normalize = InputNormalization('meanstd')
 
     def forward(self, x):
       x = self.normalize(x)
@@ -219,109 +193,23 @@ def torch_small_cnn(widths=(16, 32, 64), num_classes: int = 10):
 
 def port_small_cnn(variables, model: SmallCNN = SmallCNN()):
   """A torch `SmallCNN` in eval mode carrying the Flax `variables`."""
+  torch = _torch()
   net = torch_small_cnn(model.widths, model.num_classes)
   params = variables['params']
-  for i, conv in enumerate(net.convs):
-    _load_conv(conv, params[f'conv{i}'])
-  _load_dense(net.head, params['head'])
+  state = {'head.weight': torch_port.dense_kernel(params['head']['kernel']),
+           'head.bias': params['head']['bias']}
+  for i in range(len(model.widths)):
+    state[f'convs.{i}.weight'] = torch_port.conv_kernel(params[f'conv{i}']['kernel'])
+    state[f'convs.{i}.bias'] = params[f'conv{i}']['bias']
+  net.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in state.items()})
   return net.eval()
-
-
-def torch_wideresnet(model: WideResNet):
-  """A PyTorch module with the architecture of the Flax `model` (random weights)."""
-  torch = _torch()
-  tnn = torch.nn
-  act = {'relu': tnn.ReLU, 'leaky_relu': lambda: tnn.LeakyReLU(0.2), 'swish': tnn.SiLU}[model.activation]
-
-  def norm(channels):
-    if model.norm == 'batch':
-      return tnn.BatchNorm2d(channels, eps=1e-5)
-    if model.norm == 'group':
-      return tnn.GroupNorm(16, channels, eps=1e-6)   # flax GroupNorm's epsilon
-    return tnn.Identity()
-
-  class Block(tnn.Module):
-
-    def __init__(self, in_ch, out_ch, stride):
-      super().__init__()
-      self.norm1, self.act1 = norm(in_ch), act()
-      self.conv1 = tnn.Conv2d(in_ch, out_ch, 3, padding=1)
-      self.norm2, self.act2 = norm(out_ch), act()
-      self.conv2 = tnn.Conv2d(out_ch, out_ch, 3, stride=stride, padding=1)
-      self.shortcut = (tnn.Conv2d(in_ch, out_ch, 1, stride=stride)
-                       if stride != 1 or in_ch != out_ch else None)
-
-    def forward(self, x):
-      out = self.conv1(self.act1(self.norm1(x)))
-      out = self.conv2(self.act2(self.norm2(out)))
-      return out + (x if self.shortcut is None else self.shortcut(x))
-
-  class TorchWideResNet(tnn.Module):
-
-    def __init__(self):
-      super().__init__()
-      n = (model.depth - 4) // 6
-      widths = (16 * model.width, 32 * model.width, 64 * model.width)
-      self.normalize = _input_normalizer(model.input_normalization)
-      self.stem = tnn.Conv2d(3, 16, 3, padding=1)
-      blocks, in_ch = [], 16
-      for group, channels in enumerate(widths):
-        for i in range(n):
-          blocks.append(Block(in_ch, channels, 2 if (group > 0 and i == 0) else 1))
-          in_ch = channels
-      self.blocks = tnn.ModuleList(blocks)
-      self.norm, self.act = norm(in_ch), act()
-      self.head = tnn.Linear(in_ch, model.num_classes)
-
-    def forward(self, x):
-      x = self.stem(self.normalize(x))
-      for block in self.blocks:
-        x = block(x)
-      return self.head(self.act(self.norm(x)).mean(dim=(2, 3)))
-
-  return TorchWideResNet()
-
-
-def _load_norm(module, params, stats, name: str):
-  """Copies Flax BatchNorm/GroupNorm `name` (params and running stats) into `module`."""
-  if name not in params:
-    return
-  _copy(module.weight, params[name]['scale'])
-  _copy(module.bias, params[name]['bias'])
-  if stats is not None and name in stats:
-    _copy(module.running_mean, stats[name]['mean'])
-    _copy(module.running_var, stats[name]['var'])
 
 
 def port_wideresnet(variables, model: WideResNet):
-  """A torch copy of `model` (eval mode) carrying the Flax `variables`.
-
-  Flax names the two norms of a block `<Norm>_0`, `<Norm>_1` and the final one
-  `<Norm>_0` at the top level; BatchNorm running averages come from
-  `variables['batch_stats']`. Dropout is inactive in eval mode on both sides.
-  """
-  if model.norm not in ('none', 'batch', 'group'):
-    raise ValueError(f'port_wideresnet: unsupported norm {model.norm!r}')
-  net = torch_wideresnet(model)
-  params, stats = variables['params'], variables.get('batch_stats')
-  norm_name = {'batch': 'BatchNorm', 'group': 'GroupNorm', 'none': None}[model.norm]
-  _load_conv(net.stem, params['stem'])
-  n = (model.depth - 4) // 6
-  for b, block in enumerate(net.blocks):
-    name = f'group{b // n}_block{b % n}'
-    p = params[name]
-    _load_conv(block.conv1, p['conv1'])
-    _load_conv(block.conv2, p['conv2'])
-    if block.shortcut is not None:
-      _load_conv(block.shortcut, p['shortcut'])
-    if norm_name:
-      block_stats = stats.get(name) if stats is not None else None
-      _load_norm(block.norm1, p, block_stats, f'{norm_name}_0')
-      _load_norm(block.norm2, p, block_stats, f'{norm_name}_1')
-  if norm_name:
-    _load_norm(net.norm, params, stats, f'{norm_name}_0')
-  _load_dense(net.head, params['head'])
-  return net.eval()
+  """A torch copy (eval mode) of the Flax `model` carrying its `variables`: the package's
+  `jeat_jax.torch_port.port`, given the `config.model` of `model`."""
+  keys = ('depth', 'width', 'norm', 'activation', 'dropout_rate', 'input_normalization')
+  return torch_port.port(variables, {'arch': 'wrn', **{k: getattr(model, k) for k in keys}})
 
 
 def torch_accuracy(net, x: np.ndarray, y: np.ndarray, batch_size: int = 500) -> float:
