@@ -136,3 +136,38 @@ def test_fair_report_pools_seeds_with_intervals(tmp_path, monkeypatch):
   assert 'JEAT paper, Sec. 4 (JEAT improves on PGD-AT): jeat higher than at in AutoAttack robust ' \
          'accuracy: **resolved, contradicted**' in text
   assert os.path.exists(tmp_path / 'figures' / 'comparison.png')
+
+
+def test_cpu_fair_runs_every_recipe_on_every_seed_and_fits_the_reference_once(tmp_path,
+                                                                             monkeypatch):
+  calls = {'reference': [], 'jobs': None}
+  monkeypatch.setattr(generation, 'fid_reference_statistics',
+                      lambda config, root: calls['reference'].append(root))
+  monkeypatch.setattr(reproduce, 'run_in_subprocesses',
+                      lambda root, scale, data, names, stages, jobs: calls.update(
+                          jobs=(scale, names, stages, jobs)) or [])
+  monkeypatch.setattr(reproduce, 'write_fair_report', lambda *a: str(tmp_path / 'REPORT.md'))
+  flag_values = reproduce.flags.FLAGS
+  flag_values(['reproduce', '--scale=cpu-fair', f'--workdir={tmp_path}', '--jobs=2'])
+  try:
+    reproduce.main([])
+  finally:
+    flag_values.unparse_flags()
+  scale, names, stages, jobs = calls['jobs']
+  assert scale == 'cpu-fair' and jobs == 2
+  assert names[:2] == ['ebjdat_seed0', 'ebjdat_seed1']  # the longest trainings first
+  assert sorted(names) == sorted(f'{r}_seed{s}' for r in fair.RECIPES for s in fair.SEEDS)
+  assert stages == ['train', 'evaluate', 'sample', 'fid']  # no analyze by default
+  assert calls['reference'] == [str(tmp_path)]  # once, before the jobs start
+
+
+def test_cpu_fair_configs_share_the_budget_and_split_the_test_points():
+  configs = {r.name: reproduce.make_config(r, 'cpu-fair', '') for r in reproduce.FAIR_RUNS}
+  for name, c in configs.items():
+    assert (c.num_epochs, c.num_train_steps, c.data.train_subset) == (
+        fair.EPOCHS, -1, fair.TRAIN_IMAGES), name
+    assert (c.model.depth, c.model.width, c.data.augment) == (10, 1, True), name
+    assert not c.robust_watch.enabled and c.eval.attacks == 'pgd20,autoattack'
+    seed = int(name[-1])
+    assert (c.seed, c.eval.first_example, c.eval.num_examples) == (
+        seed, seed * fair.POINTS_PER_SEED, fair.POINTS_PER_SEED)
