@@ -262,7 +262,8 @@ def evaluate_run(config, workdir: str) -> Dict:
   logits_fn = state_lib.make_logits_fn(model, state.params, state.batch_stats, 'running')
   first = cfg.first_example
   if not 0 <= first < ds.x_test.shape[0]:
-    raise errors.ConfigError(f'eval.first_example={first} is outside the {ds.x_test.shape[0]} test images')
+    raise errors.ConfigError(
+        f'eval.first_example={first} is outside the {ds.x_test.shape[0]} test images')
   n = min(cfg.num_examples, ds.x_test.shape[0] - first)
   x, y = ds.x_test[first:first + n], ds.y_test[first:first + n]
   key = jax.random.PRNGKey(cfg.seed)

@@ -232,10 +232,9 @@ def fid_reference_statistics(config, workdir: str) -> Tuple[np.ndarray, np.ndarr
 
 def fid_run(config, workdir: str) -> dict:
   """--mode=fid: FID (and IS where the weights have the 1008-way head) of
-  WORKDIR/samples/samples.npz against the training set; writes WORKDIR/fid.json and the
-  samples' features (`features_path`)
-  (with `sample.subdir`: that directory's samples.npz and fid.json), naming the
-  dataset (`data`: its provenance). With several processes each featurises its
+  WORKDIR/samples/samples.npz against the training set; writes WORKDIR/fid.json (with
+  `sample.subdir`: that directory's samples.npz and fid.json), naming the dataset (`data`:
+  its provenance), and the samples' Inception features (`features_path`). With several processes each featurises its
   share of the images (`fid.sharded_activations`) and process 0 writes."""
   from jeat_jax.metrics import fid  # pylint: disable=g-import-not-at-top
   samples = os.path.join(samples_dir(config, workdir), 'samples.npz')

@@ -608,13 +608,14 @@ def write_fair_report(root: str, data_path: str, wall_seconds: float, jobs: int,
       f'- The same training for all: {config.num_epochs} epoch(s) over a fixed random subset of '
       f'{config.data.train_subset} training images per seed, random crop and flip, each recipe\'s '
       '`:cpu` model size (WRN-10-1; its own normalisation and activation), optimizer, batch and '
-      'attack settings. No test point is seen during training (robust_watch off).',
+      'attack settings. No test point steers training (robust_watch, which keeps the state '
+      'best on test points, is off).',
       f'- The same evaluation for all: seed s is attacked on test points '
       f'[{points} s, {points} (s + 1)), so every recipe is measured '
       f'on the same {points * len(fair.SEEDS)} points, each once: clean, PGD-20 '
       '(step 2/255, random start) and standard AutoAttack at eps 8/255 (l_inf). Intervals: '
       'Wilson 95% over the pooled points.',
-      f'- FID: {samples} samples per seed (Eq. 17 chains from the class Gaussians), '
+      f'- FID: {samples} samples per seed (each recipe\'s own `sample.*` chains), '
       f'pooled to {samples * len(fair.SEEDS)} per recipe, against the statistics '
       f'of the same {config.fid.max_reference} training images for all; interval: estimate -/+ '
       f'1.96 bootstrap standard deviations over the samples ({fair.BOOTSTRAP_RESAMPLES} '
