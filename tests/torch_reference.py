@@ -247,7 +247,9 @@ def torch_autoattack_standard(net, eps: float, *, apgd_steps: int = 100,
                               n_target_classes: int = 9, seed: int = 0):
   """torchattacks' standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) at the given strength.
 
-  Each attack sees only the points the previous ones left robust (MultiAttack).
+  Each attack sees only the points the previous ones left robust (MultiAttack). Square's p
+  schedule is not rescaled to its query budget, as in fra31/auto-attack (torchattacks'
+  own AutoAttack rescales it).
   `n_target_classes` < 9 is passed to torchattacks through its `n_classes`.
   """
   ta = import_torchattacks()
@@ -258,7 +260,8 @@ def torch_autoattack_standard(net, eps: float, *, apgd_steps: int = 100,
                n_classes=targets_as_classes, seed=seed),
       ta.FAB(net, norm='Linf', eps=eps, steps=fab_steps, n_restarts=1, multi_targeted=True,
              n_classes=targets_as_classes, seed=seed),
-      ta.Square(net, norm='Linf', eps=eps, n_queries=square_queries, n_restarts=1, seed=seed),
+      ta.Square(net, norm='Linf', eps=eps, n_queries=square_queries, n_restarts=1, seed=seed,
+                resc_schedule=False),  # as fra31/auto-attack's AutoAttack runs its Square
   ]
   return ta.MultiAttack(attacks)
 
