@@ -105,12 +105,11 @@ class RecipeResult:
     return None if c is None else c[0] / c[1]
 
 
-def pooled_fid(features: Sequence[np.ndarray], mu_ref, sigma_ref,
-               num_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+def pooled_fid(features: Sequence[np.ndarray], mu_ref, sigma_ref, seed: int = 0
                ) -> Tuple[float, np.ndarray]:
-  """(FID of the concatenated features, FIDs of `num_resamples` bootstrap resamples)."""
+  """(FID of the concatenated features, FIDs of BOOTSTRAP_RESAMPLES bootstrap resamples)."""
   replicates, estimate = fid_lib.bootstrap_fids(np.concatenate(features), mu_ref, sigma_ref,
-                                                num_resamples, seed)
+                                                BOOTSTRAP_RESAMPLES, seed)
   return estimate, replicates
 
 
@@ -205,9 +204,10 @@ def plot_comparison(path: str, results: Dict[str, RecipeResult]) -> Optional[str
     k, n = r.counts('autoattack')
     acc_low, acc_high = stats.wilson_interval(k, n)
     fid_low, fid_high = stats.bootstrap_normal_interval(r.fid_replicates, r.fid)
+    # max(0, .): Wilson's bound at 0 or n sits on the estimate up to rounding
     ax.errorbar(r.fid, 100 * k / n, xerr=[[r.fid - fid_low], [fid_high - r.fid]],
-                yerr=[[100 * (k / n - acc_low)], [100 * (acc_high - k / n)]], fmt='o', capsize=3,
-                label=name)
+                yerr=[[max(0.0, 100 * (k / n - acc_low))], [max(0.0, 100 * (acc_high - k / n))]],
+                fmt='o', capsize=3, label=name)
   ax.set_xlabel(f'FID of {SAMPLES_PER_SEED * len(SEEDS)} samples (lower is better)')
   ax.set_ylabel('AutoAttack robust accuracy, % (8/255)')
   ax.set_title('Fair comparison: pooled over seeds, 95% intervals')
