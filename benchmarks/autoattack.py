@@ -105,7 +105,7 @@ def main():
     for threads in [int(t) for t in args.torch_threads.split(',')]:
       if threads:
         torch.set_num_threads(threads)
-      attack = tr.torch_autoattack_standard(net, eps, apgd_steps=args.n_iter, fab_steps=args.n_iter,
+      attack = tr.torch_autoattack(net, eps, apgd_steps=args.n_iter, fab_steps=args.n_iter,
                                             square_queries=args.n_queries,
                                             n_target_classes=args.n_target_classes)
       t = time.time()

@@ -13,8 +13,10 @@ The default settings are reduced so that the file runs in a minute or two:
 APGD 25 iterations, 3 target classes for APGD-T and FAB-T, Square 500 queries.
 Square is a random search, so one run of it varies from seed to seed by about
 1 point here; its check compares the mean over 3 seeds of each library.
-The full-strength standard AutoAttack check (100 iterations, 9 targets, 5000
-queries) runs only with JEAT_FULL_CROSSCHECK=1 (a few minutes on 2 cores).
+AutoAttack+ and the rand version are checked against torchattacks' compositions
+of AutoAttack(version='plus' | 'rand') the same way. The full-strength standard
+and plus checks (100 iterations, 9 targets, 5000 queries, 5 restarts) run only
+with JEAT_FULL_CROSSCHECK=1 (minutes on 2 cores).
 """
 import os
 
@@ -163,11 +165,11 @@ def test_cw_l2(models):
   assert np.all(ours_l2[~ours_fooled & models['clean_correct']] == 0.0)  # unfooled: unchanged
 
 
-def _autoattack_pair(models, n_iter, n_targets, n_queries):
+def _autoattack_pair(models, n_iter, n_targets, n_queries, version='standard'):
   result = ours(models, None, n_iter=n_iter, n_target_classes=n_targets, fab_n_iter=n_iter,
-                n_queries=n_queries)
-  attack = tr.torch_autoattack_standard(models['net'], EPS, apgd_steps=n_iter, fab_steps=n_iter,
-                                        square_queries=n_queries, n_target_classes=n_targets)
+                n_queries=n_queries, version=version)
+  attack = tr.torch_autoattack(models['net'], EPS, version, apgd_steps=n_iter, fab_steps=n_iter,
+                               square_queries=n_queries, n_target_classes=n_targets)
   return result, theirs(models, attack)
 
 
@@ -183,8 +185,28 @@ def test_autoattack_reduced(models):
   _check_autoattack('AutoAttack (25 it, 3 targets, 300 queries)', result, theirs_acc, models['clean'])
 
 
+def test_autoattack_plus_reduced(models):
+  """AutoAttack+ (5 restarts of APGD-CE, APGD-DLR and untargeted FAB) against
+  torchattacks' composition of AutoAttack(version='plus')."""
+  result, theirs_acc = _autoattack_pair(models, N_ITER, N_TARGETS, 300, version='plus')
+  assert [r['name'] for r in result['records']] == ['clean', 'apgd-ce', 'apgd-dlr', 'fab',
+                                                    'square', 'apgd-t', 'fab-t']
+  _check_autoattack('AutoAttack+ (25 it, 5 restarts, 3 targets, 300 queries)', result, theirs_acc,
+                    models['clean'])
+
+
+def test_autoattack_rand(models):
+  """The rand version (APGD-CE, APGD-DLR, EOT over 20 draws) against torchattacks'
+  AutoAttack(version='rand') composition, on this deterministic model (where EOT
+  averages 20 equal gradients: torchattacks computes them, we compute one)."""
+  result, theirs_acc = _autoattack_pair(models, 100, N_TARGETS, N_QUERIES, version='rand')
+  assert [r['name'] for r in result['records']] == ['clean', 'apgd-ce', 'apgd-dlr']
+  _check_autoattack('AutoAttack rand (100 it, EOT 20)', result, theirs_acc, models['clean'])
+
+
 @pytest.mark.skipif(not FULL, reason='full-strength AutoAttack cross-check: set JEAT_FULL_CROSSCHECK=1')
-def test_autoattack_full_strength(models):
-  result, theirs_acc = _autoattack_pair(models, 100, 9, 5000)
-  _check_autoattack('AutoAttack standard (100 it, 9 targets, 5000 queries)', result, theirs_acc,
+@pytest.mark.parametrize('version', ['standard', 'plus'])
+def test_autoattack_full_strength(models, version):
+  result, theirs_acc = _autoattack_pair(models, 100, 9, 5000, version=version)
+  _check_autoattack(f'AutoAttack {version} (100 it, 9 targets, 5000 queries)', result, theirs_acc,
                     models['clean'])

@@ -12,10 +12,12 @@ import scipy.optimize
 import jax
 import jax.numpy as jnp
 
-from jeat_jax.attacks.autoattack import (apgd_run, dlr_loss, dlr_loss_targeted, fab_targeted_run,
-                                         linf_hyperplane_projection, run_autoattack, square,
-                                         step_size_checkpoints)
+from jeat_jax.attacks.autoattack import (apgd_run, closest_boundary, dlr_loss, dlr_loss_targeted,
+                                         fab_run, linf_hyperplane_projection, padded_size,
+                                         run_autoattack, square, step_size_checkpoints)
 from jeat_jax.attacks.autoattack.apgd import apgd_start
+from jeat_jax.attacks.autoattack import runner
+from jeat_jax.attacks.autoattack.fab import FabSettings, _boundary, fab_start
 from jeat_jax.attacks.autoattack.square import schedule_level, window_sides
 from jeat_jax.attacks.cw import cw_l2
 from tests.torch_reference import SmallCNN, accuracy, load_data, train_classifier
@@ -36,9 +38,10 @@ def setup():
   return logits_fn, jnp.asarray(x), jnp.asarray(y)
 
 
-def _fab_t_one_target(f, x, y, rank):
-  """FAB-T towards the class of clean rank `rank`, kept where within eps (as the runner does)."""
-  adv, norm = fab_targeted_run(f, x, y, rank, n_iter=10)
+def _fab_within_eps(f, x, y, rank):
+  """FAB-T towards the class of clean rank `rank` (untargeted FAB for None), kept where
+  within eps (as the runner does)."""
+  adv, norm = fab_run(f, x, y, rank, n_iter=10)
   return jnp.where((norm <= EPS)[:, None, None, None], adv, x)
 
 
@@ -47,7 +50,8 @@ ATTACKS = {   # one target class each for APGD-T and FAB-T; `run_autoattack` loo
     'apgd-dlr': lambda f, x, y, k: apgd_run(f, x, y, k, EPS, n_iter=10, loss='dlr').x_adv,
     'apgd-t': lambda f, x, y, k: apgd_run(f, x, y, k, EPS, n_iter=10, loss='dlr-targeted',
                                           target_rank=2).x_adv,
-    'fab-t': lambda f, x, y, k: _fab_t_one_target(f, x, y, 2),
+    'fab-t': lambda f, x, y, k: _fab_within_eps(f, x, y, 2),
+    'fab': lambda f, x, y, k: _fab_within_eps(f, x, y, None),
     'square': lambda f, x, y, k: square(f, x, y, k, EPS, n_queries=100),
 }
 
@@ -95,10 +99,76 @@ def test_host_and_device_loops_agree(setup):
   np.testing.assert_allclose(runs[0].loss_best_trace, runs[1].loss_best_trace, rtol=1e-4,
                              atol=1e-5)
   np.testing.assert_array_equal(runs[0].robust, runs[1].robust)
-  fabs = [fab_targeted_run(logits_fn, x, y, 2, n_iter=3, host_loop=host) for host in (True, False)]
+  fabs = [fab_run(logits_fn, x, y, 2, n_iter=3, host_loop=host) for host in (True, False)]
   np.testing.assert_allclose(fabs[0][1], fabs[1][1], rtol=1e-4)
   cws = [cw_l2(logits_fn, x[:8], y[:8], steps=4, host_loop=host) for host in (True, False)]
   np.testing.assert_allclose(cws[0], cws[1], atol=1e-5)
+
+
+def test_setting_aside_finished_examples_changes_no_verdict(setup):
+  """APGD with `drop_broken` and FAB with `stop_norm` iterate only the examples not yet
+  broken; every example ends with the verdict of the full run, and the robust ones with
+  the same image."""
+  logits_fn, x, y = setup
+  full, dropped = (apgd_run(logits_fn, x, y, jax.random.PRNGKey(1), EPS, n_iter=20,
+                            drop_broken=drop) for drop in (False, True))
+  robust = np.asarray(full.robust)
+  assert 0 < robust.sum() < len(robust) - 16            # the batch shrinks below its padded size
+  np.testing.assert_array_equal(np.asarray(dropped.robust), robust)
+  np.testing.assert_allclose(np.asarray(dropped.x_adv)[robust], np.asarray(full.x_adv)[robust],
+                             atol=1e-6)
+  fooled = np.asarray(jnp.argmax(logits_fn(dropped.x_adv), -1)) != np.asarray(y)
+  np.testing.assert_array_equal(fooled, ~robust)
+  (_, norm_full), (adv, norm) = (fab_run(logits_fn, x, y, None, n_iter=10, stop_norm=stop)
+                                 for stop in (None, EPS))
+  np.testing.assert_array_equal(np.asarray(norm) <= EPS, np.asarray(norm_full) <= EPS)
+  assert np.all(np.asarray(norm)[np.asarray(norm) <= EPS] >= np.asarray(norm_full)[np.asarray(norm) <= EPS] - 1e-6)
+  found = np.asarray(norm) <= EPS
+  assert np.all(np.asarray(jnp.argmax(logits_fn(adv), -1))[found] != np.asarray(y)[found])
+
+
+def test_padded_size_is_exact_up_to_8_then_wastes_at_most_a_fifth():
+  assert [padded_size(n, 500) for n in range(1, 9)] == list(range(1, 9))
+  assert [padded_size(n, 500) for n in (9, 11, 13, 15, 17, 25, 33, 100)] == [10, 12, 14, 16, 20,
+                                                                            28, 40, 112]
+  assert padded_size(300, 256) == 256
+  sizes = [padded_size(n, 10**6) for n in range(1, 5000)]
+  assert all(n <= p <= max(1.25 * n, n + 1) for n, p in zip(range(1, 5000), sizes))
+  assert len(set(sizes)) == 8 + 4 * 9 + 1       # 8, then 4 sizes per doubling: 10 .. 5120
+
+
+def test_closest_boundary_on_hand_computed_logits():
+  """z = (2, 1, 0.5), y = 0, gradients (1, 0), (0, 1), (0.2, 0): the boundary with class 1
+  is at l_inf distance |1 - 2| / ||(-1, 1)||_1 = 0.5, with class 2 at 1.5 / 0.8."""
+  logits = jnp.asarray([[2.0, 1.0, 0.5]])
+  jacobian = jnp.asarray([[[1.0, 0.0]], [[0.0, 1.0]], [[0.2, 0.0]]])     # [C, B, D]
+  w, gap = closest_boundary(logits, jacobian, jnp.asarray([0]))
+  np.testing.assert_allclose(np.asarray(w), [[-1.0, 1.0]])
+  np.testing.assert_allclose(np.asarray(gap), [-1.0])
+
+
+def test_untargeted_fab_boundary_of_a_linear_model():
+  """For logits x W the full Jacobian is W: the boundary is W_k - W_y with the smallest
+  |z_k - z_y| / ||W_k - W_y||_1 over k != y."""
+  rng = np.random.default_rng(0)
+  w_mat = rng.normal(size=(12, 5)).astype(np.float32)
+  x = rng.uniform(size=(6, 2, 2, 3)).astype(np.float32)
+  y = rng.integers(0, 5, 6)
+  s = FabSettings(lambda z: z.reshape(z.shape[0], -1) @ w_mat, targeted=False)
+  w, gap = _boundary(s, x.shape, jnp.asarray(y), None, jnp.asarray(x.reshape(6, -1)))
+  z = x.reshape(6, -1) @ w_mat
+  for b in range(6):
+    dist = [abs(z[b, k] - z[b, y[b]]) / np.abs(w_mat[:, k] - w_mat[:, y[b]]).sum()
+            if k != y[b] else np.inf for k in range(5)]
+    k = int(np.argmin(dist))
+    np.testing.assert_allclose(np.asarray(w)[b], w_mat[:, k] - w_mat[:, y[b]], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(gap)[b], z[b, k] - z[b, y[b]], rtol=1e-4, atol=1e-5)
+
+
+def test_fab_restart_start_reaches_half_eps_in_each_examples_largest_coordinate():
+  x = jnp.full((4, 3072), 0.5)
+  delta = np.abs(np.asarray(fab_start(jax.random.PRNGKey(0), x, EPS)) - 0.5)
+  np.testing.assert_allclose(delta.max(axis=1), 0.5 * EPS, rtol=1e-5)
 
 
 def test_step_size_checkpoints_match_the_reference_schedule():
@@ -223,6 +293,31 @@ def test_run_autoattack_rand_version_with_a_stochastic_model(setup):
   assert [r['name'] for r in result['records']] == ['clean', 'apgd-ce', 'apgd-dlr']
   assert result['robust_accuracy'] <= result['clean_accuracy']
   assert np.max(np.abs(result['x_adv'] - np.asarray(x[:16]))) <= EPS + 1e-5
+
+
+def test_plus_version_passes(setup, monkeypatch):
+  """AutoAttack+: APGD-CE, APGD-DLR and untargeted FAB 5 times each (restarts), Square once,
+  APGD-T and FAB-T once per target; each pass attacks only the points left robust."""
+  logits_fn, x, y = setup
+  passes = []
+  run_pass = runner._attack_robust_points
+
+  def recorded(*args, **kwargs):
+    robust = args[5]
+    passes.append((args[1], kwargs['restart'], kwargs['rank'], int(robust.sum())))
+    run_pass(*args, **kwargs)
+    passes[-1] += (int(robust.sum()),)
+
+  monkeypatch.setattr(runner, '_attack_robust_points', recorded)
+  run_autoattack(logits_fn, np.asarray(x[:16]), np.asarray(y[:16]), eps=1 / 255, version='plus',
+                 key=jax.random.PRNGKey(0), batch_size=16, n_iter=2, fab_n_iter=2,
+                 n_target_classes=2, n_queries=10)
+  expected = ([('apgd-ce', r, None) for r in range(5)] + [('apgd-dlr', r, None) for r in range(5)]
+              + [('fab', r, None) for r in range(5)] + [('square', 0, None)]
+              + [('apgd-t', 0, 2), ('apgd-t', 0, 3), ('fab-t', 0, 2), ('fab-t', 0, 3)])
+  assert [p[:3] for p in passes] == expected
+  assert all(p[3] == q[4] for p, q in zip(passes[1:], passes))   # robust after = next's input
+  assert passes[-1][4] > 0          # eps 1/255: points survive, so no pass was skipped
 
 
 def test_cw_l2_lowers_accuracy_with_a_finite_perturbation(setup):

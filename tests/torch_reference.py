@@ -8,7 +8,7 @@ Holds
     (`jeat_jax.torch_port`, whose twins `--mode=export` writes);
   * the CIFAR-10 stand-in loader and a short Flax training loop used by the
     tests and `benchmarks/autoattack.py`;
-  * `torch_autoattack_standard`, torchattacks' standard AutoAttack composition
+  * `torch_autoattack`, torchattacks' AutoAttack compositions (standard, plus, rand)
     with the iteration counts of fra31/auto-attack (torchattacks' own
     `AutoAttack` runs APGD and FAB with their class defaults of 10 steps).
 
@@ -242,27 +242,36 @@ def import_torchattacks():
     return ns
 
 
-def torch_autoattack_standard(net, eps: float, *, apgd_steps: int = 100,
-                              fab_steps: int = 100, square_queries: int = 5000,
-                              n_target_classes: int = 9, seed: int = 0):
-  """torchattacks' standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) at the given strength.
+def torch_autoattack(net, eps: float, version: str = 'standard', *, apgd_steps: int = 100,
+                     fab_steps: int = 100, square_queries: int = 5000, n_target_classes: int = 9,
+                     restarts: int = 5, eot_iter: int = 20, seed: int = 0):
+  """torchattacks' AutoAttack composition of `version` at the given strength.
 
-  Each attack sees only the points the previous ones left robust (MultiAttack). Square's p
-  schedule is not rescaled to its query budget, as in fra31/auto-attack (torchattacks'
-  own AutoAttack rescales it).
+  standard: APGD-CE, APGD-T, FAB-T, Square; plus: APGD-CE and APGD-DLR (`restarts`
+  each), untargeted FAB (`restarts`), Square, APGD-T, FAB-T; rand: APGD-CE and
+  APGD-DLR with `eot_iter` gradient draws. As `torchattacks.AutoAttack(version=...)`
+  builds them, but with the iteration counts given (its own runs APGD and FAB with
+  their class defaults of 10 steps). Each attack sees only the points the previous
+  ones left robust (MultiAttack). Square's p schedule is not rescaled to its query
+  budget, as in fra31/auto-attack (torchattacks' own AutoAttack rescales it).
   `n_target_classes` < 9 is passed to torchattacks through its `n_classes`.
   """
   ta = import_torchattacks()
-  targets_as_classes = n_target_classes + 1
-  attacks = [
-      ta.APGD(net, norm='Linf', eps=eps, steps=apgd_steps, n_restarts=1, loss='ce', seed=seed),
-      ta.APGDT(net, norm='Linf', eps=eps, steps=apgd_steps, n_restarts=1,
-               n_classes=targets_as_classes, seed=seed),
-      ta.FAB(net, norm='Linf', eps=eps, steps=fab_steps, n_restarts=1, multi_targeted=True,
-             n_classes=targets_as_classes, seed=seed),
-      ta.Square(net, norm='Linf', eps=eps, n_queries=square_queries, n_restarts=1, seed=seed,
-                resc_schedule=False),  # as fra31/auto-attack's AutoAttack runs its Square
-  ]
+  common = dict(norm='Linf', eps=eps, seed=seed)
+  n_classes = n_target_classes + 1
+  apgd = lambda loss, **kw: ta.APGD(net, steps=apgd_steps, loss=loss, **common, **kw)
+  apgd_t = ta.APGDT(net, steps=apgd_steps, n_restarts=1, n_classes=n_classes, **common)
+  fab_t = ta.FAB(net, steps=fab_steps, n_restarts=1, multi_targeted=True, n_classes=n_classes,
+                 **common)
+  square = ta.Square(net, n_queries=square_queries, n_restarts=1, resc_schedule=False, **common)
+  attacks = {
+      'standard': lambda: [apgd('ce', n_restarts=1), apgd_t, fab_t, square],
+      'plus': lambda: [apgd('ce', n_restarts=restarts), apgd('dlr', n_restarts=restarts),
+                       ta.FAB(net, steps=fab_steps, n_restarts=restarts, **common), square,
+                       apgd_t, fab_t],
+      'rand': lambda: [apgd('ce', n_restarts=1, eot_iter=eot_iter),
+                       apgd('dlr', n_restarts=1, eot_iter=eot_iter)],
+  }[version]()
   return ta.MultiAttack(attacks)
 
 

@@ -136,21 +136,71 @@ def _device_loop(body, until, static, n_iter, args, carry):
   return jax.lax.while_loop(cond, step, (jnp.asarray(0), carry))[1]
 
 
+def padded_size(n: int, cap: int) -> int:
+  """Batch size for n examples: n itself up to 8, then the next of 10, 12, 14, 16, 20, 24,
+  28, 32, 40, ... (steps of a quarter of a power of two), at most cap.
+
+  At most a fifth of a batch is padding, and only a few shapes get compiled as the
+  examples still being attacked dwindle. Below 8 every size is its own shape: on
+  CPU a step's cost is proportional to the batch, and the last few robust points
+  take most of AutoAttack's steps.
+  """
+  size = max(n, 1)
+  if size > 8:
+    size = 8
+    while size < n:
+      size += (1 << (size.bit_length() - 1)) // 4
+  return min(size, cap)
+
+
+def pad_indices(idx: np.ndarray, cap: int) -> np.ndarray:
+  """idx padded (repeating its first entry) to `padded_size`."""
+  return np.concatenate([idx, np.full(padded_size(len(idx), cap) - len(idx), idx[0], idx.dtype)])
+
+
+def _take_rows(tree, rows):
+  return jax.tree_util.tree_map(lambda a: a[rows], tree)
+
+
+def _put_rows(tree, rows, values):
+  return jax.tree_util.tree_map(lambda a, v: a.at[rows].set(v[:len(rows)]), tree, values)
+
+
 def iterate(body: Callable, static, args: tuple, carry, n_iter: int, host_loop: bool,
-            until: Optional[Callable] = None):
+            until: Optional[Callable] = None, active: Optional[Callable] = None,
+            per_example_args: int = 0, check_every: int = 5):
   """carry after `body(static, *args, i, carry)` for i = 0 .. n_iter - 1.
 
   Stops early once `until(static, carry)` holds (checked before each step).
   `body` and `until` are module-level functions, `static` a hashable settings
   tuple, so compiled steps are reused across calls with the same settings.
+
+  With `active(static, carry) -> bool [B]` (host loop only), every
+  `check_every` steps the examples no longer active are set aside: the rest of
+  the carry (every leaf has the examples on its leading axis) and the first
+  `per_example_args` of `args` are gathered to the active examples, padded to
+  `padded_size`, and the later steps cost only those. A set-aside example's
+  carry stays as it was when it was set aside. Each example's steps do not
+  depend on the others', so the active examples end as without compaction.
   """
   if not host_loop:
     return _device_loop(body, until, static, n_iter, args, carry)
+  full, rows = None, np.arange(len(jax.tree_util.tree_leaves(carry)[0]))
   for i in range(n_iter):
     if until is not None and bool(jit_call(until, static, carry)):
       break
+    if active is not None and i and i % check_every == 0:
+      keep = np.flatnonzero(np.asarray(jit_call(active, static, carry))[:len(rows)])
+      if padded_size(len(keep), len(rows)) < len(jax.tree_util.tree_leaves(carry)[0]):
+        full = _put_rows(carry if full is None else full, rows, carry)
+        if not len(keep):
+          return full
+        take = pad_indices(keep, len(rows))
+        carry = _take_rows(carry, take)
+        args = _take_rows(args[:per_example_args], take) + args[per_example_args:]
+        rows = rows[keep]
     carry = jit_call(body, static, *args, i, carry)
-  return carry
+  return carry if full is None else _put_rows(full, rows, carry)
 
 
 # ---------------------------------------------------------------- APGD
@@ -231,7 +281,7 @@ def _apgd_init(s: ApgdSettings, x, y, key, eps, target_rank):
       step=jnp.full((batch,), 2.0 * eps, jnp.float32),
       n_increase=jnp.zeros((batch,), jnp.float32),
       loss_best_last_check=loss0, reduced_last_check=jnp.ones((batch,), bool),
-      trace=jnp.zeros((s.n_iter + 1, batch), jnp.float32).at[0].set(loss0))
+      trace=jnp.zeros((batch, s.n_iter + 1), jnp.float32).at[:, 0].set(loss0))
   return carry, targets, key_grad
 
 
@@ -265,13 +315,17 @@ def _apgd_body(s: ApgdSettings, x, y, targets, eps, key_grad, i, c):
       n_increase=jnp.where(check, 0.0, n_increase),
       loss_best_last_check=jnp.where(check, loss_best, c['loss_best_last_check']),
       reduced_last_check=jnp.where(check, reduce, c['reduced_last_check']),
-      trace=c['trace'].at[i + 1].set(loss_best))
+      trace=c['trace'].at[:, i + 1].set(loss_best))
+
+
+def _apgd_unbroken(_, c):
+  return c['robust']
 
 
 def apgd_run(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array, eps: float = 8 / 255,
              n_iter: int = 100, loss: str = 'ce', target_rank=None, rho: float = 0.75,
              momentum: float = 0.75, eot_iter: int = 1, stochastic: bool = False,
-             host_loop: Optional[bool] = None) -> ApgdResult:
+             host_loop: Optional[bool] = None, drop_broken: bool = False) -> ApgdResult:
   """One APGD run (Croce & Hein 2020, Alg. 1) on a batch; one restart.
 
   `target_rank` (2..num_classes) selects the target of the targeted losses: the
@@ -279,6 +333,9 @@ def apgd_run(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array, ep
   the first step has none). `rho` is the oscillation threshold of checkpoint
   condition 1. Condition 1 compares the first step's loss with the start's (the
   reference code compares it with 0). `host_loop`: see `use_host_loop`.
+  `drop_broken` (host loop only): examples misclassified once stop being iterated
+  (their x_adv and `robust` are final; their loss and trace stop there), as
+  AutoAttack needs only the verdict.
   """
   if loss not in LOSSES:
     raise ValueError(f'apgd: unknown loss {loss!r}; expected one of {LOSSES}')
@@ -287,6 +344,7 @@ def apgd_run(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array, ep
   eps = jnp.asarray(eps, jnp.float32)
   rank = jnp.asarray(2 if target_rank is None else target_rank, jnp.int32)
   carry, targets, key_grad = jit_call(_apgd_init, s, x, y, key, eps, rank)
-  c = iterate(_apgd_body, s, (x, y, targets, eps, key_grad), carry, n_iter, use_host_loop(host_loop))
+  c = iterate(_apgd_body, s, (x, y, targets, eps, key_grad), carry, n_iter, use_host_loop(host_loop),
+              active=_apgd_unbroken if drop_broken else None, per_example_args=3)
   x_adv = where_per_example(c['robust'], c['x_best'], c['x_best_adv'])
-  return ApgdResult(jax.lax.stop_gradient(x_adv), c['robust'], c['loss_best'], c['trace'])
+  return ApgdResult(jax.lax.stop_gradient(x_adv), c['robust'], c['loss_best'], c['trace'].T)

@@ -1,4 +1,4 @@
-"""Targeted Fast Adaptive Boundary attack, l_inf (FAB-T): Croce & Hein 2019, "Minimally
+"""Fast Adaptive Boundary attack, l_inf (FAB, and its targeted form FAB-T): Croce & Hein 2019, "Minimally
 distorted adversarial examples with a fast adaptive boundary attack" (arXiv:1907.02044,
 ICML 2020), in its targeted form from Croce & Hein 2020 (AutoAttack).
 
@@ -15,7 +15,10 @@ alpha = min(|d_k| / (|d_k| + |d_0|), alpha_max), with overshoot eta.
 Whenever the iterate is misclassified it is kept if it is the smallest
 perturbation so far and pulled back towards x_0 by beta (the backward step).
 AutoAttack's FAB-T uses the classes with the 2nd..10th largest clean logits
-as targets, one restart, no random start, 100 iterations.
+as targets, one restart, no random start, 100 iterations. Untargeted FAB (in
+AutoAttack+, 5 restarts) linearises every boundary z_k - z_y at each step and
+takes the closest in l_inf (`closest_boundary`); restarts after the first start
+at a random point at half of eps (`fab_start`).
 """
 from typing import Callable, NamedTuple, Optional
 
@@ -70,32 +73,69 @@ def _linf_norm(d: jax.Array) -> jax.Array:
 
 class FabSettings(NamedTuple):
   logits_fn: Callable
+  targeted: bool = True
   alpha_max: float = 0.1
   eta: float = 1.05
   beta: float = 0.9
+  stop_norm: float = float('inf')   # examples with an adversarial image this close stop
 
 
-def _fab_init(s: FabSettings, x, target_rank):
+def fab_start(key: jax.Array, x: jax.Array, eps: float) -> jax.Array:
+  """x + (eps / 2) t / max|t|, t ~ U(-1, 1) per coordinate, clipped to [0, 1]: FAB's random
+  start for its restarts after the first (Croce & Hein 2019, l_inf; the first starts at x)."""
+  t = jax.random.uniform(key, x.shape, x.dtype, -1.0, 1.0)
+  return jnp.clip(x + 0.5 * eps * t / jnp.max(jnp.abs(t), axis=1, keepdims=True), 0.0, 1.0)
+
+
+def _fab_init(s: FabSettings, x, target_rank, key, start_eps):
   """Targets, and the loop state: the iterate, the best adversarial image and its norm."""
   batch = x.shape[0]
   x0 = x.reshape(batch, -1)
   target = ranked_class(s.logits_fn(x), target_rank)
-  return target, (x0, x0, jnp.full((batch,), jnp.inf, jnp.float32))
+  x1 = jnp.where(start_eps > 0, fab_start(key, x0, start_eps), x0)
+  return target, (x1, x0, jnp.full((batch,), jnp.inf, jnp.float32))
+
+
+def closest_boundary(logits: jax.Array, jacobian: jax.Array, y: jax.Array):
+  """(w, gap) of the class boundary closest in l_inf under linearisation: untargeted FAB.
+
+  logits [B, C], jacobian [C, B, D]. For each class k != y the boundary
+  z_k - z_y = 0 is at l_inf distance |z_k - z_y| / ||grad (z_k - z_y)||_1;
+  the closest gives w = grad (z_k - z_y) and gap = z_k - z_y.
+  """
+  batch = logits.shape[0]
+  rows = jnp.arange(batch)
+  gaps = logits - logits[rows, y][:, None]                          # [B, C]
+  grads = jnp.swapaxes(jacobian, 0, 1) - jacobian[y, rows][:, None]  # [B, C, D]
+  dist = jnp.abs(gaps) / (jnp.sum(jnp.abs(grads), axis=-1) + 1e-12)
+  k = jnp.argmin(jnp.where(jax.nn.one_hot(y, logits.shape[1], dtype=bool), jnp.inf, dist), axis=1)
+  return grads[rows, k], gaps[rows, k]
+
+
+def _boundary(s: FabSettings, x_shape, y, target, x1):
+  """The linearised boundary at x1, as (w, gap): towards `target`, or the closest one."""
+  def logits_of(z):
+    return s.logits_fn(z.reshape(x_shape)).astype(jnp.float32)
+
+  if s.targeted:
+    def gap_sum(z):
+      logits = logits_of(z)
+      gap = (jnp.take_along_axis(logits, target[:, None], 1)
+             - jnp.take_along_axis(logits, y[:, None], 1))[:, 0]
+      return jnp.sum(gap), gap
+    return jax.grad(gap_sum, has_aux=True)(x1)
+  logits, pullback = jax.vjp(logits_of, x1)
+  eye = jnp.eye(logits.shape[1], dtype=logits.dtype)
+  jacobian = jax.vmap(lambda e: pullback(jnp.broadcast_to(e, logits.shape))[0])(eye)
+  return closest_boundary(logits, jacobian, y)
 
 
 def _fab_body(s: FabSettings, x, y, target, _, carry):
-  """One FAB step (Croce & Hein 2019) with the single hyperplane of the target class."""
+  """One FAB step (Croce & Hein 2019) with the hyperplane of the target (FAB-T) or the closest one."""
   x1, adv, best = carry
   batch = x.shape[0]
   x0 = x.reshape(batch, -1)
-
-  def gap_sum(z):
-    logits = s.logits_fn(z.reshape(x.shape)).astype(jnp.float32)
-    gap = (jnp.take_along_axis(logits, target[:, None], 1)
-           - jnp.take_along_axis(logits, y[:, None], 1))[:, 0]
-    return jnp.sum(gap), gap
-
-  w, gap = jax.grad(gap_sum, has_aux=True)(x1)
+  w, gap = _boundary(s, x.shape, y, target, x1)
   b = jnp.sum(w * x1, axis=1) - gap                      # the linearised boundary <w, z> = b
   d1 = linf_hyperplane_projection(x1, w, b)
   d0 = linf_hyperplane_projection(x0, w, b)
@@ -112,16 +152,30 @@ def _fab_body(s: FabSettings, x, y, target, _, carry):
   return x1, adv, best
 
 
-def fab_targeted_run(logits_fn: Callable, x: jax.Array, y: jax.Array, target_rank,
-                     n_iter: int = 100, alpha_max: float = 0.1, eta: float = 1.05,
-                     beta: float = 0.9, host_loop: Optional[bool] = None):
-  """FAB-T iterations towards the class of clean rank `target_rank`.
+def _fab_searching(s: FabSettings, carry):
+  return carry[2] > s.stop_norm
 
+
+def fab_run(logits_fn: Callable, x: jax.Array, y: jax.Array, target_rank=None,
+            n_iter: int = 100, alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9,
+            host_loop: Optional[bool] = None, stop_norm: Optional[float] = None,
+            key: Optional[jax.Array] = None, start_eps: float = 0.0):
+  """One FAB run: FAB-T towards the class of clean rank `target_rank`, or untargeted FAB
+  (`target_rank` None: each step the closest linearised boundary, from the full Jacobian).
+
+  Starts at x, or with `key` and `start_eps` > 0 at `fab_start` (FAB's later restarts).
   Returns (smallest adversarial image found, its l_inf norm); the norm is +inf
   (and the image x) where none was found. `host_loop`: see `apgd.use_host_loop`.
+  `stop_norm` (host loop only): an example stops being iterated once its image is
+  within this norm (AutoAttack's eps: the verdict is final, the norm no longer matters).
   """
-  s = FabSettings(logits_fn, alpha_max, eta, beta)
+  s = FabSettings(logits_fn, target_rank is not None, alpha_max, eta, beta,
+                  float('inf') if stop_norm is None else float(stop_norm))
   x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32)
-  target, carry = jit_call(_fab_init, s, x, jnp.asarray(target_rank, jnp.int32))
-  _, adv, best = iterate(_fab_body, s, (x, y, target), carry, n_iter, use_host_loop(host_loop))
+  key = jax.random.PRNGKey(0) if key is None else key
+  target, carry = jit_call(_fab_init, s, x, jnp.asarray(target_rank or 2, jnp.int32), key,
+                           jnp.asarray(start_eps, jnp.float32))
+  _, adv, best = iterate(_fab_body, s, (x, y, target), carry, n_iter, use_host_loop(host_loop),
+                         active=None if stop_norm is None else _fab_searching,
+                         per_example_args=3)
   return jax.lax.stop_gradient(adv.reshape(x.shape)), best

@@ -4,17 +4,20 @@ Versions, as in fra31/auto-attack:
   standard: APGD-CE (100 iterations, no restarts), APGD-T (targeted DLR, 9 target
             classes), FAB-T (9 targets, 100 iterations), Square (5000 queries,
             p_init 0.8, the p schedule not rescaled to the query budget);
+  plus:     AutoAttack+: APGD-CE and APGD-DLR with 5 restarts each, untargeted FAB
+            with 5 restarts, Square (5000 queries), APGD-T and FAB-T (9 targets);
   rand:     APGD-CE and APGD-DLR, each with Expectation over Transformation
             (20 gradient draws per step), for randomised defences.
 
-Between attacks (and between the target classes of APGD-T and FAB-T) the
-still-robust points are compacted in numpy and processed in chunks of at most
-`batch_size`; a chunk is padded (`square.padded_size`: 8, 12, 16, 24, ...) so
-that only a few shapes are compiled. Square compacts itself between segments
-of its queries. Inside an attack every step is jitted; the steps run in one
-`lax` loop, or on CPU from a Python loop (`apgd.use_host_loop`). A point
-counts as broken only if the model misclassifies the returned image and the
-image lies in the eps-ball and in [0, 1].
+Between attacks, restarts and target classes the still-robust points are
+compacted in numpy and processed in chunks of at most `batch_size`; a chunk is
+padded (`apgd.padded_size`) so that only a few shapes are compiled. Inside an
+attack every step is jitted; the steps run in one `lax` loop, or on CPU from a
+Python loop (`apgd.use_host_loop`), which also sets aside the points broken
+along the way (APGD: misclassified once; FAB: an image within eps found), as
+Square does between segments of its queries. A point counts as broken only if
+the model misclassifies the returned image and the image lies in the eps-ball
+and in [0, 1].
 """
 import functools
 import time
@@ -24,14 +27,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jeat_jax.attacks.autoattack.apgd import apgd_run, call_logits
-from jeat_jax.attacks.autoattack.fab import fab_targeted_run
-from jeat_jax.attacks.autoattack.square import pad_indices, square
+from jeat_jax.attacks.autoattack.apgd import apgd_run, call_logits, pad_indices
+from jeat_jax.attacks.autoattack.fab import fab_run
+from jeat_jax.attacks.autoattack.square import square
 
 VERSIONS = {
     'standard': ('apgd-ce', 'apgd-t', 'fab-t', 'square'),
+    'plus': ('apgd-ce', 'apgd-dlr', 'fab', 'square', 'apgd-t', 'fab-t'),
     'rand': ('apgd-ce', 'apgd-dlr'),
 }
+RESTARTS = {'plus': {'apgd-ce': 5, 'apgd-dlr': 5, 'fab': 5}}   # every other attack: 1
+ATTACKS = ('apgd-ce', 'apgd-dlr', 'apgd-t', 'fab', 'fab-t', 'square')
 BALL_TOLERANCE = 1e-5
 
 
@@ -60,28 +66,29 @@ def _correct(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array,
 
 
 def _attack_chunk(logits_fn: Callable, attack: str, settings: Dict, x: jax.Array, y: jax.Array,
-                  key: jax.Array, rank, eps: float) -> jax.Array:
-  """One pass of one attack on a chunk: adversarial candidates."""
+                  key: jax.Array, rank, restart: int, eps: float) -> jax.Array:
+  """One pass (one target rank, one restart) of one attack on a chunk: adversarial candidates."""
   s = settings
   if attack == 'square':
     return square(logits_fn, x, y, key, eps, s['n_queries'], s['p_init'], s['square_segment'],
                   rescale_schedule=False)  # as fra31/auto-attack's Square
-  if attack == 'fab-t':
-    adv, norm = fab_targeted_run(logits_fn, x, y, rank, s['fab_n_iter'], host_loop=s['host_loop'])
+  if attack in ('fab', 'fab-t'):
+    adv, norm = fab_run(logits_fn, x, y, rank, s['fab_n_iter'], host_loop=s['host_loop'],
+                        stop_norm=eps, key=key, start_eps=eps if restart else 0.0)
     return jnp.where((norm <= eps)[:, None, None, None], adv, x)
   loss = {'apgd-ce': 'ce', 'apgd-dlr': 'dlr', 'apgd-t': 'dlr-targeted'}[attack]
   return apgd_run(logits_fn, x, y, key, eps, s['n_iter'], loss, rank, s['rho'], 0.75,
-                  s['eot_iter'], s['stochastic'], s['host_loop']).x_adv
+                  s['eot_iter'], s['stochastic'], s['host_loop'], drop_broken=True).x_adv
 
 
 def _attack_robust_points(logits_fn, attack, settings, x, y, robust, x_adv, *, eps, key, rank,
-                          batch_size, stochastic):
+                          restart, batch_size, stochastic):
   """Runs one pass of `attack` on the robust points; updates `robust` and `x_adv` in place."""
   idx = np.flatnonzero(robust)
   for c, (sel, padded) in enumerate(_chunks(idx, batch_size)):
     k_attack, k_check = jax.random.split(jax.random.fold_in(key, c))
     xb, yb = jnp.asarray(x[padded]), jnp.asarray(y[padded])
-    adv = _attack_chunk(logits_fn, attack, settings, xb, yb, k_attack, rank, eps)
+    adv = _attack_chunk(logits_fn, attack, settings, xb, yb, k_attack, rank, restart, eps)
     broken = np.asarray(_broken(logits_fn, adv, xb, yb, eps, k_check, stochastic))[:len(sel)]
     robust[sel[broken]] = False
     x_adv[sel[broken]] = np.asarray(adv)[:len(sel)][broken]
@@ -93,14 +100,17 @@ def run_autoattack(logits_fn: Callable, x, y, *, eps: float = 8 / 255, key: jax.
                    n_iter: int = 100, n_target_classes: int = 9, fab_n_iter: int = 100,
                    n_queries: int = 5000, p_init: float = 0.8, rho: float = 0.75,
                    eot_iter: int = 20, stochastic: bool = False,
-                   square_segment: int = 250, host_loop: Optional[bool] = None) -> Dict:
+                   square_segment: int = 250, host_loop: Optional[bool] = None,
+                   n_restarts: Optional[Dict[str, int]] = None) -> Dict:
   """AutoAttack on (x, y): NHWC float images in [0, 1] and integer labels (numpy or jax).
 
   `logits_fn(images) -> logits` is pure and jax-traceable; with `stochastic`
   (version 'rand') it is `logits_fn(images, key)`. Pass the same function object
-  again to reuse compiled code. `attacks` overrides the version's list; the
-  iteration counts default to the standard version's. `eot_iter` applies to
-  version 'rand' only. `host_loop`: see `apgd.use_host_loop`.
+  again to reuse compiled code. `attacks` overrides the version's list (names in
+  `ATTACKS`); the iteration counts default to the reference's. `n_restarts`
+  (attack -> restarts) overrides the version's (`RESTARTS`); each restart attacks
+  the points the previous ones left robust. `eot_iter` applies to version 'rand'
+  only. `host_loop`: see `apgd.use_host_loop`.
 
   Returns a dict: clean_accuracy, robust_accuracy, robust (bool [N] per-example
   mask), x_adv (adversarial images where found, else x), records (one per
@@ -110,6 +120,10 @@ def run_autoattack(logits_fn: Callable, x, y, *, eps: float = 8 / 255, key: jax.
   if version not in VERSIONS:
     raise ValueError(f'run_autoattack: version must be one of {tuple(VERSIONS)}, got {version!r}')
   attacks = tuple(attacks or VERSIONS[version])
+  unknown = sorted(set(attacks) - set(ATTACKS))
+  if unknown:
+    raise ValueError(f'run_autoattack: unknown attacks {unknown}; expected names in {ATTACKS}')
+  restarts = {**RESTARTS.get(version, {}), **(n_restarts or {})}
   if stochastic and set(attacks) - {'apgd-ce', 'apgd-dlr'}:
     raise ValueError('run_autoattack: a stochastic logits_fn is supported by APGD only (version rand)')
   log = log_fn or (lambda _: None)
@@ -145,11 +159,13 @@ def run_autoattack(logits_fn: Callable, x, y, *, eps: float = 8 / 255, key: jax.
       else:
         ranks = (None,)
       for rank in ranks:
-        if not robust.any():
-          break
-        _attack_robust_points(logits_fn, attack, settings, x, y, robust, x_adv, eps=eps,
-                              key=jax.random.fold_in(k_attack, rank or 0), rank=rank,
-                              batch_size=batch_size, stochastic=stochastic)
+        for restart in range(restarts.get(attack, 1)):
+          if not robust.any():
+            break
+          _attack_robust_points(logits_fn, attack, settings, x, y, robust, x_adv, eps=eps,
+                                key=jax.random.fold_in(k_attack, 100 * restart + (rank or 0)),
+                                rank=rank, restart=restart, batch_size=batch_size,
+                                stochastic=stochastic)
     seconds = time.time() - t0
     records.append(dict(name=attack, robust_accuracy=float(robust.mean()), seconds=seconds,
                         n_attacked=n_attacked))

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jeat_jax.attacks.autoattack.apgd import pad_indices
 from jeat_jax.attacks.core import cw_margin, project_linf
 
 P_SCHEDULE_QUERIES = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)   # of 10000
@@ -106,23 +107,6 @@ def square_steps(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array
     return SquareState(x_best, jnp.where(accept, margin, s.margin), s.query + 1)
 
   return jax.lax.while_loop(cond, body, state)
-
-
-def padded_size(n: int, cap: int) -> int:
-  """Batch size for n examples: the next of 8, 12, 16, 24, 32, 48, ... (at most cap).
-
-  Powers of two and their halfway points: at most a third of a batch is padding,
-  and only a few shapes get compiled as the robust points dwindle.
-  """
-  size = 8
-  while size < n:
-    size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
-  return min(size, cap)
-
-
-def pad_indices(idx: np.ndarray, cap: int) -> np.ndarray:
-  """idx padded (repeating its first entry) to `padded_size`."""
-  return np.concatenate([idx, np.full(padded_size(len(idx), cap) - len(idx), idx[0], idx.dtype)])
 
 
 def square(logits_fn: Callable, x, y, key: jax.Array, eps: float = 8 / 255,
