@@ -202,15 +202,15 @@ def add_eval_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.eval.eps = 8 / 255
   c.eval.step_size = 2 / 255
   # fgsm, pgd20, pgd50 (CE), energy1, energyk (Eq. 18), cw_l2 (c = 0.2), cw_linf (PGD on the
-  # CW margin), autoattack
+  # CW margin), autoattack (eval.autoattack_version), autoattack_plus (AA+), autoattack_rand
   c.eval.attacks = 'fgsm,pgd20,pgd50,energy1,energyk,cw_l2,cw_linf,autoattack'
   c.eval.pgd_restarts = 1
   c.eval.energy_steps = 20         # k of energyk
   c.eval.cw_c = 0.2
   c.eval.cw_steps = 100
   c.eval.cw_lr = 0.01
-  c.eval.autoattack_num_examples = 0  # > 0: AutoAttack on the first this many only (0: all)
-  c.eval.autoattack_version = 'standard'  # standard | rand (for test-time randomness)
+  c.eval.autoattack_num_examples = 0  # > 0: the AutoAttacks on the first this many only (0: all)
+  c.eval.autoattack_version = 'standard'  # of 'autoattack': standard | plus | rand (test-time noise)
   c.eval.test_noise_std = 0.0      # > 0: the model adds N(0, s^2) to inputs at test time
   c.eval.pgd_steps_scale = 1.0     # < 1 shortens every iterative attack (smoke tests only)
   c.eval.unroll = 1                # > 1 unrolls attack loops (faster on XLA:CPU)

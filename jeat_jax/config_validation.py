@@ -6,7 +6,8 @@ import jax
 from jeat_jax import data, models, recipes, sampling
 from jeat_jax.errors import ConfigError
 
-ATTACKS = ('fgsm', 'pgd20', 'pgd50', 'energy1', 'energyk', 'cw_l2', 'cw_linf', 'autoattack')
+ATTACKS = ('fgsm', 'pgd20', 'pgd50', 'energy1', 'energyk', 'cw_l2', 'cw_linf', 'autoattack',
+           'autoattack_plus', 'autoattack_rand')
 RECIPES = ('natural', 'noise', 'at', 'prejeat', 'jeat', 'jem', 'trades', 'fast', 'free', 'weat',
            'ebjdat')
 
@@ -165,7 +166,7 @@ def validate(config) -> None:
   _non_negative(e.eps, 'eval.eps')
   unknown = [a for a in e.attacks.split(',') if a and a not in ATTACKS]
   _require(not unknown, 'eval.attacks', f'must be a comma list of {list(ATTACKS)}', e.attacks)
-  _one_of(config, 'eval.autoattack_version', ('standard', 'rand'))
+  _one_of(config, 'eval.autoattack_version', ('standard', 'plus', 'rand'))
   _non_negative(e.autoattack_num_examples, 'eval.autoattack_num_examples')
   _positive(e.pgd_restarts, 'eval.pgd_restarts')
   _positive(e.unroll, 'eval.unroll')

@@ -36,14 +36,15 @@ from jeat_jax.attacks import cw as cw_lib
 ATTACK_NAMES = {
     'fgsm': 'FGSM', 'pgd20': 'PGD-20 (CE)', 'pgd50': 'PGD-50 (CE)', 'energy1': 'Energy attack, 1 step',
     'energyk': 'Energy attack, k steps', 'cw_l2': 'C&W L2 (c = 0.2)', 'cw_linf': 'CW-inf (PGD on CW margin)',
-    'autoattack': 'AutoAttack'}
+    'autoattack': 'AutoAttack', 'autoattack_plus': 'AutoAttack+', 'autoattack_rand': 'AutoAttack rand'}
+AUTOATTACKS = {'autoattack': None, 'autoattack_plus': 'plus', 'autoattack_rand': 'rand'}  # name -> version
 
 
 def record_name(name: str, cfg) -> str:
   """The name an attack's result is filed under: AutoAttack with its iterations and queries
   cut (`eval.pgd_steps_scale` < 1) is not AutoAttack, and says so: 'autoattack (0.1x)'."""
-  if name == 'autoattack' and cfg.pgd_steps_scale != 1.0:
-    return f'autoattack ({cfg.pgd_steps_scale:g}x)'
+  if name in AUTOATTACKS and cfg.pgd_steps_scale != 1.0:
+    return f'{name} ({cfg.pgd_steps_scale:g}x)'
   return name
 
 
@@ -166,15 +167,19 @@ def stochastic_logits(logits_fn, noise_std: float):
   return lambda x, key: logits_fn(jnp.clip(x + noise_std * jax.random.normal(key, x.shape), 0, 1))
 
 
-def run_autoattack(cfg, logits_fn, x, y, eps, key) -> Dict:
+def run_autoattack(cfg, logits_fn, x, y, eps, key, version: Optional[str] = None) -> Dict:
   """`runner.run_autoattack` on host arrays (x uint8): every process runs all of it on the
-  same points with the same keys, so every process gets the same result."""
+  same points with the same keys, so every process gets the same result.
+
+  `version` (standard, plus, rand) defaults to `eval.autoattack_version`. The rand
+  version draws the model's test-time noise (`eval.test_noise_std`) where there is any."""
   from jeat_jax.attacks.autoattack import runner  # pylint: disable=g-import-not-at-top
-  stochastic = cfg.autoattack_version == 'rand'
+  version = version or cfg.autoattack_version
+  stochastic = version == 'rand' and cfg.test_noise_std > 0
   fn = stochastic_logits(logits_fn, cfg.test_noise_std) if stochastic else logits_fn
   scaled = lambda k: max(1, int(round(k * cfg.pgd_steps_scale)))  # 1.0: the reference counts
   return runner.run_autoattack(fn, data_lib.to_float(jnp.asarray(x)), y, eps=eps, key=key,
-                               version=cfg.autoattack_version, batch_size=cfg.batch_size,
+                               version=version, batch_size=cfg.batch_size,
                                stochastic=stochastic, log_fn=logging.info, n_iter=scaled(100),
                                fab_n_iter=scaled(100), n_queries=scaled(5000))
 
@@ -200,6 +205,13 @@ def audit(cfg, logits_fn, mesh, x, y, records: List[Dict],
         warnings.append(f'the black-box Square attack lowered robust accuracy from {before:.4f} '
                         f'to {stages["square"]:.4f} after the white-box attacks: '
                         'possible gradient masking')
+  plus = next((r for r in records if r['name'] == 'autoattack_plus'), None)
+  if aa and plus and plus['num_examples'] == aa['num_examples']:
+    if aa['robust_accuracy'] - plus['robust_accuracy'] > 0.01:
+      warnings.append(f'AutoAttack+ lowered robust accuracy from {aa["robust_accuracy"]:.4f} '
+                      f'(standard AutoAttack) to {plus["robust_accuracy"]:.4f} on the same points: '
+                      'restarts and untargeted attacks find what the standard version misses; '
+                      'possible gradient masking')
   n = min(cfg.audit_num_examples, x.shape[0])
   xs, ys = x[:n], y[:n]
   sweep = {}
@@ -247,11 +259,15 @@ def markdown_tables(model_name: str, recipe: str, clean: float, records: List[Di
   return '\n'.join(lines) + '\n'
 
 
-def write_results(out: str, result: Dict, table: str) -> None:
-  """OUT/robustness.json and OUT/robustness.md (process 0's job)."""
-  from jeat_jax.files import write_json_atomic, write_text_atomic  # pylint: disable=g-import-not-at-top
+def write_results(out: str, result: Dict, table: str, masks: Dict[str, np.ndarray]) -> None:
+  """OUT/robustness.json, OUT/robustness.md, and OUT/robust_points.npz: per test point
+  (first_example onwards) whether it is classified correctly ('clean') and still after
+  each attack (its record name) (process 0's job)."""
+  from jeat_jax.files import atomic_write, write_json_atomic, write_text_atomic  # pylint: disable=g-import-not-at-top
   write_json_atomic(os.path.join(out, 'robustness.json'), result)
   write_text_atomic(os.path.join(out, 'robustness.md'), table)
+  atomic_write(os.path.join(out, 'robust_points.npz'), lambda tmp: np.savez(
+      tmp, **{name: np.asarray(mask, bool) for name, mask in masks.items()}))
 
 
 def evaluate_run(config, workdir: str) -> Dict:
@@ -270,15 +286,15 @@ def evaluate_run(config, workdir: str) -> Dict:
   clean = clean_mask(logits_fn, mesh, x, y, cfg.batch_size)
   logging.info('clean accuracy %.4f on %d test images', clean.mean(), n)
   names = [a for a in cfg.attacks.split(',') if a]
-  records = []
+  records, masks = [], {'clean': clean}
   for i, name in enumerate(names):
     start = time.time()
     k = jax.random.fold_in(key, i)
     m = n
-    if name == 'autoattack':
+    if name in AUTOATTACKS:
       # AutoAttack may run on the first `eval.autoattack_num_examples` points only (0: all n).
       m = min(cfg.autoattack_num_examples or n, n)
-      out = run_autoattack(cfg, logits_fn, x[:m], y[:m], cfg.eps, k)
+      out = run_autoattack(cfg, logits_fn, x[:m], y[:m], cfg.eps, k, AUTOATTACKS[name])
       robust = np.asarray(out['robust'])
       stages = [{'name': s['name'], 'robust_accuracy': float(s['robust_accuracy'])}
                 for s in out['records']]
@@ -291,6 +307,7 @@ def evaluate_run(config, workdir: str) -> Dict:
     if stages:
       record['stages'] = stages
     records.append(record)
+    masks[record['name']] = robust & clean[:m]
     logging.info('[%d/%d] %s: robust accuracy %.4f (%.1fs)', i + 1, len(names),
                  attack_title(record['name']),
                  record['robust_accuracy'], record['seconds'])
@@ -308,7 +325,7 @@ def evaluate_run(config, workdir: str) -> Dict:
   table = markdown_tables(models.model_name(config.model), config.recipe, result['clean_accuracy'],
                           records)
   if jax.process_index() == 0:
-    write_results(os.path.join(workdir, 'eval'), result, table)
+    write_results(os.path.join(workdir, 'eval'), result, table, masks)
   multihost_utils.sync_global_devices('evaluate: results written')
   print(table)
   return result

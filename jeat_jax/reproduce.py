@@ -109,7 +109,7 @@ def scale_overrides(scale: str, run: Run) -> Dict[str, object]:
   """What the reproduction trains and measures at each scale, on top of each recipe's config."""
   if scale == 'cpu':
     out = {'eval.attacks': CPU_ATTACKS.get(run.name, 'pgd20,autoattack'),
-           'eval.num_examples': 1000, 'eval.autoattack_num_examples': 200,
+           'eval.num_examples': 1000, 'eval.autoattack_num_examples': 0,   # all 1000
            'eval.audit_num_examples': 100,
            'sample.num_samples': 500, 'fid.max_reference': 2000, 'dynamics_every_steps': 50,
            **CPU_TRAINING.get(run.name, {})}

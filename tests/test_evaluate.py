@@ -62,6 +62,27 @@ def test_autoattack_on_a_subset(trained_workdir):
   assert [s['name'] for s in aa['stages']] == ['clean', 'apgd-ce', 'apgd-t', 'fab-t', 'square']
   accs = [s['robust_accuracy'] for s in aa['stages']]
   assert accs == sorted(accs, reverse=True) and accs[-1] == aa['robust_accuracy']
+  points = np.load(os.path.join(workdir, 'eval', 'robust_points.npz'))
+  assert points['clean'].shape == (96,) and points['autoattack (0.05x)'].shape == (24,)
+  assert points['pgd20'].mean() == pgd['robust_accuracy']
+  assert points['autoattack (0.05x)'].mean() == aa['robust_accuracy']
+  assert not np.any(points['autoattack (0.05x)'] & ~points['clean'][:24])
+
+
+def test_autoattack_plus_and_rand_by_name(trained_workdir):
+  config, workdir = trained_workdir
+  config.eval.attacks = 'autoattack_plus,autoattack_rand'
+  config.eval.pgd_steps_scale = 0.05
+  config.eval.autoattack_num_examples = 16
+  config.eval.audit = False
+  plus, rand = evaluate.evaluate_run(config, workdir)['attacks']
+  assert plus['name'] == 'autoattack_plus (0.05x)' and rand['name'] == 'autoattack_rand (0.05x)'
+  assert [s['name'] for s in plus['stages']] == ['clean', 'apgd-ce', 'apgd-dlr', 'fab', 'square',
+                                                 'apgd-t', 'fab-t']
+  assert [s['name'] for s in rand['stages']] == ['clean', 'apgd-ce', 'apgd-dlr']
+  table = open(os.path.join(workdir, 'eval', 'robustness.md')).read()
+  assert '| AutoAttack+ (0.05x, reduced strength) | 8/255 | 16 |' in table
+  assert '| AutoAttack rand (0.05x, reduced strength) | 8/255 | 16 |' in table
 
 
 # ----------------------------------------------------------------------------- the audit
@@ -112,6 +133,14 @@ def test_audit_is_quiet_on_an_honest_model():
   warnings, sweep = _audit(_linear, [_autoattack_record(square=0.499)])  # Square: -0.001
   assert warnings == [] and list(sweep) == [8, 16, 32, 64, 128]
   assert sweep[128] == 0.0
+
+
+def test_audit_warns_when_autoattack_plus_finds_what_standard_missed():
+  standard = dict(_autoattack_record(square=0.5), robust_accuracy=0.5, num_examples=16)
+  for plus_accuracy, warned in ((0.495, False), (0.48, True)):
+    plus = {'name': 'autoattack_plus', 'robust_accuracy': plus_accuracy, 'num_examples': 16}
+    warnings, _ = _audit(_linear, [standard, plus])
+    assert sum('AutoAttack+ lowered robust accuracy from 0.5000' in w for w in warnings) == warned
 
 
 @pytest.mark.parametrize('logits_fn,square,needles', [

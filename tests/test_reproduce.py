@@ -52,7 +52,7 @@ def test_cpu_scale_is_sized_per_run():
   noise = reproduce.make_config(reproduce.RUNS_BY_NAME['noise16'], 'cpu', '')
   natural = reproduce.make_config(reproduce.RUNS_BY_NAME['natural'], 'cpu', '')
   assert 'autoattack' in at.eval.attacks and at.eval.num_examples == 1000
-  assert at.eval.autoattack_num_examples == 200
+  assert at.eval.autoattack_num_examples == 0   # AutoAttack on all 1000 points
   assert at.dynamics_every_steps == 50                 # Fig. 3 needs the logged energy changes
   assert noise.num_epochs == 1 and abs(noise.perturbation.sigma - 16 / 255) < 1e-9
   assert 'energyk' in natural.eval.attacks            # Table 1

@@ -1,0 +1,185 @@
+"""The robustness audit of docs/robustness-audit.md: is the JEAT model's AutoAttack number sound?
+
+For each trained run (`recipe=workdir`, trained with `configs/<recipe>.py:cpu`):
+  1. `main.py --mode=evaluate` on the same test points (`--points`, default the first
+     1000): clean accuracy, PGD-20, standard AutoAttack and AutoAttack+, and the audit
+     (Square after the white-box attacks, the PGD-20 eps sweep, AA+ against AA);
+  2. for the runs named in `--export`: `main.py --mode=export`, then torchattacks'
+     standard AutoAttack (the reference's composition and counts) on the PyTorch export,
+     loaded from its files as a user would, on the first `--torch-points` of the same
+     points, beside our AutoAttack's verdict on those points (`eval/robust_points.npz`).
+A stage whose output exists is not run again. Then the report is written.
+
+  PYTHONPATH=. python benchmarks/robustness_audit.py --data_path=../shared/data/cifar10-jpeg-standin.npz \
+      --runs=at=/tmp/audit/at,prejeat=/tmp/audit/prejeat,jeat=/tmp/audit/jeat --export=at,jeat
+"""
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from jeat_jax import hardware  # pylint: disable=wrong-import-position
+
+ATTACKS = 'pgd20,autoattack,autoattack_plus'
+SWEEP_POINTS = 200   # the audit's PGD-20 eps sweep: the first this many points
+TITLES = {'at': 'PGD-AT', 'prejeat': 'PreJEAT', 'jeat': 'JEAT', 'trades': 'TRADES'}
+
+
+def main_py(recipe: str, workdir: str, mode: str, data_path: str, *overrides: str) -> None:
+  """`python main.py --config=configs/<recipe>.py:cpu --workdir=... --mode=...`, logged."""
+  command = [sys.executable, str(ROOT / 'main.py'), f'--config={ROOT}/configs/{recipe}.py:cpu',
+             f'--workdir={workdir}', f'--mode={mode}', '--config.data.source=npz',
+             f'--config.data.path={data_path}', *overrides]
+  print(' '.join(command[1:]), flush=True)
+  with open(os.path.join(workdir, f'audit_{mode}.log'), 'w') as log:
+    subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def evaluate(recipe: str, workdir: str, data_path: str, points: int) -> dict:
+  path = os.path.join(workdir, 'eval', 'robustness.json')
+  done = json.load(open(path)) if os.path.exists(path) else None
+  if not done or [r['name'] for r in done['attacks']] != ATTACKS.split(',') or \
+      done['num_examples'] != points:
+    main_py(recipe, workdir, 'evaluate', data_path, f'--config.eval.attacks={ATTACKS}',
+            f'--config.eval.num_examples={points}', '--config.eval.first_example=0',
+            '--config.eval.autoattack_num_examples=0', '--config.eval.pgd_steps_scale=1.0',
+            '--config.eval.audit=True', f'--config.eval.audit_num_examples={SWEEP_POINTS}')
+  return json.load(open(path))
+
+
+def torch_autoattack_on_export(recipe: str, workdir: str, data_path: str, n: int,
+                               threads: int) -> dict:
+  """torchattacks' standard AutoAttack on WORKDIR/export (written if absent), first n points."""
+  out = os.path.join(workdir, 'export_autoattack.json')
+  if os.path.exists(out) and json.load(open(out))['num_examples'] == n:
+    return json.load(open(out))
+  if not os.path.exists(os.path.join(workdir, 'export', 'export.json')):
+    main_py(recipe, workdir, 'export', data_path)
+  import torch  # pylint: disable=import-outside-toplevel
+  from configs import default  # pylint: disable=import-outside-toplevel
+  from jeat_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+  from jeat_jax import torch_port  # pylint: disable=import-outside-toplevel
+  from tests import torch_reference as tr  # pylint: disable=import-outside-toplevel
+  torch.set_num_threads(threads)
+  export = json.load(open(os.path.join(workdir, 'export', 'export.json')))
+  net = torch_port.load_export(os.path.join(workdir, 'export'), export['model'])
+  config = default.get_config()
+  config.data.source, config.data.path = 'npz', data_path
+  ds = data_lib.load_dataset(config)   # the test set in evaluate's order
+  x = ds.x_test[:n].astype(np.float32) / 255.0
+  y = ds.y_test[:n].astype(np.int64)
+  start = time.time()
+  robust, _ = tr.torch_robust_accuracy(net, tr.torch_autoattack(net, 8 / 255, 'standard'), x, y)
+  record = dict(num_examples=n, clean=tr.torch_accuracy(net, x, y), robust_accuracy=robust,
+                seconds=round(time.time() - start, 1), torch_threads=threads,
+                torch=torch.__version__, max_abs_logit_diff=export['max_abs_logit_diff'],
+                argmax_agreement=export['argmax_agreement'])
+  json.dump(record, open(out, 'w'), indent=2)
+  return record
+
+
+def pct(value) -> str:
+  return '-' if value is None else f'{100 * value:.1f}%'
+
+
+def wilson(k: int, n: int) -> str:
+  from jeat_jax.stats import wilson_interval  # pylint: disable=import-outside-toplevel
+  lo, hi = wilson_interval(k, n)
+  return f'[{100 * lo:.1f}, {100 * hi:.1f}]'
+
+
+def stages_line(record: dict) -> str:
+  return ' → '.join(f'{s["name"]} {100 * s["robust_accuracy"]:.1f}' for s in record['stages'])
+
+
+def report(runs: dict, results: dict, exports: dict, command: str, wall_minutes: float) -> str:
+  any_result = next(iter(results.values()))
+  n = any_result['num_examples']
+  lines = [
+      '# Robustness audit: standard AutoAttack, AutoAttack+ and the masking checks', '',
+      f'Written by `benchmarks/robustness_audit.py` on {datetime.date.today().isoformat()}: '
+      f'{hardware.cpu_description()}, {wall_minutes:.0f} min wall for the stages run this time.',
+      f'Command: `{command}`.', '',
+      f'Models: the `:cpu` configs (WRN-10-1, 1.5 epochs on the 50000-image CIFAR-10 stand-in '
+      f'of `../shared/data`); test points: the first {n} stand-in test images (unseen in '
+      f'training), the same for every model and attack; eps 8/255 (l_inf). 95% Wilson intervals '
+      f'over the {n} points.', '',
+      '| model | clean | PGD-20 | AutoAttack | AutoAttack+ | AA+ below AA | audit warnings |',
+      '|---|---|---|---|---|---|---|']
+  for name, res in results.items():
+    acc = {r['name']: r for r in res['attacks']}
+    aa, plus = acc['autoattack']['robust_accuracy'], acc['autoattack_plus']['robust_accuracy']
+    warnings = res.get('audit', {}).get('warnings', [])
+    lines.append(f'| {TITLES.get(name, name)} (`{res["model"]}`) | {pct(res["clean_accuracy"])} | '
+                 f'{pct(acc["pgd20"]["robust_accuracy"])} | {pct(aa)} {wilson(round(aa * n), n)} | '
+                 f'{pct(plus)} | {100 * (aa - plus):+.1f} points | {len(warnings) or "none"} |')
+  lines += ['', '## Stage by stage (robust accuracy in %, each attack on the points the previous '
+            'left robust)', '']
+  for name, res in results.items():
+    acc = {r['name']: r for r in res['attacks']}
+    sweep = res.get('audit', {}).get('eps_sweep_pgd20', {})
+    lines += [f'**{TITLES.get(name, name)}**', '',
+              f'- AutoAttack ({acc["autoattack"]["seconds"] / 60:.1f} min): '
+              f'{stages_line(acc["autoattack"])}',
+              f'- AutoAttack+ ({acc["autoattack_plus"]["seconds"] / 60:.1f} min): '
+              f'{stages_line(acc["autoattack_plus"])}',
+              f'- PGD-20 as eps grows (first {SWEEP_POINTS} points; eps in 1/255: robust '
+              'accuracy): ' + ', '.join(f'{k}: {100 * v:.1f}%' for k, v in sweep.items())]
+    for w in res.get('audit', {}).get('warnings', []):
+      lines.append(f'- audit warning: {w}')
+    lines.append('')
+  if exports:
+    lines += ['## Our AutoAttack against torchattacks on the PyTorch export', '',
+              '`--mode=export`, then torchattacks 3.5.1\'s standard AutoAttack (APGD-CE, APGD-T with '
+              '9 targets, FAB-T with 9 targets, 100 iterations each, Square with 5000 queries and '
+              'the unrescaled p schedule, as fra31/auto-attack) on the exported model loaded from '
+              'its files, on the first points of the same test set.', '',
+              '| model | points | max logit diff (export.json) | clean (torch) | AutoAttack, '
+              'ours | AutoAttack, torchattacks | torchattacks time |', '|---|---|---|---|---|---|---|']
+    for name, rec in exports.items():
+      ours = np.load(os.path.join(runs[name], 'eval', 'robust_points.npz'))['autoattack']
+      m = rec['num_examples']
+      lines.append(f'| {TITLES.get(name, name)} | {m} | {rec["max_abs_logit_diff"]:.1e} | '
+                   f'{pct(rec["clean"])} | {pct(ours[:m].mean())} | {pct(rec["robust_accuracy"])} '
+                   f'| {rec["seconds"] / 60:.1f} min ({rec["torch_threads"]} thread) |')
+    lines.append('')
+  return '\n'.join(lines) + '\n'
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--runs', required=True, help='recipe=workdir,... (trained with :cpu)')
+  parser.add_argument('--data_path', required=True)
+  parser.add_argument('--points', type=int, default=1000)
+  parser.add_argument('--export', default='at,jeat', help='runs checked with torchattacks')
+  parser.add_argument('--torch-points', type=int, default=500)
+  parser.add_argument('--torch-threads', type=int, default=1)
+  parser.add_argument('--out', default=str(ROOT / 'docs' / 'robustness-audit.md'))
+  args = parser.parse_args()
+  runs = dict(item.split('=', 1) for item in args.runs.split(','))
+  for name, workdir in runs.items():
+    if not os.path.isdir(workdir):
+      sys.exit(f'robustness_audit: --runs {name}={workdir}: no such directory')
+  start = time.time()
+  results = {name: evaluate(name, workdir, args.data_path, args.points)
+             for name, workdir in runs.items()}
+  exports = {name: torch_autoattack_on_export(name, runs[name], args.data_path,
+                                              args.torch_points, args.torch_threads)
+             for name in args.export.split(',') if name in runs}
+  command = 'PYTHONPATH=. python benchmarks/robustness_audit.py ' + ' '.join(sys.argv[1:])
+  text = report(runs, results, exports, command, (time.time() - start) / 60)
+  Path(args.out).write_text(text)
+  print(text)
+
+
+if __name__ == '__main__':
+  main()
