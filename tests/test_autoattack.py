@@ -17,7 +17,9 @@ from jeat_jax.attacks.autoattack import (apgd_run, closest_boundary, dlr_loss, d
                                          run_autoattack, square, step_size_checkpoints)
 from jeat_jax.attacks.autoattack.apgd import apgd_start
 from jeat_jax.attacks.autoattack import runner
-from jeat_jax.attacks.autoattack.fab import FabSettings, _boundary, fab_start
+from jeat_jax.attacks.autoattack.apgd import ranked_class
+from jeat_jax.attacks.autoattack.fab import (FabSettings, _boundary, _check, fab_start,
+                                             step_towards_boundary)
 from jeat_jax.attacks.autoattack.square import schedule_level, window_sides
 from jeat_jax.attacks.cw import cw_l2
 from tests.torch_reference import SmallCNN, accuracy, load_data, train_classifier
@@ -137,6 +139,17 @@ def test_padded_size_is_exact_up_to_8_then_wastes_at_most_a_fifth():
   assert len(set(sizes)) == 8 + 4 * 9 + 1       # 8, then 4 sizes per doubling: 10 .. 5120
 
 
+def test_passes_split_into_one_chunk_per_stream():
+  idx = np.arange(3, 12)                               # 9 robust points, 2 streams: 5 + 4
+  chunks = list(runner._chunks(idx, 100, streams=2))
+  assert [len(sel) for sel, _ in chunks] == [5, 4]
+  assert [len(padded) for _, padded in chunks] == [5, 4]
+  np.testing.assert_array_equal(np.concatenate([sel for sel, _ in chunks]), idx)
+  big = list(runner._chunks(np.arange(1000), 300, streams=2))
+  assert [len(sel) for sel, _ in big] == [300, 300, 300, 100]
+  assert [len(p) for _, p in big] == [300, 300, 300, 112]
+
+
 def test_closest_boundary_on_hand_computed_logits():
   """z = (2, 1, 0.5), y = 0, gradients (1, 0), (0, 1), (0.2, 0): the boundary with class 1
   is at l_inf distance |1 - 2| / ||(-1, 1)||_1 = 0.5, with class 2 at 1.5 / 0.8."""
@@ -155,14 +168,41 @@ def test_untargeted_fab_boundary_of_a_linear_model():
   x = rng.uniform(size=(6, 2, 2, 3)).astype(np.float32)
   y = rng.integers(0, 5, 6)
   s = FabSettings(lambda z: z.reshape(z.shape[0], -1) @ w_mat, targeted=False)
-  w, gap = _boundary(s, x.shape, jnp.asarray(y), None, jnp.asarray(x.reshape(6, -1)))
+  w, gap, logits = _boundary(s, x.shape, jnp.asarray(y), None, jnp.asarray(x.reshape(6, -1)))
   z = x.reshape(6, -1) @ w_mat
+  np.testing.assert_allclose(np.asarray(logits), z, rtol=1e-5, atol=1e-5)
   for b in range(6):
     dist = [abs(z[b, k] - z[b, y[b]]) / np.abs(w_mat[:, k] - w_mat[:, y[b]]).sum()
             if k != y[b] else np.inf for k in range(5)]
     k = int(np.argmin(dist))
     np.testing.assert_allclose(np.asarray(w)[b], w_mat[:, k] - w_mat[:, y[b]], rtol=1e-5)
     np.testing.assert_allclose(np.asarray(gap)[b], z[b, k] - z[b, y[b]], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('rank', [2, None], ids=['fab-t', 'fab'])
+def test_fab_iterates_as_the_reference_orders_its_passes(setup, rank):
+  """`fab_run` checks each iterate with the next step's logits; the reference (fra31,
+  torchattacks) steps, then checks with a forward pass. Same iterates, same result."""
+  logits_fn, x, y = setup
+  x, y = x[:16], y[:16]
+  s = FabSettings(logits_fn, targeted=rank is not None)
+  x0 = x.reshape(16, -1)
+  target = ranked_class(logits_fn(x), rank or 2)
+  carry = (x0, x0, jnp.full((16,), jnp.inf))
+  for _ in range(8):
+    w, gap, _ = _boundary(s, x.shape, y, target, carry[0])
+    carry = (step_towards_boundary(s, x0, carry[0], w, gap),) + carry[1:]
+    carry = _check(s, x0, y, logits_fn(carry[0].reshape(x.shape)), carry, True)[0]
+  adv, best = fab_run(logits_fn, x, y, rank, n_iter=8)
+  found = np.isfinite(np.asarray(carry[2]))
+  assert found.sum() > 8
+  np.testing.assert_array_equal(np.isfinite(np.asarray(best)), found)
+  # The logits of a forward pass and of the linearisation's pass may differ in the last bit,
+  # which can flip a check on the boundary and fork an example's path: most stay identical.
+  same = np.isclose(np.asarray(best), np.asarray(carry[2]), rtol=1e-4, atol=1e-6)
+  assert same.mean() >= 0.85, (np.asarray(best), np.asarray(carry[2]))
+  np.testing.assert_allclose(np.asarray(adv).reshape(16, -1)[same], np.asarray(carry[1])[same],
+                             atol=1e-5)
 
 
 def test_fab_restart_start_reaches_half_eps_in_each_examples_largest_coordinate():

@@ -19,7 +19,9 @@ Square does between segments of its queries. A point counts as broken only if
 the model misclassifies the returned image and the image lies in the eps-ball
 and in [0, 1].
 """
+import concurrent.futures
 import functools
+import os
 import time
 from typing import Callable, Dict, Optional, Tuple
 
@@ -41,11 +43,28 @@ ATTACKS = ('apgd-ce', 'apgd-dlr', 'apgd-t', 'fab', 'fab-t', 'square')
 BALL_TOLERANCE = 1e-5
 
 
-def _chunks(idx: np.ndarray, batch_size: int):
-  """(indices, padded indices) per chunk of at most batch_size."""
-  for start in range(0, len(idx), batch_size):
-    sel = idx[start:start + batch_size]
+def _chunks(idx: np.ndarray, batch_size: int, streams: int = 1):
+  """(indices, padded indices) per chunk of at most batch_size, and at least `streams` chunks
+  where there are as many points."""
+  size = min(batch_size, max(1, -(-len(idx) // streams)))
+  for start in range(0, len(idx), size):
+    sel = idx[start:start + size]
     yield sel, pad_indices(sel, batch_size)
+
+
+def host_streams(streams: Optional[int] = None) -> int:
+  """How many chunks run at once, each from its own host thread.
+
+  On CPU a small batch (the few points still robust late in AutoAttack) keeps only
+  ~1.5 of 2 cores busy: XLA:CPU parallelises within a convolution poorly at batch 5, and
+  two batches of 5 from two threads ran at 1.37x the throughput of one (WRN-16-4 forward,
+  2 cores; benchmarks/RESULTS.md). Each point's attack does not depend on the others', so
+  splitting a pass into chunks changes no verdict. Default (None): one stream per core on
+  CPU (at most 4), one elsewhere.
+  """
+  if streams is not None:
+    return max(1, int(streams))
+  return min(os.cpu_count() or 1, 4) if jax.default_backend() == 'cpu' else 1
 
 
 @functools.partial(jax.jit, static_argnames=('logits_fn', 'stochastic'))
@@ -82,16 +101,25 @@ def _attack_chunk(logits_fn: Callable, attack: str, settings: Dict, x: jax.Array
 
 
 def _attack_robust_points(logits_fn, attack, settings, x, y, robust, x_adv, *, eps, key, rank,
-                          restart, batch_size, stochastic):
-  """Runs one pass of `attack` on the robust points; updates `robust` and `x_adv` in place."""
-  idx = np.flatnonzero(robust)
-  for c, (sel, padded) in enumerate(_chunks(idx, batch_size)):
+                          restart, batch_size, stochastic, streams):
+  """Runs one pass of `attack` on the robust points; updates `robust` and `x_adv` in place.
+  The chunks run `streams` at a time, each from its own thread (`host_streams`)."""
+  def attack_chunk(c, sel, padded):
     k_attack, k_check = jax.random.split(jax.random.fold_in(key, c))
     xb, yb = jnp.asarray(x[padded]), jnp.asarray(y[padded])
     adv = _attack_chunk(logits_fn, attack, settings, xb, yb, k_attack, rank, restart, eps)
     broken = np.asarray(_broken(logits_fn, adv, xb, yb, eps, k_check, stochastic))[:len(sel)]
+    return sel, broken, np.asarray(adv)[:len(sel)]
+
+  chunks = list(_chunks(np.flatnonzero(robust), batch_size, streams))
+  if streams > 1 and len(chunks) > 1:
+    with concurrent.futures.ThreadPoolExecutor(streams) as pool:
+      results = list(pool.map(lambda c: attack_chunk(c, *chunks[c]), range(len(chunks))))
+  else:
+    results = [attack_chunk(c, *chunk) for c, chunk in enumerate(chunks)]
+  for sel, broken, adv in results:
     robust[sel[broken]] = False
-    x_adv[sel[broken]] = np.asarray(adv)[:len(sel)][broken]
+    x_adv[sel[broken]] = adv[broken]
 
 
 def run_autoattack(logits_fn: Callable, x, y, *, eps: float = 8 / 255, key: jax.Array,
@@ -101,7 +129,8 @@ def run_autoattack(logits_fn: Callable, x, y, *, eps: float = 8 / 255, key: jax.
                    n_queries: int = 5000, p_init: float = 0.8, rho: float = 0.75,
                    eot_iter: int = 20, stochastic: bool = False,
                    square_segment: int = 250, host_loop: Optional[bool] = None,
-                   n_restarts: Optional[Dict[str, int]] = None) -> Dict:
+                   n_restarts: Optional[Dict[str, int]] = None,
+                   streams: Optional[int] = None) -> Dict:
   """AutoAttack on (x, y): NHWC float images in [0, 1] and integer labels (numpy or jax).
 
   `logits_fn(images) -> logits` is pure and jax-traceable; with `stochastic`
@@ -110,7 +139,7 @@ def run_autoattack(logits_fn: Callable, x, y, *, eps: float = 8 / 255, key: jax.
   `ATTACKS`); the iteration counts default to the reference's. `n_restarts`
   (attack -> restarts) overrides the version's (`RESTARTS`); each restart attacks
   the points the previous ones left robust. `eot_iter` applies to version 'rand'
-  only. `host_loop`: see `apgd.use_host_loop`.
+  only. `host_loop`: see `apgd.use_host_loop`; `streams`: see `host_streams`.
 
   Returns a dict: clean_accuracy, robust_accuracy, robust (bool [N] per-example
   mask), x_adv (adversarial images where found, else x), records (one per
@@ -124,6 +153,7 @@ def run_autoattack(logits_fn: Callable, x, y, *, eps: float = 8 / 255, key: jax.
   if unknown:
     raise ValueError(f'run_autoattack: unknown attacks {unknown}; expected names in {ATTACKS}')
   restarts = {**RESTARTS.get(version, {}), **(n_restarts or {})}
+  streams = host_streams(streams)
   if stochastic and set(attacks) - {'apgd-ce', 'apgd-dlr'}:
     raise ValueError('run_autoattack: a stochastic logits_fn is supported by APGD only (version rand)')
   log = log_fn or (lambda _: None)
@@ -165,7 +195,7 @@ def run_autoattack(logits_fn: Callable, x, y, *, eps: float = 8 / 255, key: jax.
           _attack_robust_points(logits_fn, attack, settings, x, y, robust, x_adv, eps=eps,
                                 key=jax.random.fold_in(k_attack, 100 * restart + (rank or 0)),
                                 rank=rank, restart=restart, batch_size=batch_size,
-                                stochastic=stochastic)
+                                stochastic=stochastic, streams=streams)
     seconds = time.time() - t0
     records.append(dict(name=attack, robust_accuracy=float(robust.mean()), seconds=seconds,
                         n_attacked=n_attacked))
