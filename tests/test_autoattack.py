@@ -168,9 +168,8 @@ def test_untargeted_fab_boundary_of_a_linear_model():
   x = rng.uniform(size=(6, 2, 2, 3)).astype(np.float32)
   y = rng.integers(0, 5, 6)
   s = FabSettings(lambda z: z.reshape(z.shape[0], -1) @ w_mat, targeted=False)
-  w, gap, logits = _boundary(s, x.shape, jnp.asarray(y), None, jnp.asarray(x.reshape(6, -1)))
+  w, gap = _boundary(s, x.shape, jnp.asarray(y), None, jnp.asarray(x.reshape(6, -1)))
   z = x.reshape(6, -1) @ w_mat
-  np.testing.assert_allclose(np.asarray(logits), z, rtol=1e-5, atol=1e-5)
   for b in range(6):
     dist = [abs(z[b, k] - z[b, y[b]]) / np.abs(w_mat[:, k] - w_mat[:, y[b]]).sum()
             if k != y[b] else np.inf for k in range(5)]
@@ -180,9 +179,9 @@ def test_untargeted_fab_boundary_of_a_linear_model():
 
 
 @pytest.mark.parametrize('rank', [2, None], ids=['fab-t', 'fab'])
-def test_fab_iterates_as_the_reference_orders_its_passes(setup, rank):
-  """`fab_run` checks each iterate with the next step's logits; the reference (fra31,
-  torchattacks) steps, then checks with a forward pass. Same iterates, same result."""
+def test_fab_run_is_its_steps_in_the_reference_order(setup, rank):
+  """`fab_run` (host loop, compaction) against FAB written out step by step as the reference
+  (fra31, torchattacks) orders it: linearise, step, check with a forward pass."""
   logits_fn, x, y = setup
   x, y = x[:16], y[:16]
   s = FabSettings(logits_fn, targeted=rank is not None)
@@ -190,15 +189,15 @@ def test_fab_iterates_as_the_reference_orders_its_passes(setup, rank):
   target = ranked_class(logits_fn(x), rank or 2)
   carry = (x0, x0, jnp.full((16,), jnp.inf))
   for _ in range(8):
-    w, gap, _ = _boundary(s, x.shape, y, target, carry[0])
+    w, gap = _boundary(s, x.shape, y, target, carry[0])
     carry = (step_towards_boundary(s, x0, carry[0], w, gap),) + carry[1:]
-    carry = _check(s, x0, y, logits_fn(carry[0].reshape(x.shape)), carry, True)[0]
+    carry = _check(s, x0, y, logits_fn(carry[0].reshape(x.shape)), carry)
   adv, best = fab_run(logits_fn, x, y, rank, n_iter=8)
   found = np.isfinite(np.asarray(carry[2]))
   assert found.sum() > 8
   np.testing.assert_array_equal(np.isfinite(np.asarray(best)), found)
-  # The logits of a forward pass and of the linearisation's pass may differ in the last bit,
-  # which can flip a check on the boundary and fork an example's path: most stay identical.
+  # Jitted and eager passes may differ in the last bit, which can flip a check on the
+  # boundary and fork an example's path: most stay identical.
   same = np.isclose(np.asarray(best), np.asarray(carry[2]), rtol=1e-4, atol=1e-6)
   assert same.mean() >= 0.85, (np.asarray(best), np.asarray(carry[2]))
   np.testing.assert_allclose(np.asarray(adv).reshape(16, -1)[same], np.asarray(carry[1])[same],

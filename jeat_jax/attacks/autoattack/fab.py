@@ -113,8 +113,7 @@ def closest_boundary(logits: jax.Array, jacobian: jax.Array, y: jax.Array):
 
 
 def _boundary(s: FabSettings, x_shape, y, target, x1):
-  """The linearised boundary at x1, as (w, gap), towards `target` or the closest one; and
-  the logits at x1 (computed on the way)."""
+  """The linearised boundary at x1, as (w, gap): towards `target`, or the closest one."""
   def logits_of(z):
     return s.logits_fn(z.reshape(x_shape)).astype(jnp.float32)
 
@@ -123,13 +122,12 @@ def _boundary(s: FabSettings, x_shape, y, target, x1):
       logits = logits_of(z)
       gap = (jnp.take_along_axis(logits, target[:, None], 1)
              - jnp.take_along_axis(logits, y[:, None], 1))[:, 0]
-      return jnp.sum(gap), (gap, logits)
-    w, (gap, logits) = jax.grad(gap_sum, has_aux=True)(x1)
-    return w, gap, logits
+      return jnp.sum(gap), gap
+    return jax.grad(gap_sum, has_aux=True)(x1)
   logits, pullback = jax.vjp(logits_of, x1)
   eye = jnp.eye(logits.shape[1], dtype=logits.dtype)
   jacobian = jax.vmap(lambda e: pullback(jnp.broadcast_to(e, logits.shape))[0])(eye)
-  return (*closest_boundary(logits, jacobian, y), logits)
+  return closest_boundary(logits, jacobian, y)
 
 
 def step_towards_boundary(s: FabSettings, x0, x1, w, gap):
@@ -144,40 +142,32 @@ def step_towards_boundary(s: FabSettings, x0, x1, w, gap):
   return jnp.clip((x1 + s.eta * d1) * (1.0 - alpha) + (x0 + s.eta * d0) * alpha, 0.0, 1.0)
 
 
-def _check(s: FabSettings, x0, y, logits, carry, checked):
+def _check(s: FabSettings, x0, y, logits, carry):
   """FAB's check of an iterate x1 (with its logits): kept if misclassified and the smallest
   perturbation so far, then pulled back towards x0 by beta (the backward step)."""
   x1, adv, best = carry
-  is_adv = (jnp.argmax(logits, -1) != y) & checked
+  is_adv = jnp.argmax(logits, -1) != y
   norm = _linf_norm(x1 - x0)
   better = is_adv & (norm < best)
   adv = where_per_example(better, x1, adv)
   best = jnp.where(better, norm, best)
   x1 = where_per_example(is_adv, x0 + (x1 - x0) * s.beta, x1)
-  return (x1, adv, best), is_adv
+  return x1, adv, best
 
 
-def _fab_body(s: FabSettings, x, y, target, i, carry):
-  """One FAB step (Croce & Hein 2019) with the hyperplane of the target (FAB-T) or the closest one.
+def _fab_body(s: FabSettings, x, y, target, _, carry):
+  """One FAB step (Croce & Hein 2019) with the hyperplane of the target (FAB-T) or the closest
+  one, then the check of the new iterate with a forward pass, as the reference orders them.
 
-  The reference checks each new iterate with a forward pass right after the step. Here the
-  check of step i - 1's iterate uses the logits of step i's linearisation at that same point,
-  and the linearisation is recomputed only where a check moved the iterate back: the same
-  iterates, one pass per step instead of two while nothing is found.
+  (Checking each iterate with the next step's linearisation pass instead, and recomputing it
+  under `lax.cond` where a check moved the iterate, ran 1.6x slower on XLA:CPU.)
   """
   x0 = x.reshape(x.shape[0], -1)
-  w, gap, logits = _boundary(s, x.shape, y, target, carry[0])
-  carry, is_adv = _check(s, x0, y, logits, carry, i > 0)
   x1, adv, best = carry
-  w, gap = jax.lax.cond(jnp.any(is_adv), lambda: _boundary(s, x.shape, y, target, x1)[:2],
-                        lambda: (w, gap))
-  return step_towards_boundary(s, x0, x1, w, gap), adv, best
-
-
-def _fab_last_check(s: FabSettings, x, y, carry):
-  """The check of the last step's iterate."""
-  logits = s.logits_fn(carry[0].reshape(x.shape)).astype(jnp.float32)
-  return _check(s, x.reshape(x.shape[0], -1), y, logits, carry, True)[0]
+  w, gap = _boundary(s, x.shape, y, target, x1)
+  x1 = step_towards_boundary(s, x0, x1, w, gap)
+  logits = s.logits_fn(x1.reshape(x.shape)).astype(jnp.float32)
+  return _check(s, x0, y, logits, (x1, adv, best))
 
 
 def _fab_searching(s: FabSettings, carry):
@@ -203,7 +193,7 @@ def fab_run(logits_fn: Callable, x: jax.Array, y: jax.Array, target_rank=None,
   key = jax.random.PRNGKey(0) if key is None else key
   target, carry = jit_call(_fab_init, s, x, jnp.asarray(target_rank or 2, jnp.int32), key,
                            jnp.asarray(start_eps, jnp.float32))
-  carry = iterate(_fab_body, s, (x, y, target), carry, n_iter, use_host_loop(host_loop),
-                  active=None if stop_norm is None else _fab_searching, per_example_args=3)
-  _, adv, best = jit_call(_fab_last_check, s, x, y, carry) if n_iter else carry
+  _, adv, best = iterate(_fab_body, s, (x, y, target), carry, n_iter, use_host_loop(host_loop),
+                         active=None if stop_norm is None else _fab_searching,
+                         per_example_args=3)
   return jax.lax.stop_gradient(adv.reshape(x.shape)), best
