@@ -92,8 +92,7 @@ DYNAMICS_RUNS = ('at', 'jeat')  # Fig. 3 and 12 are of the PGD-AT model; JEAT be
 # At `cpu` scale the reproduction must finish in about 2 hours on 2 cores (with
 # --jobs=2): noise injection, TRADES, Fast and Free train shorter than their
 # `:cpu` configs (which are sized for 20 minutes each), each run is attacked with
-# what its table needs (PGD-20 on 1000 test points, AutoAttack on the first 200:
-# standard AutoAttack runs ~1 min per 100 points of a WRN-10-1 here), and FID
+# what its table needs (PGD-20 and standard AutoAttack on 1000 test points), and FID
 # uses 500 samples against 2000 training images (Inception runs at ~5 img/s).
 CPU_TRAINING = {
     'noise8': {'num_epochs': 1}, 'noise16': {'num_epochs': 1}, 'noise24': {'num_epochs': 1},
