@@ -60,8 +60,8 @@ def test_bootstrap_fids_are_the_fids_of_resampled_rows():
   draw = np.random.default_rng(5)
   for r in replicates:
     rows = draw.integers(0, 30, 30)
-    assert r == pytest.approx(
-        fid.frechet_distance(*fid.activation_statistics(x[rows]), mu_ref, sigma_ref), rel=1e-7)
+    assert r == pytest.approx(   # rel 1e-6: the two routes differed by 1.3e-7 on an AMD EPYC
+        fid.frechet_distance(*fid.activation_statistics(x[rows]), mu_ref, sigma_ref), rel=1e-6)
   assert estimate == pytest.approx(fid.fid_from_features(x, mu_ref, sigma_ref))
 
 
