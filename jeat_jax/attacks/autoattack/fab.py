@@ -1,6 +1,6 @@
-"""Fast Adaptive Boundary attack, l_inf (FAB, and its targeted form FAB-T): Croce & Hein 2019, "Minimally
-distorted adversarial examples with a fast adaptive boundary attack" (arXiv:1907.02044,
-ICML 2020), in its targeted form from Croce & Hein 2020 (AutoAttack).
+"""Fast Adaptive Boundary attack, l_inf (FAB, and its targeted form FAB-T): Croce & Hein
+2019, "Minimally distorted adversarial examples with a fast adaptive boundary attack"
+(arXiv:1907.02044, ICML 2020); the targeted form from Croce & Hein 2020 (AutoAttack).
 
 FAB looks for the adversarial example of smallest l_inf norm. For a target
 class t it linearises the decision boundary between the true class y and t at
