@@ -14,7 +14,8 @@ APGD 25 iterations, 3 target classes for APGD-T and FAB-T, Square 500 queries.
 Square is a random search, so one run of it varies from seed to seed by about
 1 point here; its check compares the mean over 3 seeds of each library.
 AutoAttack+ and the rand version are checked against torchattacks' compositions
-of AutoAttack(version='plus' | 'rand') the same way. The full-strength standard
+of AutoAttack(version='plus' | 'rand') the same way (marked slow: ~100 s each). The
+full-strength standard
 and plus checks (100 iterations, 9 targets, 5000 queries, 5 restarts) run only
 with JEAT_FULL_CROSSCHECK=1 (minutes on 2 cores).
 """
@@ -185,6 +186,7 @@ def test_autoattack_reduced(models):
   _check_autoattack('AutoAttack (25 it, 3 targets, 300 queries)', result, theirs_acc, models['clean'])
 
 
+@pytest.mark.slow   # ~100 s each: CI runs them with -m slow
 def test_autoattack_plus_reduced(models):
   """AutoAttack+ (5 restarts of APGD-CE, APGD-DLR and untargeted FAB) against
   torchattacks' composition of AutoAttack(version='plus')."""
@@ -195,6 +197,7 @@ def test_autoattack_plus_reduced(models):
                     models['clean'])
 
 
+@pytest.mark.slow   # ~100 s each: CI runs them with -m slow
 def test_autoattack_rand(models):
   """The rand version (APGD-CE, APGD-DLR, EOT over 20 draws) against torchattacks'
   AutoAttack(version='rand') composition, on this deterministic model (where EOT

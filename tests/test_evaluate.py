@@ -47,14 +47,18 @@ def test_evaluate_writes_json_and_table(trained_workdir):
   assert on_disk['audit']['eps_sweep_pgd20']['128'] <= 0.05  # a natural model falls to ~0
 
 
-def test_autoattack_on_a_subset(trained_workdir):
+def _evaluate_reduced(trained_workdir, attacks: str, autoattack_points: int):
+  """--mode=evaluate with AutoAttack's iterations cut to 0.05x, on its first points, no audit."""
   config, workdir = trained_workdir
-  config.eval.attacks = 'pgd20,autoattack'
+  config.eval.attacks = attacks
   config.eval.pgd_steps_scale = 0.05
-  config.eval.autoattack_num_examples = 24
+  config.eval.autoattack_num_examples = autoattack_points
   config.eval.audit = False
-  result = evaluate.evaluate_run(config, workdir)
-  pgd, aa = result['attacks']
+  return evaluate.evaluate_run(config, workdir)['attacks'], workdir
+
+
+def test_autoattack_on_a_subset(trained_workdir):
+  (pgd, aa), workdir = _evaluate_reduced(trained_workdir, 'pgd20,autoattack', 24)
   assert pgd['num_examples'] == 96 and aa['num_examples'] == 24
   assert aa['name'] == 'autoattack (0.05x)'  # cut iterations: not filed as AutoAttack
   table = open(os.path.join(workdir, 'eval', 'robustness.md')).read()
@@ -70,12 +74,7 @@ def test_autoattack_on_a_subset(trained_workdir):
 
 
 def test_autoattack_plus_and_rand_by_name(trained_workdir):
-  config, workdir = trained_workdir
-  config.eval.attacks = 'autoattack_plus,autoattack_rand'
-  config.eval.pgd_steps_scale = 0.05
-  config.eval.autoattack_num_examples = 16
-  config.eval.audit = False
-  plus, rand = evaluate.evaluate_run(config, workdir)['attacks']
+  (plus, rand), workdir = _evaluate_reduced(trained_workdir, 'autoattack_plus,autoattack_rand', 16)
   assert plus['name'] == 'autoattack_plus (0.05x)' and rand['name'] == 'autoattack_rand (0.05x)'
   assert [s['name'] for s in plus['stages']] == ['clean', 'apgd-ce', 'apgd-dlr', 'fab', 'square',
                                                  'apgd-t', 'fab-t']
