@@ -14,10 +14,9 @@ APGD 25 iterations, 3 target classes for APGD-T and FAB-T, Square 500 queries.
 Square is a random search, so one run of it varies from seed to seed by about
 1 point here; its check compares the mean over 3 seeds of each library.
 AutoAttack+ and the rand version are checked against torchattacks' compositions
-of AutoAttack(version='plus' | 'rand') the same way (marked slow: ~100 s each). The
-full-strength standard
-and plus checks (100 iterations, 9 targets, 5000 queries, 5 restarts) run only
-with JEAT_FULL_CROSSCHECK=1 (minutes on 2 cores).
+of AutoAttack(version='plus' | 'rand') the same way (marked slow: ~100 s each).
+The full-strength standard and plus checks (100 iterations, 9 targets, 5000
+queries, 5 restarts) run only with JEAT_FULL_CROSSCHECK=1 (minutes on 2 cores).
 """
 import os
 
