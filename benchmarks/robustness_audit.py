@@ -188,7 +188,7 @@ def report(runs: dict, results: dict, exports: dict, command: str, wall_minutes:
               f'{stages_line(acc["autoattack"])}',
               f'- AutoAttack+ ({acc["autoattack_plus"]["seconds"] / 60:.1f} min): '
               f'{stages_line(acc["autoattack_plus"])}',
-              f'- PGD-20 as eps grows (first {SWEEP_POINTS} points; eps in 1/255: robust '
+              f'- PGD-20 as eps grows (first {min(SWEEP_POINTS, res["num_examples"])} points; eps in 1/255: robust '
               'accuracy): ' + ', '.join(f'{k}: {100 * v:.1f}%' for k, v in sweep.items())]
     for w in res.get('audit', {}).get('warnings', []):
       lines.append(f'- audit warning: {w}')
