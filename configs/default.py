@@ -210,6 +210,8 @@ def add_eval_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.eval.cw_steps = 100
   c.eval.cw_lr = 0.01
   c.eval.autoattack_num_examples = 0  # > 0: the AutoAttacks on the first this many only (0: all)
+  c.eval.autoattack_plus_num_examples = 0  # > 0: autoattack_plus on the first this many only
+                                          # (0: as eval.autoattack_num_examples)
   c.eval.autoattack_version = 'standard'  # of 'autoattack': standard | plus | rand (test-time noise)
   c.eval.test_noise_std = 0.0      # > 0: the model adds N(0, s^2) to inputs at test time
   c.eval.pgd_steps_scale = 1.0     # < 1 shortens every iterative attack (smoke tests only)

@@ -168,6 +168,7 @@ def validate(config) -> None:
   _require(not unknown, 'eval.attacks', f'must be a comma list of {list(ATTACKS)}', e.attacks)
   _one_of(config, 'eval.autoattack_version', ('standard', 'plus', 'rand'))
   _non_negative(e.autoattack_num_examples, 'eval.autoattack_num_examples')
+  _non_negative(e.autoattack_plus_num_examples, 'eval.autoattack_plus_num_examples')
   _positive(e.pgd_restarts, 'eval.pgd_restarts')
   _positive(e.unroll, 'eval.unroll')
   _non_negative(e.test_noise_std, 'eval.test_noise_std')

@@ -167,6 +167,16 @@ def stochastic_logits(logits_fn, noise_std: float):
   return lambda x, key: logits_fn(jnp.clip(x + noise_std * jax.random.normal(key, x.shape), 0, 1))
 
 
+def autoattack_points(name: str, cfg, n: int) -> int:
+  """How many of the n points (the first ones) the AutoAttack `name` runs on:
+  `eval.autoattack_num_examples` (0: all n), or for autoattack_plus, the costliest,
+  `eval.autoattack_plus_num_examples` where > 0."""
+  m = cfg.autoattack_num_examples or n
+  if name == 'autoattack_plus' and cfg.autoattack_plus_num_examples:
+    m = cfg.autoattack_plus_num_examples
+  return min(m, n)
+
+
 def run_autoattack(cfg, logits_fn, x, y, eps, key, version: Optional[str] = None) -> Dict:
   """`runner.run_autoattack` on host arrays (x uint8): every process runs all of it on the
   same points with the same keys, so every process gets the same result.
@@ -186,9 +196,12 @@ def run_autoattack(cfg, logits_fn, x, y, eps, key, version: Optional[str] = None
 
 # ----------------------------------------------------------------------------- audit
 
-def audit(cfg, logits_fn, mesh, x, y, records: List[Dict],
-          key) -> Tuple[List[str], Dict[int, float]]:
+def audit(cfg, logits_fn, mesh, x, y, records: List[Dict], key,
+          masks: Optional[Dict[str, np.ndarray]] = None) -> Tuple[List[str], Dict[int, float]]:
   """Signs of gradient masking, in the manner of AutoAttack's own checks.
+
+  AutoAttack+ is compared with standard AutoAttack on the points both ran on: with
+  `masks` (record name -> per-point robust mask), on the first points common to both.
 
   Returns (warnings, sweep): the warning messages, and the PGD-20 robust
   accuracy of the first `audit_num_examples` points at each eps in 255ths
@@ -206,10 +219,14 @@ def audit(cfg, logits_fn, mesh, x, y, records: List[Dict],
                         f'to {stages["square"]:.4f} after the white-box attacks: '
                         'possible gradient masking')
   plus = next((r for r in records if r['name'] == 'autoattack_plus'), None)
-  if aa and plus and plus['num_examples'] == aa['num_examples']:
-    if aa['robust_accuracy'] - plus['robust_accuracy'] > 0.01:
-      warnings.append(f'AutoAttack+ lowered robust accuracy from {aa["robust_accuracy"]:.4f} '
-                      f'(standard AutoAttack) to {plus["robust_accuracy"]:.4f} on the same points: '
+  common = aa and plus and (aa['num_examples'] == plus['num_examples'] or masks is not None)
+  if common:
+    m = min(aa['num_examples'], plus['num_examples'])
+    aa_acc, plus_acc = ((float(masks[r['name']][:m].mean()) for r in (aa, plus)) if masks
+                        else (aa['robust_accuracy'], plus['robust_accuracy']))
+    if aa_acc - plus_acc > 0.01:
+      warnings.append(f'AutoAttack+ lowered robust accuracy from {aa_acc:.4f} '
+                      f'(standard AutoAttack) to {plus_acc:.4f} on the same {m} points: '
                       'restarts and untargeted attacks find what the standard version misses; '
                       'possible gradient masking')
   n = min(cfg.audit_num_examples, x.shape[0])
@@ -292,8 +309,7 @@ def evaluate_run(config, workdir: str) -> Dict:
     k = jax.random.fold_in(key, i)
     m = n
     if name in AUTOATTACKS:
-      # AutoAttack may run on the first `eval.autoattack_num_examples` points only (0: all n).
-      m = min(cfg.autoattack_num_examples or n, n)
+      m = autoattack_points(name, cfg, n)
       out = run_autoattack(cfg, logits_fn, x[:m], y[:m], cfg.eps, k, AUTOATTACKS[name])
       robust = np.asarray(out['robust'])
       stages = [{'name': s['name'], 'robust_accuracy': float(s['robust_accuracy'])}
@@ -316,7 +332,8 @@ def evaluate_run(config, workdir: str) -> Dict:
             'model': models.model_name(config.model), 'recipe': config.recipe,
             'step': int(state.step), 'data_source': ds.source, 'data': ds.provenance}
   if cfg.audit:
-    warnings, sweep = audit(cfg, logits_fn, mesh, x, y, records, jax.random.fold_in(key, 999))
+    warnings, sweep = audit(cfg, logits_fn, mesh, x, y, records, jax.random.fold_in(key, 999),
+                            masks)
     result['audit'] = {'warnings': warnings, 'eps_sweep_pgd20': sweep}
     for w in warnings:
       logging.warning('AUDIT: %s', w)
