@@ -118,13 +118,13 @@ def _autoattack_record(square):
   return {'name': 'autoattack', 'stages': [{'name': n, 'robust_accuracy': a} for n, a in stages]}
 
 
-def _audit(logits_fn, records=()):
+def _audit(logits_fn, records=(), masks=None):
   from jeat_jax import parallel  # pylint: disable=g-import-not-at-top
   cfg = smoke_config('natural').eval
   cfg.pgd_steps_scale, cfg.batch_size, cfg.audit_num_examples = 1.0, 16, 16
   y = np.asarray(jnp.argmax(logits_fn(data_lib.to_float(jnp.asarray(AUDIT_IMAGES))), -1))
   warnings, sweep = evaluate.audit(cfg, logits_fn, parallel.make_mesh(), AUDIT_IMAGES, y,
-                                   list(records), jax.random.PRNGKey(0))[:2]
+                                   list(records), jax.random.PRNGKey(0), masks)[:2]
   return warnings, sweep
 
 
@@ -140,6 +140,31 @@ def test_audit_warns_when_autoattack_plus_finds_what_standard_missed():
     plus = {'name': 'autoattack_plus', 'robust_accuracy': plus_accuracy, 'num_examples': 16}
     warnings, _ = _audit(_linear, [standard, plus])
     assert sum('AutoAttack+ lowered robust accuracy from 0.5000' in w for w in warnings) == warned
+
+
+def test_audit_compares_autoattack_plus_on_the_points_both_ran_on():
+  # AA on 16 points (robust: the first 8), AA+ on the first 8 (robust: 7 of them). On the
+  # common points AA+ is 12.5 points lower; over each one's own points it looks higher.
+  standard = dict(_autoattack_record(square=0.5), robust_accuracy=0.5, num_examples=16)
+  plus = {'name': 'autoattack_plus', 'robust_accuracy': 0.875, 'num_examples': 8}
+  masks = {'autoattack': np.arange(16) < 8, 'autoattack_plus': np.arange(8) < 7}
+  warnings, _ = _audit(_linear, [standard, plus], masks)
+  assert sum('from 1.0000 (standard AutoAttack) to 0.8750 on the same 8 points' in w
+             for w in warnings) == 1, warnings
+  assert not any('AutoAttack+' in w for w in _audit(_linear, [standard, plus])[0])  # no masks
+
+
+def test_autoattack_points():
+  cfg = smoke_config('natural').eval
+  cfg.autoattack_num_examples, cfg.autoattack_plus_num_examples = 0, 0
+  assert [evaluate.autoattack_points(a, cfg, 96) for a in ('autoattack', 'autoattack_plus')] == [96, 96]
+  cfg.autoattack_num_examples = 24
+  assert [evaluate.autoattack_points(a, cfg, 96) for a in ('autoattack', 'autoattack_plus')] == [24, 24]
+  cfg.autoattack_plus_num_examples = 8
+  assert [evaluate.autoattack_points(a, cfg, 96)
+          for a in ('autoattack', 'autoattack_rand', 'autoattack_plus')] == [24, 24, 8]
+  cfg.autoattack_plus_num_examples = 200
+  assert evaluate.autoattack_points('autoattack_plus', cfg, 96) == 96
 
 
 @pytest.mark.parametrize('logits_fn,square,needles', [
