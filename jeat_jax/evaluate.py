@@ -219,8 +219,7 @@ def audit(cfg, logits_fn, mesh, x, y, records: List[Dict], key,
                         f'to {stages["square"]:.4f} after the white-box attacks: '
                         'possible gradient masking')
   plus = next((r for r in records if r['name'] == 'autoattack_plus'), None)
-  common = aa and plus and (aa['num_examples'] == plus['num_examples'] or masks is not None)
-  if common:
+  if aa and plus and (aa['num_examples'] == plus['num_examples'] or masks is not None):
     m = min(aa['num_examples'], plus['num_examples'])
     aa_acc, plus_acc = ((float(masks[r['name']][:m].mean()) for r in (aa, plus)) if masks
                         else (aa['robust_accuracy'], plus['robust_accuracy']))
