@@ -152,7 +152,10 @@ def signals(results: dict) -> list:
     out.append(f'- {TITLES.get(name, name)}: on the first {m} points AutoAttack+ breaks '
                f'{versus["plus_only"]} point(s) that standard AutoAttack left robust (and AA '
                f'{versus["aa_only"]} that AA+ left; {100 * versus["aa"]:.1f}% -> '
-               f'{100 * versus["plus"]:.1f}%); Square breaks {square} of the {n} points the '
+               f'{100 * versus["plus"]:.1f}%); PGD-20 (CE) leaves '
+               f'{100 * (acc["pgd20"]["robust_accuracy"] - aa["robust_accuracy"]):.1f} points '
+               f'more than AutoAttack (APGD-CE {100 * stages["apgd-ce"]:.1f}%, then the targeted '
+               f'APGD-T {100 * stages["apgd-t"]:.1f}%); Square breaks {square} of the {n} points the '
                'white-box attacks left; PGD-20 at eps ' +
                (f'{top}/255 leaves {100 * sweep[top]:.1f}%' if top else '(no sweep)') + '. ' +
                ('No sign of masking.' if versus['aa'] - versus['plus'] <= 0.01 and
