@@ -1,6 +1,6 @@
 """The robustness audit of docs/robustness-audit.md: is the JEAT model's AutoAttack number sound?
 
-For each trained run (`recipe=workdir`, trained with `configs/<recipe>.py:cpu`):
+For each trained run (`recipe=workdir`, trained with `configs/<recipe>.py:cpu`, or `--scale`):
   1. `main.py --mode=evaluate` on the same test points (`--points`, default the first
      1000): clean accuracy, PGD-20, standard AutoAttack and AutoAttack+, and the audit
      (Square after the white-box attacks, the PGD-20 eps sweep, AA+ against AA);
@@ -34,9 +34,10 @@ SWEEP_POINTS = 200   # the audit's PGD-20 eps sweep: the first this many points
 TITLES = {'at': 'PGD-AT', 'prejeat': 'PreJEAT', 'jeat': 'JEAT', 'trades': 'TRADES'}
 
 
-def main_py(recipe: str, workdir: str, mode: str, data_path: str, *overrides: str) -> None:
-  """`python main.py --config=configs/<recipe>.py:cpu --workdir=... --mode=...`, logged."""
-  command = [sys.executable, str(ROOT / 'main.py'), f'--config={ROOT}/configs/{recipe}.py:cpu',
+def main_py(recipe: str, workdir: str, mode: str, data_path: str, scale: str,
+            *overrides: str) -> None:
+  """`python main.py --config=configs/<recipe>.py:<scale> --workdir=... --mode=...`, logged."""
+  command = [sys.executable, str(ROOT / 'main.py'), f'--config={ROOT}/configs/{recipe}.py:{scale}',
              f'--workdir={workdir}', f'--mode={mode}', '--config.data.source=npz',
              f'--config.data.path={data_path}', *overrides]
   print(' '.join(command[1:]), flush=True)
@@ -44,12 +45,13 @@ def main_py(recipe: str, workdir: str, mode: str, data_path: str, *overrides: st
     subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
 
 
-def evaluate(recipe: str, workdir: str, data_path: str, points: int, plus_points: int) -> dict:
+def evaluate(recipe: str, workdir: str, data_path: str, scale: str, points: int,
+             plus_points: int) -> dict:
   path = os.path.join(workdir, 'eval', 'robustness.json')
   done = json.load(open(path)) if os.path.exists(path) else None
   if not done or [r['name'] for r in done['attacks']] != ATTACKS.split(',') or \
       done['num_examples'] != points or done['attacks'][2]['num_examples'] != plus_points:
-    main_py(recipe, workdir, 'evaluate', data_path, f'--config.eval.attacks={ATTACKS}',
+    main_py(recipe, workdir, 'evaluate', data_path, scale, f'--config.eval.attacks={ATTACKS}',
             f'--config.eval.num_examples={points}', '--config.eval.first_example=0',
             '--config.eval.autoattack_num_examples=0', '--config.eval.pgd_steps_scale=1.0',
             f'--config.eval.autoattack_plus_num_examples={plus_points}',
@@ -69,14 +71,14 @@ def plus_against_standard(res: dict) -> dict:
               plus_only=int((aa & ~plus).sum()), aa_only=int((plus & ~aa).sum()))
 
 
-def torch_autoattack_on_export(recipe: str, workdir: str, data_path: str, n: int,
+def torch_autoattack_on_export(recipe: str, workdir: str, data_path: str, scale: str, n: int,
                                threads: int) -> dict:
   """torchattacks' standard AutoAttack on WORKDIR/export (written if absent), first n points."""
   out = os.path.join(workdir, 'export_autoattack.json')
   if os.path.exists(out) and json.load(open(out))['num_examples'] == n:
     return json.load(open(out))
   if not os.path.exists(os.path.join(workdir, 'export', 'export.json')):
-    main_py(recipe, workdir, 'export', data_path)
+    main_py(recipe, workdir, 'export', data_path, scale)
   import torch  # pylint: disable=import-outside-toplevel
   from configs import default  # pylint: disable=import-outside-toplevel
   from jeat_jax import data as data_lib  # pylint: disable=import-outside-toplevel
@@ -274,6 +276,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--runs', required=True, help='recipe=workdir,... (trained with :cpu)')
   parser.add_argument('--data_path', required=True)
+  parser.add_argument('--scale', default='cpu', help='the configs the runs were trained with')
   parser.add_argument('--points', type=int, default=1000)
   parser.add_argument('--plus-points', type=int, default=200,
                       help='AutoAttack+ on the first this many of the points (machine time)')
@@ -287,9 +290,10 @@ def main():
     if not os.path.isdir(workdir):
       sys.exit(f'robustness_audit: --runs {name}={workdir}: no such directory')
   start = time.time()
-  results = {name: evaluate(name, workdir, args.data_path, args.points, args.plus_points)
+  results = {name: evaluate(name, workdir, args.data_path, args.scale, args.points,
+                            args.plus_points)
              for name, workdir in runs.items()}
-  exports = {name: torch_autoattack_on_export(name, runs[name], args.data_path,
+  exports = {name: torch_autoattack_on_export(name, runs[name], args.data_path, args.scale,
                                               args.torch_points, args.torch_threads)
              for name in args.export.split(',') if name in runs}
   command = 'PYTHONPATH=. python benchmarks/robustness_audit.py ' + ' '.join(sys.argv[1:])

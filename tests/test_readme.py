@@ -24,6 +24,8 @@ NOT_RUN = {
     'python -m jeat_jax.reproduce ': 'every recipe end to end: about 2 hours at --scale=cpu, '
                                      'accelerators at --scale=paper; tests/test_reproduce.py runs '
                                      'its stages at smoke scale',
+    'PYTHONPATH=. python benchmarks/robustness_audit.py ': 'needs three :cpu trainings, then about '
+        '2.5 hours of attacks; tests/test_robustness_audit.py runs it end to end on a :smoke model',
 }
 BLOCK = re.compile(r'^```(\w*)\n(.*?)^```$', re.M | re.S)
 

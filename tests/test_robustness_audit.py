@@ -1,8 +1,16 @@
-"""benchmarks/robustness_audit.py: the verdicts of its report, on made-up evaluation results."""
+"""benchmarks/robustness_audit.py: the verdicts of its report on made-up evaluation results, and
+the whole audit (evaluate, export, torchattacks on the export, report) on a :smoke model."""
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+from tests.conftest import write_synthetic_npz
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location('robustness_audit',
@@ -59,3 +67,36 @@ def test_report_tables_each_model(tmp_path):
   assert '| 20.0% (m = 20) | 10.0% [' in text and '| +10.0 points | none |' in text
   assert 'JEAT 1171 steps of batch 64' in text
   assert 'Here PGD-20 sits 25.0 (JEAT) points above AutoAttack' in text
+
+
+@pytest.mark.slow
+def test_audit_end_to_end_on_a_smoke_model(tmp_path):
+  """Train a :smoke JEAT model, audit it on 16 points (AA+ on 8, torchattacks on 8), rerun."""
+  pytest.importorskip('torch')
+  pytest.importorskip('torchattacks')
+  data = write_synthetic_npz(tmp_path / 'synthetic.npz')
+  workdir = tmp_path / 'jeat'
+  subprocess.run([sys.executable, str(REPO / 'main.py'), '--config=configs/jeat.py:smoke',
+                  f'--workdir={workdir}', '--mode=train', '--config.data.source=npz',
+                  f'--config.data.path={data}'], check=True, cwd=REPO, capture_output=True)
+  out = tmp_path / 'audit.md'
+  command = [sys.executable, str(REPO / 'benchmarks' / 'robustness_audit.py'), f'--runs=jeat={workdir}',
+             f'--data_path={data}', '--scale=smoke', '--points=16', '--plus-points=8',
+             '--torch-points=8', '--export=jeat', f'--out={out}']
+  subprocess.run(command, check=True, cwd=REPO, capture_output=True)
+  result = json.loads((workdir / 'eval' / 'robustness.json').read_text())
+  sizes = {r['name']: r['num_examples'] for r in result['attacks']}
+  assert result['num_examples'] == 16 and sizes['autoattack_plus'] == 8
+  assert [s['name'] for s in result['attacks'][1]['stages']] == [
+      'clean', 'apgd-ce', 'apgd-t', 'fab-t', 'square']   # full strength: no '(0.1x)'
+  assert (workdir / 'export' / 'model.pt').exists()
+  torch_run = json.loads((workdir / 'export_autoattack.json').read_text())
+  assert torch_run['num_examples'] == 8 and torch_run['max_linf'] <= 8 / 255 + 1e-6
+  text = out.read_text()
+  assert '| JEAT (`WRN-10-1' in text and 'AutoAttack (16 points)' in text
+  assert '| JEAT | 8 |' in text and 'of 8 points' in text
+  # A second run finds every stage on disk: nothing is evaluated or exported again.
+  logs = {name: os.path.getmtime(workdir / name) for name in
+          ('audit_evaluate.log', 'audit_export.log', 'export_autoattack.json')}
+  subprocess.run(command, check=True, cwd=REPO, capture_output=True)
+  assert logs == {name: os.path.getmtime(workdir / name) for name in logs}
