@@ -38,7 +38,8 @@ logs.quiet_tensorflow()  # before anything imports TensorFlow
 # pylint: disable=g-import-not-at-top
 from jeat_jax import analysis, evaluate, fair, files, generation, hardware, parallel, train
 from jeat_jax import state as state_lib
-from jeat_jax.config_validation import with_overrides
+from jeat_jax.config_validation import validate, with_overrides
+from jeat_jax.errors import ConfigError
 from jeat_jax.files import read_json, write_json_atomic, write_text_atomic
 
 SCALES = ('cpu', 'cpu-fair', 'paper', 'smoke')
@@ -134,6 +135,22 @@ def make_config(run: Run, scale: str, data_path: str, distributed: Optional[Dict
     settings.update({'data.source': 'npz', 'data.path': data_path})
   settings.update({f'distributed.{k}': v for k, v in (distributed or {}).items()})
   return with_overrides(config, settings)
+
+
+def validated_configs(runs: List[Run], scale: str, data_path: str,
+                      distributed: Optional[Dict] = None) -> Dict[str, object]:
+  """{run name: its make_config}, each checked by config_validation.validate before any run
+  starts, so a bad value stops the reproduction at once, naming the run and the key, not
+  hours later inside a stage."""
+  configs = {}
+  for run in runs:
+    config = make_config(run, scale, data_path, distributed)
+    try:
+      validate(config)
+    except ConfigError as e:
+      raise app.UsageError(f'run {run.name} at --scale={scale}: {e}') from e
+    configs[run.name] = config
+  return configs
 
 
 def sample_subdirs(run: Run) -> List[Tuple[str, str]]:
@@ -723,6 +740,8 @@ def main(argv):
   if distributed:  # before anything touches JAX's devices
     parallel.initialize_distributed(
         make_config(RUNS_BY_NAME[names[0]], FLAGS.scale, FLAGS.data_path, distributed))
+  configs = validated_configs([RUNS_BY_NAME[name] for name in names], FLAGS.scale,
+                              FLAGS.data_path, distributed)
   per_run = [s for s in stages if s != 'report']
   failed = []
   if FLAGS.jobs > 1 and len(names) > 1 and per_run:
@@ -736,8 +755,7 @@ def main(argv):
     for name in names:
       run = RUNS_BY_NAME[name]
       logging.info('=== %s (%s)', run.name, run.recipe)
-      run_stages(run, make_config(run, FLAGS.scale, FLAGS.data_path, distributed),
-                 os.path.join(FLAGS.workdir, run.name), stages)
+      run_stages(run, configs[name], os.path.join(FLAGS.workdir, run.name), stages)
   if 'report' in stages:
     command = ' '.join(['python -m jeat_jax.reproduce'] + sys.argv[1:])
     if fair_scale:

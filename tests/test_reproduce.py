@@ -1,9 +1,11 @@
 """The reproduction command at smoke scale: stages, resume, and the report."""
+import dataclasses
 import json
 import os
 
 import numpy as np
 import pytest
+from absl import app
 
 from tests.conftest import write_synthetic_npz
 from configs import at as at_config
@@ -134,3 +136,15 @@ def test_report_names_the_dataset():
   mixed = reproduce.data_line({'at': {'data': npz}, 'jeat': {'data': tfds}, 'jem': {}})
   assert '/data/c10.npz' in mixed and '(at)' in mixed and '(jeat)' in mixed
   assert 'not recorded' in reproduce.data_line({'at': {'data': None}})
+
+
+@pytest.mark.parametrize('scale', ['smoke', 'cpu', 'cpu-fair', 'paper'])
+def test_every_run_config_is_valid_at_every_scale(scale):
+  runs = reproduce.FAIR_RUNS if scale == 'cpu-fair' else reproduce.RUNS
+  assert set(reproduce.validated_configs(list(runs), scale, '')) == {r.name for r in runs}
+
+
+def test_a_bad_run_config_stops_the_reproduction_before_any_run_naming_run_and_key():
+  bad = dataclasses.replace(reproduce.RUNS_BY_NAME['jeat'], overrides=(('sample.num_steps', 7),))
+  with pytest.raises(app.UsageError, match=r'run jeat at --scale=cpu: .*sample\.steps_per_call'):
+    reproduce.validated_configs([reproduce.RUNS_BY_NAME['at'], bad], 'cpu', '')
