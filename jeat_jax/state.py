@@ -202,16 +202,17 @@ def load_trained(config, workdir: str):
   """The model, the latest checkpointed state of `workdir` (of WORKDIR/best/, robust_watch's
   best state, with eval.checkpoint='best'), the dataset and the mesh."""
   subdir = BEST_SUBDIR if config.eval.checkpoint == 'best' else 'checkpoints'
-  checkpointer = ckpt_lib.Checkpointer(workdir, config, for_training=False, subdir=subdir)
-  ds = data_lib.load_dataset(config)
-  mesh = parallel.make_mesh()
-  model = models.create_model(config.model, ds.num_classes, jnp.dtype(config.model.dtype))
-  steps_per_epoch = ds.x_train.shape[0] // config.batch_size
-  tx = create_optimizer(config, learning_rate_schedule(config, steps_per_epoch, steps_per_epoch))
-  state = create_train_state(config, model, jax.random.PRNGKey(config.seed), ds.x_train.shape[1:],
-                             tx, mesh.size, placeholder_starts(mesh.size, ds.x_train.shape[1:]))
-  state = jax.device_put(state, state_shardings(mesh, state))
-  restored = checkpointer.restore_latest(state)
+  with ckpt_lib.Checkpointer(workdir, config, for_training=False, subdir=subdir) as checkpointer:
+    ds = data_lib.load_dataset(config)
+    mesh = parallel.make_mesh()
+    model = models.create_model(config.model, ds.num_classes, jnp.dtype(config.model.dtype))
+    steps_per_epoch = ds.x_train.shape[0] // config.batch_size
+    tx = create_optimizer(config, learning_rate_schedule(config, steps_per_epoch, steps_per_epoch))
+    state = create_train_state(config, model, jax.random.PRNGKey(config.seed),
+                               ds.x_train.shape[1:], tx, mesh.size,
+                               placeholder_starts(mesh.size, ds.x_train.shape[1:]))
+    state = jax.device_put(state, state_shardings(mesh, state))
+    restored = checkpointer.restore_latest(state)
   if restored is None:
     raise WorkdirError(f'no checkpoint in {workdir}/{subdir}: train there first'
                        + (' with robust_watch.enabled' if subdir == BEST_SUBDIR else ''))

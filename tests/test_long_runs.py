@@ -131,7 +131,7 @@ def tensorboard_scalars(workdir):
   return values
 
 
-def test_robust_watch_logs_and_keeps_the_best_state(tmp_path, data_path):
+def test_robust_watch_logs_and_keeps_the_best_state(tmp_path, data_path, monkeypatch):
   workdir = str(tmp_path / 'w')
   config = smoke_config('fast', data_path, eval_every_steps=2, **{'robust_watch.enabled': True})
   results = train.train_and_evaluate(config, workdir)
@@ -143,8 +143,12 @@ def test_robust_watch_logs_and_keeps_the_best_state(tmp_path, data_path):
   assert best['step'] == min(s for s, v in logged.items() if v == best['robust_accuracy'])
   # The state in best/ is the one of that step, and --mode=evaluate can read it.
   config.eval.checkpoint = 'best'
+  closed, close = [], ckpt_lib.Checkpointer.close
+  monkeypatch.setattr(ckpt_lib.Checkpointer, 'close',
+                      lambda self: (closed.append(self.subdir), close(self))[-1])
   _, state, _, _ = train.load_trained(config, workdir)
   assert int(state.step) == best['step']
+  assert closed == ['best']   # load_trained closes the Checkpointer it read with
 
 
 def test_robust_watch_warns_once_on_collapse(tmp_path, data_path, monkeypatch):
