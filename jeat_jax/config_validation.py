@@ -1,5 +1,6 @@
 """Checks every config value in one place; each error names its key."""
 import os
+from typing import Optional
 
 import jax
 
@@ -46,8 +47,9 @@ def with_overrides(config, settings):
   return config
 
 
-def validate(config) -> None:
-  """Raises ConfigError naming the first bad key."""
+def validate(config, devices: Optional[int] = None) -> None:
+  """Raises ConfigError naming the first bad key. Sizes must divide `devices` (default: JAX's
+  device count; pass it to check a config without starting JAX's backend)."""
   _one_of(config, 'recipe', RECIPES)
   _one_of(config, 'dataset', tuple(data.NUM_CLASSES))
   _one_of(config, 'data.source', ('auto', 'tfds', 'npz'))
@@ -55,7 +57,7 @@ def validate(config) -> None:
     _require(bool(config.data.path), 'data.path', 'must name an .npz file for data.source=npz',
              config.data.path)
   _non_negative(config.data.train_subset, 'data.train_subset')
-  devices = jax.device_count()
+  devices = devices or jax.device_count()
   eb = config.data.energy_batch_size
   _require(eb >= 0 and eb % devices == 0, 'data.energy_batch_size',
            f'must be 0 (off) or > 0 and divisible by the {devices} devices', eb)

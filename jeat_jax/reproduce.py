@@ -138,15 +138,17 @@ def make_config(run: Run, scale: str, data_path: str, distributed: Optional[Dict
 
 
 def validated_configs(runs: List[Run], scale: str, data_path: str,
-                      distributed: Optional[Dict] = None) -> Dict[str, object]:
+                      distributed: Optional[Dict] = None,
+                      devices: Optional[int] = None) -> Dict[str, object]:
   """{run name: its make_config}, each checked by config_validation.validate before any run
   starts, so a bad value stops the reproduction at once, naming the run and the key, not
-  hours later inside a stage."""
+  hours later inside a stage. `devices`: see validate (the parent of --jobs > 1 leaves
+  JAX's backend, and an accelerator's memory, to its children)."""
   configs = {}
   for run in runs:
     config = make_config(run, scale, data_path, distributed)
     try:
-      validate(config)
+      validate(config, devices)
     except ConfigError as e:
       raise app.UsageError(f'run {run.name} at --scale={scale}: {e}') from e
     configs[run.name] = config
@@ -740,11 +742,12 @@ def main(argv):
   if distributed:  # before anything touches JAX's devices
     parallel.initialize_distributed(
         make_config(RUNS_BY_NAME[names[0]], FLAGS.scale, FLAGS.data_path, distributed))
+  in_children = FLAGS.jobs > 1 and len(names) > 1
   configs = validated_configs([RUNS_BY_NAME[name] for name in names], FLAGS.scale,
-                              FLAGS.data_path, distributed)
+                              FLAGS.data_path, distributed, devices=1 if in_children else None)
   per_run = [s for s in stages if s != 'report']
   failed = []
-  if FLAGS.jobs > 1 and len(names) > 1 and per_run:
+  if in_children and per_run:
     if 'fid' in per_run:  # once here, not once per job side by side (minutes at 5 img/s)
       generation.fid_reference_statistics(  # into ROOT/fid_stats, where run_stages looks
           make_config(RUNS_BY_NAME[names[0]], FLAGS.scale, FLAGS.data_path),

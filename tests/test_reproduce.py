@@ -3,6 +3,7 @@ import dataclasses
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 from absl import app
@@ -148,3 +149,16 @@ def test_a_bad_run_config_stops_the_reproduction_before_any_run_naming_run_and_k
   bad = dataclasses.replace(reproduce.RUNS_BY_NAME['jeat'], overrides=(('sample.num_steps', 7),))
   with pytest.raises(app.UsageError, match=r'run jeat at --scale=cpu: .*sample\.steps_per_call'):
     reproduce.validated_configs([reproduce.RUNS_BY_NAME['at'], bad], 'cpu', '')
+
+
+def test_validation_for_child_jobs_leaves_jax_backend_alone(monkeypatch):
+  """The parent of --jobs > 1 checks with devices=1 and never asks JAX for its devices."""
+  def no_backend():
+    raise AssertionError('jax.device_count() called: it would start the backend in the parent')
+  monkeypatch.setattr(jax, 'device_count', no_backend)
+  assert set(reproduce.validated_configs([reproduce.RUNS_BY_NAME['jeat']], 'cpu', '', devices=1))
+  with pytest.raises(AssertionError, match='device_count'):
+    reproduce.validated_configs([reproduce.RUNS_BY_NAME['jeat']], 'cpu', '')
+  bad = dataclasses.replace(reproduce.RUNS_BY_NAME['at'], overrides=(('batch_size', 100),))
+  with pytest.raises(app.UsageError, match='batch_size must be divisible by the 3 devices'):
+    reproduce.validated_configs([bad], 'cpu', '', devices=3)
