@@ -1,22 +1,15 @@
 """benchmarks/robustness_audit.py: the verdicts of its report on made-up evaluation results, and
 the whole audit (evaluate, export, torchattacks on the export, report) on a :smoke model."""
-import importlib.util
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import write_synthetic_npz
-
-REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location('robustness_audit',
-                                               REPO / 'benchmarks' / 'robustness_audit.py')
-audit = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(audit)
+from benchmarks import robustness_audit as audit
+from tests.conftest import REPO, write_synthetic_npz
 
 N, M = 100, 20
 
@@ -86,9 +79,10 @@ def test_audit_end_to_end_on_a_smoke_model(tmp_path):
   subprocess.run(command, check=True, cwd=REPO, capture_output=True)
   result = json.loads((workdir / 'eval' / 'robustness.json').read_text())
   sizes = {r['name']: r['num_examples'] for r in result['attacks']}
+  assert list(sizes) == ['pgd20', 'autoattack', 'autoattack_plus']   # full strength: no '(0.1x)'
   assert result['num_examples'] == 16 and sizes['autoattack_plus'] == 8
   assert [s['name'] for s in result['attacks'][1]['stages']] == [
-      'clean', 'apgd-ce', 'apgd-t', 'fab-t', 'square']   # full strength: no '(0.1x)'
+      'clean', 'apgd-ce', 'apgd-t', 'fab-t', 'square']
   assert (workdir / 'export' / 'model.pt').exists()
   torch_run = json.loads((workdir / 'export_autoattack.json').read_text())
   assert torch_run['num_examples'] == 8 and torch_run['max_linf'] <= 8 / 255 + 1e-6
