@@ -24,8 +24,9 @@ NOT_RUN = {
     'python -m jeat_jax.reproduce ': 'every recipe end to end: about 2 hours at --scale=cpu, '
                                      'accelerators at --scale=paper; tests/test_reproduce.py runs '
                                      'its stages at smoke scale',
-    'PYTHONPATH=. python benchmarks/robustness_audit.py ': 'needs three :cpu trainings, then about '
-        '2.5 hours of attacks; tests/test_robustness_audit.py runs it end to end on a :smoke model',
+    'PYTHONPATH=. python benchmarks/robustness_audit.py ': 'about 2.5 hours of attacks at full '
+        'strength even on :smoke models; tests/test_robustness_audit.py runs it end to end on a '
+        ':smoke model with fewer points',
 }
 BLOCK = re.compile(r'^```(\w*)\n(.*?)^```$', re.M | re.S)
 
