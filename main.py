@@ -83,7 +83,7 @@ def main(argv):
   std_logging.getLogger('jeat_jax').setLevel(std_logging.INFO)  # modules on std logging (metrics)
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  from jeat_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  from jeat_jax.errors import Preempted, UserError  # pylint: disable=g-import-not-at-top
   # Keep TensorFlow (used by TFDS and the TensorBoard writer) off accelerators.
   os.environ.setdefault('CUDA_VISIBLE_DEVICES_FOR_TF', '')
   try:
@@ -96,6 +96,9 @@ def main(argv):
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  except Preempted as e:  # the checkpoint is saved: the same command resumes
+    print(e, flush=True)
+    sys.exit(0)
 
 
 if __name__ == '__main__':

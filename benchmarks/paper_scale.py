@@ -68,8 +68,8 @@ def define_flags():
                                   lock_config=True)
   flags.DEFINE_string('out', None, 'Where to write the JSON.')
   flags.DEFINE_integer('batch_size', 16, 'Global batch of the CPU run (the paper\'s is recorded).')
-  flags.DEFINE_string('data_path', '', 'npz of CIFAR-10 (default: the stand-in in ../shared/data, '
-                      'if there); "synthetic" for random uint8 images.')
+  flags.DEFINE_string('data_path', '', 'npz of CIFAR-10 (default: the stand-in in ../shared/data '
+                      'beside the repository, if there); "synthetic" for random uint8 images.')
   flags.DEFINE_integer('steps', 2, 'Real train steps to run and time after compiling.')
   flags.DEFINE_bool('memory_at_paper_batch', True,
                     'Also compile (not run) at the paper\'s batch for its memory analysis.')
@@ -77,8 +77,8 @@ def define_flags():
 
 
 PLATFORMS = ('tpu', 'cuda')
-STANDIN_CANDIDATES = ('/work/shared/data/cifar10-jpeg-standin.npz',
-                      os.path.join(REPO, '..', 'shared', 'data', 'cifar10-jpeg-standin.npz'))
+# The stand-in where the repository's layout puts it: <repo>/../shared/data.
+STANDIN = os.path.join(REPO, '..', 'shared', 'data', 'cifar10-jpeg-standin.npz')
 CPU_NOTE = ('CPU shared with other jobs (2 cores, several agents): seconds are noisy and say '
             'nothing about an accelerator; the capacity plan uses flops_per_image.')
 MEMORY_NOTE = ('XLA:CPU compiled memory analysis of the looped step on one device, a proxy for '
@@ -91,15 +91,17 @@ def log(message: str) -> None:
   print(f'[{time.perf_counter() - _T0:7.1f} s] {message}', flush=True)
 
 
-def find_data(path: str):
-  """The npz to read, or None for synthetic data."""
+def find_data(path: str, standin: str = STANDIN):
+  """The npz to read, or None for synthetic data: --data_path as given, else the stand-in
+  relative to the repository (named by its path relative to the working directory, so that
+  the JSON records no absolute path of this machine: ../shared/data/... from the root)."""
   if path == 'synthetic':
     return None
   if path:
     if not os.path.isfile(path):
       raise app.UsageError(f'--data_path {path} does not exist')
     return path
-  return next((p for p in STANDIN_CANDIDATES if os.path.isfile(p)), None)
+  return os.path.relpath(standin) if os.path.isfile(standin) else None
 
 
 def batches(config, path, n: int):
@@ -116,12 +118,12 @@ def batches(config, path, n: int):
   return [train.step_batch(ds, step, config) for step in range(n)], ds.source, ds.provenance
 
 
-def chain_starts(config, num_shards: int):
+def chain_starts(config):
   """create_train_state's start_images: zeros where sampler.reinit = class_gaussian (the
   buffer and re-initialisation pool the step carries have their real shapes; what is drawn
   into them does not change the step's cost), else None."""
   if config.sampler.name == 'sgld_buffer' and config.sampler.reinit == 'class_gaussian':
-    return state_lib.placeholder_starts(num_shards, (32, 32, 3))
+    return state_lib.placeholder_starts((32, 32, 3))
   return None
 
 
@@ -140,7 +142,7 @@ def build(config, mesh):
   # state.create_train_state, jitted: eager op-by-op init of WRN-28-10 takes minutes here.
   init = functools.partial(state_lib.create_train_state, config, model, image_shape=(32, 32, 3),
                            tx=tx, num_shards=mesh.size,
-                           start_images=chain_starts(config, mesh.size))
+                           start_images=chain_starts(config))
   shardings = state_lib.state_shardings(mesh, jax.eval_shape(init, jax.random.PRNGKey(config.seed)))
   state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
   batch_sharding = parallel.sharded_on_first_axis(mesh)
@@ -164,7 +166,7 @@ def abstract_at_batch(config, mesh, batch_size: int):
   tx = state_lib.create_optimizer(config, state_lib.learning_rate_schedule(
       config, steps_per_epoch, config.num_epochs * steps_per_epoch))
   state = jax.eval_shape(lambda k: state_lib.create_train_state(
-      config, model, k, (32, 32, 3), tx, mesh.size, chain_starts(config, mesh.size)),
+      config, model, k, (32, 32, 3), tx, mesh.size, chain_starts(config)),
                          jax.random.PRNGKey(0))
   shardings = state_lib.state_shardings(mesh, state)
   batch_sharding = parallel.sharded_on_first_axis(mesh)

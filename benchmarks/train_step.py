@@ -76,7 +76,7 @@ def time_jax(config, steps):
   tx = state_lib.create_optimizer(
       config, state_lib.learning_rate_schedule(config, steps_per_epoch, 1000))
   state = state_lib.create_train_state(config, model, jax.random.PRNGKey(0), (32, 32, 3), tx, 1,
-                                       paper_scale.chain_starts(config, 1))
+                                       paper_scale.chain_starts(config))
   images = lambda n, seed: jnp.asarray(
       np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), np.uint8))
   batch = (images(config.batch_size, 0),

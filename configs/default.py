@@ -133,6 +133,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 50
   c.eval_every_steps = 1000
   c.checkpoint_every_steps = 1000
+  c.async_checkpoints = True      # orbax writes while the next steps run (the last save waits)
   c.max_checkpoints_to_keep = 2
   c.dynamics_every_steps = 0      # > 0: log the energy changes of Eq. 15 every N steps
   add_eval_config(c)

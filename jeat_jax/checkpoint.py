@@ -14,9 +14,15 @@ a training Checkpointer guards a week-long run against going silently wrong:
   so a second training on the same workdir stops at once, naming the live
   holder, instead of colliding with its half-written steps. The OS drops the
   lock when the holder dies, even by SIGKILL.
-- The replay buffer is saved as (shards, slots per shard, H, W, C), one shard per
-  device; a run resumed on another device count gets the same images, in the same
-  order, re-split over its own devices (restore_latest).
+- `data.json`: which data the first start trained on (source; TFDS name and version,
+  or the npz file's sha256); a resume on other data is refused, naming both.
+- A resume that changes the run length under a schedule that is a function of it
+  (onecycle, cosine, cosine_onecycle) is refused: the learning rate would jump.
+- The image pools of `extra` (the replay buffer, EB-JDAT's re-initialisation pool) are
+  saved as one global array of `size` entries padded to a multiple of the device count
+  (DEVICE_POOLS); a run resumed, evaluated or sampled on another device count gets the
+  same entries in the same order, padded for its own devices (restore_latest). Pools of
+  the older layout (devices, entries per device, H, W, C) are read too.
 """
 import fcntl
 import json
@@ -28,6 +34,7 @@ import weakref
 from typing import Any, Dict, List, Optional, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
@@ -38,6 +45,7 @@ from jeat_jax.files import read_json, write_json_atomic
 
 RUN_INFO = 'run_info.json'
 CONFIG_FILE = 'config.json'
+DATA_FILE = 'data.json'
 LOCK_FILE = '.lock'
 WALL_SECONDS = 'wall_seconds'  # custom metadata of a checkpoint: training seconds up to it
 
@@ -45,15 +53,19 @@ WALL_SECONDS = 'wall_seconds'  # custom metadata of a checkpoint: training secon
 RESUMABLE_KEYS = frozenset({
     'num_epochs', 'num_train_steps',  # the run length
     'checkpoint_every_steps', 'log_every_steps', 'eval_every_steps', 'dynamics_every_steps',
-    'max_checkpoints_to_keep',
+    'max_checkpoints_to_keep', 'async_checkpoints',
     'data.path', 'data.tfds_data_dir',  # where the same data lives on this machine
 })
 # divergence.*: a run stopped by the guard may be resumed with a larger budget.
 RESUMABLE_PREFIXES = ('eval.', 'sample.', 'fid.', 'analysis.', 'robust_watch.', 'distributed.',
                       'divergence.', 'debug_')
 
-# Entries of TrainState.extra laid out as (shards, slots per shard, ...), one shard per device.
-PER_DEVICE_POOLS = ('buffer',)
+# Entries of TrainState.extra that are pools of images sharded over the devices on their first
+# axis, and the key of `config.sampler` that gives their number of entries: `size` entries,
+# padded with rows of zeros to a multiple of the device count (sampling.padded_size).
+DEVICE_POOLS = {'buffer': 'buffer_size', 'reinit_pool': 'reinit_pool_size'}
+# Schedules that are functions of the run's total steps: a resume may not change the length.
+LENGTH_DEPENDENT_SCHEDULES = ('onecycle', 'cosine', 'cosine_onecycle')
 
 
 def run_identity(config) -> dict:
@@ -119,6 +131,26 @@ def config_differences(saved: Dict[str, Any], new: Dict[str, Any]) -> List[Tuple
           if saved.get(k, _ABSENT) != new.get(k, _ABSENT)]
 
 
+def run_length_change(saved: Dict[str, Any], new: Dict[str, Any]) -> Optional[str]:
+  """Why a resume may not change the run length (None where it may): under a schedule of the
+  total steps (LENGTH_DEPENDENT_SCHEDULES) a longer or shorter run moves every later
+  learning rate, so the resumed run would jump to another point of another schedule."""
+  schedule = new.get('schedule.name')
+  if schedule not in LENGTH_DEPENDENT_SCHEDULES:
+    return None
+  keys = ['num_train_steps'] if new.get('num_train_steps', 0) > 0 else ['num_epochs']
+  if saved.get('num_train_steps', 0) != new.get('num_train_steps', 0):
+    keys = ['num_train_steps']
+  changed = [(k, saved.get(k, _ABSENT), new.get(k, _ABSENT)) for k in keys
+             if saved.get(k, _ABSENT) != new.get(k, _ABSENT)]
+  if not changed:
+    return None
+  shown = '; '.join(f'{k}: saved {s!r}, now {n!r}' for k, s, n in changed)
+  return (f'schedule.name={schedule!r} is a function of the run length, which a resume may not '
+          f'change ({shown}): the learning rate would jump. Resume with the saved length, or '
+          'start the longer run in another --workdir')
+
+
 def check_config(workdir: str, config, has_checkpoints: bool) -> None:
   """Refuses to resume `workdir` with a config other than the one it was trained with.
 
@@ -136,7 +168,11 @@ def check_config(workdir: str, config, has_checkpoints: bool) -> None:
     if jax.process_index() == 0:
       write_json_atomic(path, new)
     return
-  diffs = config_differences(read_json(path), new)
+  saved = read_json(path)
+  length = run_length_change(saved, new)
+  if length:
+    raise WorkdirError(f'workdir {workdir}: {length}.')
+  diffs = config_differences(saved, new)
   if diffs:
     shown = '; '.join(f'{k}: saved {s!r}, now {n!r}' for k, s, n in diffs[:20])
     more = f' (and {len(diffs) - 20} more)' if len(diffs) > 20 else ''
@@ -145,6 +181,27 @@ def check_config(workdir: str, config, has_checkpoints: bool) -> None:
         f'the run length, the checkpoint / logging periods and eval.*, sample.*, fid.*, '
         f'analysis.* settings. Differing keys: {shown}{more}. Resume with the saved values, or '
         f'use another --workdir (the saved config is {path}; delete it to accept the new one).')
+
+
+def data_identity(provenance: Dict[str, Any]) -> Dict[str, Any]:
+  """What a run trained on, from `Dataset.provenance`: the source and the TFDS name and
+  version, or the npz file's sha256 (its path may change: data.path is resumable)."""
+  return {k: v for k, v in provenance.items() if k != 'path'}
+
+
+def check_data(workdir: str, provenance: Dict[str, Any], has_checkpoints: bool) -> None:
+  """Writes WORKDIR/data.json at the first start; refuses a resume on other data."""
+  path = os.path.join(workdir, DATA_FILE)
+  mine = data_identity(provenance)
+  saved = read_json(path)
+  if saved is not None and has_checkpoints:
+    saved_identity = data_identity(saved)
+    if saved_identity != mine:
+      raise WorkdirError(
+          f'workdir {workdir} was trained on {saved_identity}; this run loads {mine}. Resume on '
+          f'the same data (data.source, data.path, data.tfds_data_dir), or use another --workdir.')
+  elif jax.process_index() == 0:
+    write_json_atomic(path, provenance)
 
 
 # ----------------------------------------------------------------------------- the lock
@@ -239,10 +296,13 @@ def _replicated_like(sharding):
   return sharding
 
 
-def _reshard_pool(saved: jax.Array, target: jax.ShapeDtypeStruct) -> jax.Array:
-  """(S1, n / S1, ...) -> (S2, n / S2, ...): the same n entries in the same order."""
-  return jax.jit(lambda a: a.reshape(target.shape).astype(target.dtype),
-                 out_shardings=getattr(target, 'sharding', None))(saved)
+def _repad_pool(saved: jax.Array, size: int, target: jax.ShapeDtypeStruct) -> jax.Array:
+  """The first `size` entries of a saved pool (rows, ...) or (devices, rows per device, ...)
+  of the older layout, padded with zeros to the target's rows and laid out as it is."""
+  def repad(a):
+    a = a.reshape((-1, *target.shape[1:]))[:size]
+    return jnp.pad(a, [(0, target.shape[0] - size)] + [(0, 0)] * (a.ndim - 1)).astype(target.dtype)
+  return jax.jit(repad, out_shardings=getattr(target, 'sharding', None))(saved)
 
 
 class Checkpointer:
@@ -268,6 +328,7 @@ class Checkpointer:
                subdir: str = 'checkpoints', max_to_keep: Optional[int] = None,
                primary: Optional[bool] = None):
     self.workdir, self.subdir = workdir, subdir
+    self._pool_sizes = {name: config.sampler[key] for name, key in DEVICE_POOLS.items()}
     self.directory = os.path.join(os.path.abspath(workdir), subdir)
     guarded = for_training and (subdir == 'checkpoints' if primary is None else primary)
     lock_key = _lock_for_all_processes(workdir) if guarded else None
@@ -280,8 +341,10 @@ class Checkpointer:
                            f'(python main.py --config=... --workdir={workdir})')
       check_run_info(workdir, config)
       keep = config.max_checkpoints_to_keep if max_to_keep is None else max_to_keep
+      # Asynchronous: a save copies the state to host memory and returns; orbax writes
+      # (and commits by an atomic rename) while the next steps run.
       options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             enable_async_checkpointing=False)
+                                             enable_async_checkpointing=config.async_checkpoints)
       # The handler named up front, so that item_metadata can read a step before any restore.
       self._manager = ocp.CheckpointManager(self.directory, options=options,
                                             item_handlers=ocp.StandardCheckpointHandler())
@@ -308,19 +371,30 @@ class Checkpointer:
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
 
-  def save(self, state, wall_seconds: Optional[float] = None, last: bool = False) -> None:
-    """Saves `state` (with the run's training seconds so far, if given). The first save of
-    this Checkpointer and the `last` are logged at INFO, the others at DEBUG."""
+  def save(self, state, wall_seconds: Optional[float] = None, last: bool = False) -> float:
+    """Saves `state` (with the run's training seconds so far, if given); returns the seconds
+    the caller was blocked. With `async_checkpoints` the write goes on in the background
+    (the previous one is waited for first), except for the `last` save, which is complete
+    on return. The first save of this Checkpointer and the `last` are logged at INFO."""
+    start = time.time()
     step = int(state.step)
     if step in self._manager.all_steps():
-      return
+      return 0.0
     metadata = {WALL_SECONDS: round(wall_seconds, 1)} if wall_seconds is not None else None
     self._manager.save(step, args=ocp.args.StandardSave(state.checkpoint_items()),
                        custom_metadata=metadata)
-    self._manager.wait_until_finished()
+    if last:
+      self._manager.wait_until_finished()
+    blocked = time.time() - start
     level = logging.INFO if last or not self._saved else logging.DEBUG
-    logging.log(level, 'saved checkpoint at step %d in %s', step, self.directory)
+    logging.log(level, 'saved checkpoint at step %d in %s (the loop waited %.2f s)', step,
+                self.directory, blocked)
     self._saved = True
+    return blocked
+
+  def wait_until_finished(self) -> None:
+    """Returns when every save started has been written and committed."""
+    self._manager.wait_until_finished()
 
   def wall_seconds(self, step: int) -> Optional[float]:
     """The training seconds recorded with checkpoint `step` (None: not recorded)."""
@@ -347,44 +421,44 @@ class Checkpointer:
   def restore_latest(self, state):
     """`state` with the latest checkpoint's values, or None if there is none.
 
-    Every array gets the shape and sharding of `state`'s. The per-device pools of
-    `extra` (the replay buffer, one shard per device) are re-split when the
-    checkpoint was written on another number of devices: the entries keep their
-    order, so the run continues with the same set of images.
+    Every array gets the shape and sharding of `state`'s. The pools of `extra`
+    (DEVICE_POOLS) are re-padded when the checkpoint was written on another number of
+    devices: the entries keep their order, so the run continues with the same images.
     """
+    self._manager.wait_until_finished()  # a save still being written is the latest
     step = self.latest_step()
     if step is None:
       return None
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state.checkpoint_items())
     saved_shapes = self._saved_extra_shapes(step)
-    resplit = {}
+    repad = {}
     for name, leaf in dict(target.get('extra') or {}).items():
       saved = saved_shapes.get(name)
       if saved is None or saved == tuple(leaf.shape):
         continue
-      same_entries = (name in PER_DEVICE_POOLS and len(saved) == len(leaf.shape) >= 2
-                      and saved[2:] == tuple(leaf.shape[2:])
-                      and saved[0] * saved[1] == leaf.shape[0] * leaf.shape[1])
+      size = self._pool_sizes.get(name)
+      entries = int(np.prod(saved[:-3])) if len(saved) >= 4 else 0
+      same_entries = (name in DEVICE_POOLS and saved[-3:] == tuple(leaf.shape[1:])
+                      and (entries == size if len(saved) == 5 else entries >= size))
       if not same_entries:
         raise WorkdirError(
             f'checkpoint {step} in {self.directory} has extra[{name!r}] of shape {saved}; this '
             f'run needs {tuple(leaf.shape)}' + (
-                f' ({saved[0] * saved[1]} vs {leaf.shape[0] * leaf.shape[1]} entries: '
-                'was sampler.buffer_size changed?)' if name in PER_DEVICE_POOLS else ''))
-      resplit[name] = leaf
+                f' (its {entries} rows do not hold the {size} entries of '
+                f'sampler.{DEVICE_POOLS[name]}: was it changed?)' if name in DEVICE_POOLS else ''))
+      repad[name] = leaf
       # Read whole on every device of the target mesh (every process reads what it holds),
-      # then split anew by one jitted reshape: safe with any number of processes.
+      # then cut and padded anew by one jitted function: safe with any number of processes.
       target['extra'][name] = jax.ShapeDtypeStruct(
           saved, leaf.dtype, sharding=_replicated_like(getattr(leaf, 'sharding', None)))
     try:
       restored = self._manager.restore(step, args=ocp.args.StandardRestore(target))
     except ValueError as e:
       raise WorkdirError(f'checkpoint {step} in {self.directory} does not fit this run: {e}') from e
-    for name, leaf in resplit.items():
-      restored['extra'][name] = _reshard_pool(restored['extra'][name], leaf)
-      logging.info('checkpoint %d was written on %d devices, this run has %d: re-split '
-                   "extra[%r] from %s to %s (the same %d entries, in order)", step,
-                   saved_shapes[name][0], leaf.shape[0], name, saved_shapes[name],
-                   tuple(leaf.shape), leaf.shape[0] * leaf.shape[1])
+    for name, leaf in repad.items():
+      restored['extra'][name] = _repad_pool(restored['extra'][name], self._pool_sizes[name], leaf)
+      logging.info("checkpoint %d holds extra[%r] as %s, this run's devices need %s: the same "
+                   '%d entries, in order', step, name, saved_shapes[name], tuple(leaf.shape),
+                   self._pool_sizes[name])
     logging.info('restored checkpoint at step %d', step)
     return state.replace(**restored)

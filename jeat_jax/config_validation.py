@@ -7,8 +7,8 @@ import jax
 from jeat_jax import data, models, recipes, sampling
 from jeat_jax.errors import ConfigError
 
-ATTACKS = ('fgsm', 'pgd20', 'pgd50', 'energy1', 'energyk', 'cw_l2', 'cw_linf', 'autoattack',
-           'autoattack_plus', 'autoattack_rand')
+ATTACKS = ('fgsm', 'pgd20', 'pgd50', 'energy1', 'energyk', 'cw_l2', 'cw_linf', 'apgd_ce',
+           'autoattack', 'autoattack_plus', 'autoattack_rand')
 RECIPES = ('natural', 'noise', 'at', 'prejeat', 'jeat', 'jem', 'trades', 'fast', 'free', 'weat',
            'ebjdat')
 
@@ -33,6 +33,16 @@ def _non_negative(value, key):
   _require(value >= 0, key, 'must be >= 0', value)
 
 
+def _divides_devices(value: int, key: str, devices: int) -> None:
+  """A global train batch is split evenly over the devices: refused otherwise, naming the
+  nearest sizes that are."""
+  if value % devices:
+    below, above = value // devices * devices, -(-value // devices) * devices
+    nearest = ' or '.join(str(v) for v in (below, above) if v > 0)
+    raise ConfigError(f'config.{key}={value} must be divisible by the {devices} devices (each '
+                      f'takes an equal share of the batch): nearest valid values {nearest}')
+
+
 def with_overrides(config, settings):
   """`config` with each {'dotted.key': value} of `settings` set (in place; returned). A key
   the config does not have is refused, naming it."""
@@ -48,8 +58,9 @@ def with_overrides(config, settings):
 
 
 def validate(config, devices: Optional[int] = None) -> None:
-  """Raises ConfigError naming the first bad key. Sizes must divide `devices` (default: JAX's
-  device count; pass it to check a config without starting JAX's backend)."""
+  """Raises ConfigError naming the first bad key. The global train batches (batch_size,
+  data.energy_batch_size) must be divisible by `devices` (default: JAX's device count; pass
+  it to check a config without starting JAX's backend); every other size may be anything."""
   _one_of(config, 'recipe', RECIPES)
   _one_of(config, 'dataset', tuple(data.NUM_CLASSES))
   _one_of(config, 'data.source', ('auto', 'tfds', 'npz'))
@@ -59,8 +70,9 @@ def validate(config, devices: Optional[int] = None) -> None:
   _non_negative(config.data.train_subset, 'data.train_subset')
   devices = devices or jax.device_count()
   eb = config.data.energy_batch_size
-  _require(eb >= 0 and eb % devices == 0, 'data.energy_batch_size',
-           f'must be 0 (off) or > 0 and divisible by the {devices} devices', eb)
+  _non_negative(eb, 'data.energy_batch_size')
+  if eb > 0:
+    _divides_devices(eb, 'data.energy_batch_size', devices)
   _non_negative(config.data.energy_noise_std, 'data.energy_noise_std')
   if eb > 0:
     _require(config.loss.name in ('joint_energy', 'ebjdat'), 'data.energy_batch_size',
@@ -78,8 +90,7 @@ def validate(config, devices: Optional[int] = None) -> None:
   _require(0 <= m.dropout_rate < 1, 'model.dropout_rate', 'must be in [0, 1)', m.dropout_rate)
 
   _positive(config.batch_size, 'batch_size')
-  _require(config.batch_size % devices == 0, 'batch_size',
-           f'must be divisible by the {devices} devices', config.batch_size)
+  _divides_devices(config.batch_size, 'batch_size', devices)
   _positive(config.num_epochs, 'num_epochs')
 
   o = config.optimizer
@@ -133,12 +144,9 @@ def validate(config, devices: Optional[int] = None) -> None:
   _one_of(config, 'sampler.reinit', recipes.REINITS)
   _one_of(config, 'sampler.bn_mode', ('batch', 'running'))
   if s.name == 'sgld_buffer' and s.reinit == 'class_gaussian':
-    _require(s.reinit_pool_size > 0 and s.reinit_pool_size % devices == 0,
-             'sampler.reinit_pool_size', f'must be > 0 and divisible by the {devices} devices',
-             s.reinit_pool_size)
+    _positive(s.reinit_pool_size, 'sampler.reinit_pool_size')
   if s.name == 'sgld_buffer':
-    _require(s.buffer_size > 0 and s.buffer_size % devices == 0, 'sampler.buffer_size',
-             f'must be > 0 and divisible by the {devices} devices', s.buffer_size)
+    _positive(s.buffer_size, 'sampler.buffer_size')
 
   _one_of(config, 'loss.name', recipes.LOSSES)
   if config.loss.name == 'joint_energy':
@@ -160,9 +168,7 @@ def validate(config, devices: Optional[int] = None) -> None:
               'max_checkpoints_to_keep'):
     _positive(config[key], key)
   e = config.eval
-  _positive(e.batch_size, 'eval.batch_size')
-  _require(e.batch_size % devices == 0, 'eval.batch_size',
-           f'must be divisible by the {devices} devices', e.batch_size)
+  _positive(e.batch_size, 'eval.batch_size')  # any size: batches are padded for the devices
   _positive(e.num_examples, 'eval.num_examples')
   _non_negative(e.first_example, 'eval.first_example')
   _non_negative(e.eps, 'eval.eps')

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from jeat_jax import parallel
 from jeat_jax.errors import DataError
 
 NUM_CLASSES = {'cifar10': 10, 'cifar100': 100}
@@ -73,7 +74,9 @@ def load_npz(path: str, num_classes: int) -> Dataset:
     raise DataError(f'{path}: x_train images {arrays["x_train"].shape[1:]} and x_test images '
                     f'{arrays["x_test"].shape[1:]} differ in shape')
   x_test, y_test = interleave_if_grouped(arrays['x_test'], arrays['y_test'].astype(np.int32))
-  provenance = {'source': 'npz', 'path': os.path.abspath(path), 'sha256': file_sha256(path)}
+  # The path as the user gave it (no absolute path of this machine in a report), and the sha256
+  # that names the file wherever it lies.
+  provenance = {'source': 'npz', 'path': path, 'sha256': file_sha256(path)}
   return Dataset(arrays['x_train'], arrays['y_train'].astype(np.int32), x_test, y_test,
                  num_classes, f'npz:{path}', provenance)
 
@@ -172,10 +175,11 @@ def global_batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.nd
 
 
 def process_slice(indices: np.ndarray) -> np.ndarray:
-  """This process's contiguous share of a global batch."""
-  per_process = len(indices) // jax.process_count()
-  start = jax.process_index() * per_process
-  return indices[start:start + per_process]
+  """This process's share of a global batch: the rows its devices hold on the mesh
+  (`parallel.process_rows`; a contiguous block where the mesh orders devices by process)."""
+  if jax.process_count() == 1:
+    return indices
+  return indices[parallel.process_rows(parallel.make_mesh(), len(indices))]
 
 
 def train_batch(ds: Dataset, step: int, batch_size: int, seed: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -185,13 +189,16 @@ def train_batch(ds: Dataset, step: int, batch_size: int, seed: int) -> Tuple[np.
 
 
 def eval_batches(x: np.ndarray, y: np.ndarray, batch_size: int):
-  """Fixed-size batches over (x, y), the last padded; yields (x, y, mask) of this process."""
-  n = x.shape[0]
+  """Batches of `batch_size` points over (x, y) (the last one fewer), each padded at its end
+  (with x[0], masked out) to the next multiple of the device count, so that any batch size
+  splits evenly over any number of devices and every batch has one shape; yields
+  (x, y, mask) of this process."""
+  n, devices = x.shape[0], jax.device_count()
+  padded = -(-batch_size // devices) * devices
   for start in range(0, n, batch_size):
-    idx = np.arange(start, start + batch_size)
-    mask = idx < n
-    idx = np.where(mask, idx, 0)
-    idx = process_slice(idx)
+    idx = np.arange(start, start + padded)
+    mask = idx < min(start + batch_size, n)
+    idx = process_slice(np.where(mask, idx, 0))
     yield x[idx], y[idx], process_slice(mask)
 
 

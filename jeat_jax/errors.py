@@ -15,3 +15,8 @@ class DataError(UserError):
 
 class WorkdirError(UserError):
   """The workdir holds a run that this config cannot continue."""
+
+
+class Preempted(Exception):
+  """The run was told to stop (SIGTERM, a TPU VM's preemption notice) and saved a checkpoint
+  at the step it had reached: a clean exit (status 0), resumed by the same command."""

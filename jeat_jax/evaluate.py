@@ -3,15 +3,22 @@
 Every attack comes from `jeat_jax.attacks` (the same building blocks as
 training). Attacks run jitted and batched over all devices, each on all
 evaluated points (AutoAttack internally runs each sub-attack on the points
-still robust). BatchNorm uses its running statistics. Writes
+still robust). BatchNorm uses its running statistics. The model enters every
+compiled attack as `model_logits`, a pytree whose leaves (the parameters and
+BatchNorm statistics) are arguments of the computation, not constants compiled into
+it. Every batch (`data.eval_batches`: eval.batch_size points, any number) is padded
+to a multiple of the device count, and each point draws its random numbers from its
+own key (`attacks.example_keys`), so its verdict is the same on any number of
+devices. Writes
 WORKDIR/eval/robustness.json and robustness.md (a table laid out like Table 2,
 the dataset named by its provenance under `data`), and prints a sanity audit for
 signs of gradient masking.
 
 On several processes each feeds its slice of every batch, the per-example
 results are gathered on every process (`gather`), and process 0 writes.
-AutoAttack, whose host loop compacts the points still robust, runs whole on
-every process (replicated: the same numbers everywhere).
+AutoAttack's host loop, which compacts the points still robust, runs on every
+process on the same points; each of its chunks is split over all devices of all
+processes and its results gathered (the same numbers everywhere).
 """
 import functools
 import json
@@ -24,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
+from jax.tree_util import Partial
 
 from jeat_jax import attacks
 from jeat_jax import data as data_lib
@@ -36,13 +44,18 @@ from jeat_jax.attacks import cw as cw_lib
 ATTACK_NAMES = {
     'fgsm': 'FGSM', 'pgd20': 'PGD-20 (CE)', 'pgd50': 'PGD-50 (CE)', 'energy1': 'Energy attack, 1 step',
     'energyk': 'Energy attack, k steps', 'cw_l2': 'C&W L2 (c = 0.2)', 'cw_linf': 'CW-inf (PGD on CW margin)',
-    'autoattack': 'AutoAttack', 'autoattack_plus': 'AutoAttack+', 'autoattack_rand': 'AutoAttack rand'}
-AUTOATTACKS = {'autoattack': None, 'autoattack_plus': 'plus', 'autoattack_rand': 'rand'}  # name -> version
+    'apgd_ce': 'APGD-CE', 'autoattack': 'AutoAttack', 'autoattack_plus': 'AutoAttack+',
+    'autoattack_rand': 'AutoAttack rand'}
+# Attacks run by `run_autoattack`: name -> (version, None: eval.autoattack_version; the
+# version's stages, or these alone). apgd_ce is standard AutoAttack's first stage.
+AUTOATTACKS = {'autoattack': (None, None), 'autoattack_plus': ('plus', None),
+               'autoattack_rand': ('rand', None), 'apgd_ce': ('standard', ('apgd-ce',))}
 
 
 def record_name(name: str, cfg) -> str:
-  """The name an attack's result is filed under: AutoAttack with its iterations and queries
-  cut (`eval.pgd_steps_scale` < 1) is not AutoAttack, and says so: 'autoattack (0.1x)'."""
+  """The name an attack's result is filed under: AutoAttack (or APGD-CE) with its iterations
+  and queries cut (`eval.pgd_steps_scale` < 1) is not AutoAttack, and says so:
+  'autoattack (0.1x)'."""
   if name in AUTOATTACKS and cfg.pgd_steps_scale != 1.0:
     return f'{name} ({cfg.pgd_steps_scale:g}x)'
   return name
@@ -54,45 +67,65 @@ def attack_title(record_name_: str) -> str:
   return ATTACK_NAMES[base] + (f' ({scale[:-1]}, reduced strength)' if scale else '')
 
 
+def apply_inference(model, variables, x):
+  """The model's logits, BatchNorm on its running statistics, no dropout."""
+  return model.apply(variables, x, train=False)
+
+
+def model_logits(model, params, batch_stats) -> Partial:
+  """x -> logits (`apply_inference`) as a pytree: its leaves, the parameters and BatchNorm
+  statistics, are arguments of every jitted attack step that takes it (sharded as they
+  are: replicated over the mesh), not constants compiled into the step; the model is
+  static. Make it once per model: compiled steps are reused for the same object."""
+  variables = {'params': params, 'batch_stats': batch_stats} if batch_stats else {'params': params}
+  return Partial(functools.partial(apply_inference, model), variables)
+
+
 def pgd_correct(logits_fn, x_uint8, y, mask, key, *, eps, step_size, num_steps):
-  """Number of (unmasked) examples still classified correctly after PGD on CE (Eq. 3)."""
+  """Number of (unmasked) examples still classified correctly after PGD on CE (Eq. 3), the
+  j-th example starting from its own key fold_in(key, j)."""
   x = data_lib.to_float(x_uint8)
-  x_adv = attacks.pgd(lambda z: energy.cross_entropy(logits_fn(z), y), x, key, eps, step_size,
-                      num_steps)
+  x_adv = attacks.pgd(lambda z: energy.cross_entropy(logits_fn(z), y), x,
+                      attacks.example_keys(key, x.shape[0]), eps, step_size, num_steps)
   return jnp.sum((jnp.argmax(logits_fn(x_adv), -1) == y) & mask)
 
 
 def robust_accuracy_pgd(logits_fn, mesh, x, y, batch_size: int, key, eps=8 / 255,
                         step_size=2 / 255, num_steps=10) -> float:
-  """PGD-k robust accuracy (random start, one restart) over (x, y), batched on all devices."""
-  fn = jax.jit(functools.partial(pgd_correct, logits_fn, eps=eps, step_size=step_size,
-                                 num_steps=num_steps))
+  """PGD-k robust accuracy (random start, one restart) over (x, y), batched on all devices;
+  `logits_fn` (`model_logits`) is an argument of the compiled step."""
+  fn = jax.jit(functools.partial(pgd_correct, eps=eps, step_size=step_size, num_steps=num_steps))
   correct = 0
   for i, (xb, yb, mb) in enumerate(data_lib.eval_batches(x, y, batch_size)):
-    correct += int(fn(*parallel.global_batch(mesh, xb, yb, mb), jax.random.fold_in(key, i)))
+    correct += int(fn(attacks.as_argument(logits_fn), *parallel.global_batch(mesh, xb, yb, mb),
+                      jax.random.fold_in(key, i)))
   return correct / x.shape[0]
 
 
 def attack_fn(name: str, cfg, logits_fn, eps: float) -> Callable:
-  """(x, y, key) -> x_adv for one named attack of `eval.attacks` (AutoAttack aside)."""
+  """(x, y, key) -> x_adv for one named attack of `eval.attacks` (AutoAttack aside). The
+  j-th example of the batch draws its random start from fold_in(key, j)
+  (`attacks.example_keys`): the same on any number of devices and with any padding."""
   steps = lambda k: max(1, int(round(k * cfg.pgd_steps_scale)))
   ce = lambda y: lambda z: energy.cross_entropy(logits_fn(z), y)
   e_xy = lambda y: lambda z: energy.energy_xy(logits_fn(z), y)
   margin = lambda y: lambda z: attacks.cw_margin(logits_fn(z), y)
+  keys = lambda x, key: attacks.example_keys(key, x.shape[0])
   if name == 'fgsm':
     return lambda x, y, key: attacks.fgsm(ce(y), x, eps)
   if name in ('pgd20', 'pgd50'):
     k = steps(int(name[3:]))
-    return lambda x, y, key: attacks.pgd(ce(y), x, key, eps, cfg.step_size, k, unroll=cfg.unroll)
+    return lambda x, y, key: attacks.pgd(ce(y), x, keys(x, key), eps, cfg.step_size, k,
+                                         unroll=cfg.unroll)
   if name == 'energy1':
-    return lambda x, y, key: attacks.energy_attack(e_xy(y), x, key, eps, eps, 1)
+    return lambda x, y, key: attacks.energy_attack(e_xy(y), x, keys(x, key), eps, eps, 1)
   if name == 'energyk':
     k = steps(cfg.energy_steps)
-    return lambda x, y, key: attacks.energy_attack(e_xy(y), x, key, eps, cfg.step_size, k,
-                                                   unroll=cfg.unroll)
+    return lambda x, y, key: attacks.energy_attack(e_xy(y), x, keys(x, key), eps, cfg.step_size,
+                                                   k, unroll=cfg.unroll)
   if name == 'cw_linf':
     k = steps(50)
-    return lambda x, y, key: attacks.pgd(margin(y), x, key, eps, cfg.step_size, k,
+    return lambda x, y, key: attacks.pgd(margin(y), x, keys(x, key), eps, cfg.step_size, k,
                                          unroll=cfg.unroll)
   if name == 'cw_l2':
     k = steps(cfg.cw_steps)
@@ -107,24 +140,24 @@ def is_linf_attack(name: str) -> bool:
 def make_attack_check(name, cfg, logits_fn) -> Callable:
   """(x_uint8, y, key, eps) -> (correct after the attack, x_adv inside the eps-ball and [0, 1]).
 
-  Compiled once per attack: eps is an argument, so the audit's eps sweep reuses it.
+  Compiled once per attack: eps is an argument, so the audit's eps sweep reuses it, and
+  so is `logits_fn` (`model_logits`: its variables are not compiled in).
   """
-  attack = lambda xb, yb, k, eps: attack_fn(name, cfg, logits_fn, eps)(xb, yb, k)
-
-  def check(x_adv, xb, yb, eps):
+  def check(fn, x_adv, xb, yb, eps):
     inside = jnp.max(jnp.abs(x_adv - xb).reshape(xb.shape[0], -1), axis=1) <= eps + 1e-6
     inside = inside | (not is_linf_attack(name))
     in_box = jnp.all(((x_adv >= 0) & (x_adv <= 1)).reshape(xb.shape[0], -1), axis=1)
-    return (jnp.argmax(logits_fn(x_adv), -1) == yb), inside & in_box
+    return (jnp.argmax(fn(x_adv), -1) == yb), inside & in_box
 
-  def correct_after_attack(xb_uint8, yb, k, eps):
+  def correct_after_attack(fn, xb_uint8, yb, k, eps):
     xb = data_lib.to_float(xb_uint8)
-    return check(attack(xb, yb, k, eps), xb, yb, eps)
+    return check(fn, attack_fn(name, cfg, fn, eps)(xb, yb, k), xb, yb, eps)
 
   if name == 'cw_l2':  # C&W drives its own (host or device) loop of jitted steps
     check = jax.jit(check)
-    return correct_after_attack
-  return jax.jit(correct_after_attack)
+  else:
+    correct_after_attack = jax.jit(correct_after_attack)
+  return functools.partial(correct_after_attack, attacks.as_argument(logits_fn))
 
 
 def robust_mask(name, cfg, logits_fn, mesh, x, y, eps, key, restarts: int,
@@ -136,24 +169,26 @@ def robust_mask(name, cfg, logits_fn, mesh, x, y, eps, key, restarts: int,
   batch_size = batch_size or cfg.batch_size
   robust = []
   for i, (xb, yb, _) in enumerate(data_lib.eval_batches(x, y, batch_size)):
-    ok = np.ones(batch_size, bool)
+    points = min(batch_size, x.shape[0] - i * batch_size)   # the padding is at the batch's end
+    ok = np.ones(points, bool)
     for r in range(restarts if name in ('pgd20', 'pgd50', 'cw_linf', 'energyk') else 1):
       k = jax.random.fold_in(jax.random.fold_in(key, i), r)
       correct, valid = gather(attack_check(*parallel.global_batch(mesh, xb, yb), k,
                                            jnp.float32(eps)))
-      if not valid.all():
+      if not valid[:points].all():
         raise AssertionError(f'{name} returned images outside the eps-ball or [0, 1]')
-      ok &= correct
+      ok &= correct[:points]
     robust.append(ok)
-  return np.concatenate(robust)[:x.shape[0]]  # the padding of the last batch is at its end
+  return np.concatenate(robust)
 
 
 def clean_mask(logits_fn, mesh, x, y, batch_size) -> np.ndarray:
   """Per-example correctness of the model on (x, y), the whole mask on every process."""
-  fn = jax.jit(lambda xb, yb: jnp.argmax(logits_fn(data_lib.to_float(xb)), -1) == yb)
-  out = [gather(fn(*parallel.global_batch(mesh, xb, yb)))
-         for xb, yb, _ in data_lib.eval_batches(x, y, batch_size)]
-  return np.concatenate(out)[:x.shape[0]]
+  fn = jax.jit(lambda f, xb, yb: jnp.argmax(f(data_lib.to_float(xb)), -1) == yb)
+  out = [gather(fn(attacks.as_argument(logits_fn), *parallel.global_batch(mesh, xb, yb)))
+         [:min(batch_size, x.shape[0] - i * batch_size)]
+         for i, (xb, yb, _) in enumerate(data_lib.eval_batches(x, y, batch_size))]
+  return np.concatenate(out)
 
 
 def gather(arrays):
@@ -162,36 +197,48 @@ def gather(arrays):
   return multihost_utils.process_allgather(arrays, tiled=True)
 
 
-def stochastic_logits(logits_fn, noise_std: float):
-  """For models random at test time: logits of x + N(0, noise_std^2)."""
-  return lambda x, key: logits_fn(jnp.clip(x + noise_std * jax.random.normal(key, x.shape), 0, 1))
+def noisy_logits(logits_fn, noise_std, x, keys):
+  """Logits of x + N(0, noise_std^2), clipped to [0, 1], each image's noise drawn from its
+  own key (`keys`: one per image)."""
+  noise = jax.vmap(lambda k: jax.random.normal(k, x.shape[1:], x.dtype))(keys)
+  return logits_fn(jnp.clip(x + noise_std * noise, 0, 1))
+
+
+def stochastic_logits(logits_fn, noise_std: float) -> Partial:
+  """For models random at test time: (x, keys) -> `noisy_logits`, a pytree (`model_logits`)."""
+  return Partial(noisy_logits, attacks.as_argument(logits_fn), jnp.float32(noise_std))
 
 
 def autoattack_points(name: str, cfg, n: int) -> int:
   """How many of the n points (the first ones) the AutoAttack `name` runs on:
   `eval.autoattack_num_examples` (0: all n), or for autoattack_plus, the costliest,
-  `eval.autoattack_plus_num_examples` where > 0."""
+  `eval.autoattack_plus_num_examples` where > 0; apgd_ce (as cheap as PGD-100) on all n."""
+  if name == 'apgd_ce':
+    return n
   m = cfg.autoattack_num_examples or n
   if name == 'autoattack_plus' and cfg.autoattack_plus_num_examples:
     m = cfg.autoattack_plus_num_examples
   return min(m, n)
 
 
-def run_autoattack(cfg, logits_fn, x, y, eps, key, version: Optional[str] = None) -> Dict:
-  """`runner.run_autoattack` on host arrays (x uint8): every process runs all of it on the
-  same points with the same keys, so every process gets the same result.
+def run_autoattack(cfg, logits_fn, x, y, eps, key, version: Optional[str] = None,
+                   mesh=None, stages: Optional[Tuple[str, ...]] = None) -> Dict:
+  """`runner.run_autoattack` on host arrays (x uint8, the same on every process): every
+  process runs its host loop on the same points with the same keys, each chunk split over
+  all devices of `mesh` (default: all), so every process gets the same result.
 
-  `version` (standard, plus, rand) defaults to `eval.autoattack_version`. The rand
-  version draws the model's test-time noise (`eval.test_noise_std`) where there is any."""
+  `version` (standard, plus, rand) defaults to `eval.autoattack_version`; `stages`
+  (runner's attack names) replaces its list. The rand version draws the model's test-time
+  noise (`eval.test_noise_std`) where there is any."""
   from jeat_jax.attacks.autoattack import runner  # pylint: disable=g-import-not-at-top
   version = version or cfg.autoattack_version
   stochastic = version == 'rand' and cfg.test_noise_std > 0
   fn = stochastic_logits(logits_fn, cfg.test_noise_std) if stochastic else logits_fn
   scaled = lambda k: max(1, int(round(k * cfg.pgd_steps_scale)))  # 1.0: the reference counts
   return runner.run_autoattack(fn, data_lib.to_float(jnp.asarray(x)), y, eps=eps, key=key,
-                               version=version, batch_size=cfg.batch_size,
+                               version=version, attacks=stages, batch_size=cfg.batch_size,
                                stochastic=stochastic, log_fn=logging.info, n_iter=scaled(100),
-                               fab_n_iter=scaled(100), n_queries=scaled(5000))
+                               fab_n_iter=scaled(100), n_queries=scaled(5000), mesh=mesh)
 
 
 # ----------------------------------------------------------------------------- audit
@@ -232,8 +279,7 @@ def audit(cfg, logits_fn, mesh, x, y, records: List[Dict], key,
   xs, ys = x[:n], y[:n]
   sweep = {}
   pgd20 = make_attack_check('pgd20', cfg, logits_fn)
-  devices = jax.device_count()  # one batch of the subset, not one padded to eval.batch_size
-  sweep_batch = min(cfg.batch_size, -(-n // devices) * devices)
+  sweep_batch = min(cfg.batch_size, n)  # one batch of the subset, not one of eval.batch_size
   for eps_255 in (8, 16, 32, 64, 128):
     eps = eps_255 / 255
     mask = robust_mask('pgd20', cfg, logits_fn, mesh, xs, ys, eps, key, 1, pgd20, sweep_batch)
@@ -291,7 +337,7 @@ def evaluate_run(config, workdir: str) -> Dict:
   from jeat_jax import state as state_lib  # pylint: disable=g-import-not-at-top
   cfg = config.eval
   model, state, ds, mesh = state_lib.load_trained(config, workdir)
-  logits_fn = state_lib.make_logits_fn(model, state.params, state.batch_stats, 'running')
+  logits_fn = model_logits(model, state.params, state.batch_stats)
   first = cfg.first_example
   if not 0 <= first < ds.x_test.shape[0]:
     raise errors.ConfigError(
@@ -309,7 +355,8 @@ def evaluate_run(config, workdir: str) -> Dict:
     m = n
     if name in AUTOATTACKS:
       m = autoattack_points(name, cfg, n)
-      out = run_autoattack(cfg, logits_fn, x[:m], y[:m], cfg.eps, k, AUTOATTACKS[name])
+      version, stages = AUTOATTACKS[name]
+      out = run_autoattack(cfg, logits_fn, x[:m], y[:m], cfg.eps, k, version, mesh, stages)
       robust = np.asarray(out['robust'])
       stages = [{'name': s['name'], 'robust_accuracy': float(s['robust_accuracy'])}
                 for s in out['records']]

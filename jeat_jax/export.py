@@ -43,9 +43,11 @@ def jax_logits(logits_fn, mesh, x_uint8: np.ndarray, batch_size: int) -> np.ndar
   labels = np.zeros(x_uint8.shape[0], np.int32)
   out = []
   with jax.default_matmul_precision('float32'):
-    for xb, _, _ in data_lib.eval_batches(x_uint8, labels, batch_size):
-      out.append(multihost_utils.process_allgather(fn(parallel.global_batch(mesh, xb)), tiled=True))
-  return np.concatenate(out)[:x_uint8.shape[0]].astype(np.float32)
+    for xb, _, mb in data_lib.eval_batches(x_uint8, labels, batch_size):
+      logits, mask = multihost_utils.process_allgather(
+          (fn(parallel.global_batch(mesh, xb)), parallel.global_batch(mesh, mb)), tiled=True)
+      out.append(logits[mask])  # each batch is padded for the devices at its end
+  return np.concatenate(out).astype(np.float32)
 
 
 def torch_logits(net, x_uint8: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ import time
 from typing import Optional, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from clu import metric_writers
@@ -55,7 +56,9 @@ def chain_starts(config, ds, state, workdir: str):
   if config.sample.start == 'buffer':
     if 'buffer' not in state.extra:
       raise ValueError('sample.start=buffer needs a run with a replay buffer (jem, jeat)')
-    return lambda key, labels: sampling.buffer_images(key, state.extra['buffer'], labels.shape[0])
+    size = config.sampler.buffer_size
+    return lambda key, labels: sampling.buffer_images(key, state.extra['buffer'], labels.shape[0],
+                                                      size)
   gaussian = sampling.ClassConditionalGaussian.cached(
       gaussian_cache_path(config, workdir), ds.x_train, ds.y_train, ds.num_classes)
   return lambda key, labels: gaussian.sample(key, labels, shape)
@@ -120,13 +123,6 @@ def to_host(array) -> np.ndarray:
   return np.asarray(array)
 
 
-def chain_batch_size(batch_size: int, num_devices: int) -> int:
-  """`sample.batch_size` rounded up to a multiple of the device count: each device runs
-  the same number of chains. Samples then do not depend on the device count where it
-  divides `sample.batch_size` (the chain noise is drawn for the whole batch)."""
-  return -(-batch_size // num_devices) * num_devices
-
-
 def write_samples(out: str, x_uint8, labels, norms, grid, ds, s) -> None:
   """samples.npz, gradient_norms.npz, grid.png and the SSIM neighbours in OUT (process 0's job)."""
   atomic_write(os.path.join(out, 'samples.npz'), lambda tmp: np.savez(tmp, x=x_uint8, y=labels))
@@ -155,17 +151,18 @@ def sample_run(config, workdir: str) -> dict:
   gen = jax.jit(functools.partial(
       sampling.generate, logits_fn, objective=s.objective, num_steps=steps_per_call,
       step_size=s.step_size, noise_std=s.noise_std, clip=(0.0, 1.0) if s.clip else None,
-      grad_clamp=s.grad_clamp,
+      grad_clamp=s.grad_clamp, num_valid=s.batch_size,
       record_gradient_norms=s.record_gradient_norms, unroll=s.unroll))
-  batch_size = chain_batch_size(s.batch_size, mesh.size)
-  if batch_size != s.batch_size:
-    logging.info('sample.batch_size=%d rounded up to %d chains per batch (%d devices)',
-                 s.batch_size, batch_size, mesh.size)
+  # Batches of sample.batch_size chains, each padded to a multiple of the device count: the
+  # starts and the chain noise are drawn for the batch's own chains and padded, so a seed
+  # gives the same samples on any number of devices.
+  batch_size = s.batch_size
+  padded = sampling.padded_size(batch_size, mesh.size)
   num_batches = -(-s.num_samples // batch_size)
   # Labels cycle through the classes; those past num_samples fill the last batch and are
   # dropped with their images.
   labels = sampling.class_labels(num_batches * batch_size, ds.num_classes)
-  mine = data_lib.process_slice(np.arange(batch_size))
+  mine = data_lib.process_slice(np.arange(padded))
   starts = chain_starts(config, ds, state, workdir)
   key = jax.random.PRNGKey(s.seed)
   xs, norms = [], []
@@ -174,7 +171,8 @@ def sample_run(config, workdir: str) -> dict:
   for i in range(0, num_batches * batch_size, batch_size):
     y = labels[i:i + batch_size]
     k_start, k_chain = jax.random.split(jax.random.fold_in(key, i))
-    x0 = to_host(starts(k_start, y))
+    x0 = np.asarray(sampling.pad_rows(jnp.asarray(to_host(starts(k_start, y))), padded))
+    y = np.pad(y, (0, padded - batch_size))
     x, y_global = parallel.global_batch(mesh, x0[mine], y[mine])
     batch_norms = []
     for piece in range(pieces):
@@ -184,7 +182,7 @@ def sample_run(config, workdir: str) -> dict:
       if piece + 1 < pieces:  # chains part-way: their share of the batch's images
         jax.block_until_ready(x)
         progress(min(i + batch_size * (piece + 1) / pieces, s.num_samples))
-    xs.append(to_host(x))
+    xs.append(to_host(x)[:batch_size])
     if s.record_gradient_norms:
       norms.append(np.concatenate([to_host(n) for n in batch_norms]))
     progress(min(i + batch_size, s.num_samples))

@@ -79,6 +79,17 @@ def norm_layer(norm: str, use_running_average: bool, dtype) -> Callable:
   return Identity
 
 
+def float32_stem(x, input_normalization: str, dtype, stem: nn.Module):
+  """The input normalisation and the stem convolution `stem` (built with dtype float32), in
+  float32; its output cast to the compute `dtype`.
+
+  A bfloat16 input would sit on a grid of 1/256 above 0.5, coarser than the 0.001 start noise of
+  TRADES and WEAT and part of the SGLD noise: the attacks and SGLD act on float32 images, so the
+  network must see them in float32 up to its first layer.
+  """
+  return stem(normalize_input(x.astype(jnp.float32), input_normalization)).astype(dtype)
+
+
 def float32_head(x, num_classes: int):
   """Global average pooling and the classifier, in float32 (see WideResNet)."""
   x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
@@ -88,10 +99,12 @@ def float32_head(x, num_classes: int):
 class WideResNet(nn.Module):
   """WRN-depth-width; depth = 6n + 4. Returns float32 logits.
 
-  `dtype` is the compute dtype of the convolutions and normalisation layers; the
-  global pooling and the classifier head always run in float32, so the logits,
-  and with them every energy (Eq. 12), loss and gradient with respect to x, are
-  float32 under bfloat16 compute (a bf16 logit of size 10 has a resolution of 0.06).
+  `dtype` is the compute dtype of the convolutions and normalisation layers after the stem;
+  the input normalisation and the stem convolution (`float32_stem`), the global pooling and
+  the classifier head always run in float32, so the network sees the float32 images of the
+  attacks and SGLD, and the logits, and with them every energy (Eq. 12), loss and gradient
+  with respect to x, are float32 under bfloat16 compute (a bf16 logit of size 10 has a
+  resolution of 0.06).
   """
   depth: int = 28
   width: int = 10
@@ -113,8 +126,8 @@ class WideResNet(nn.Module):
     n = (self.depth - 4) // 6
     widths: Sequence[int] = (16 * self.width, 32 * self.width, 64 * self.width)
 
-    x = normalize_input(x.astype(jnp.float32), self.input_normalization).astype(self.dtype)
-    x = nn.Conv(16, (3, 3), padding=1, dtype=self.dtype, name='stem')(x)
+    x = float32_stem(x, self.input_normalization, self.dtype,
+                     nn.Conv(16, (3, 3), padding=1, dtype=jnp.float32, name='stem'))
     for group, channels in enumerate(widths):
       for i in range(n):
         stride = 2 if (group > 0 and i == 0) else 1
@@ -146,7 +159,8 @@ class BasicBlock(nn.Module):
 
 class ResNet18(nn.Module):
   """ResNet-18 for 32x32 images (3x3 stem, stages of 64-512 channels, 2 blocks each), the
-  architecture of TRADES' and WEAT's CIFAR-10 code. Returns float32 logits (float32 head)."""
+  architecture of TRADES' and WEAT's CIFAR-10 code. Returns float32 logits (float32 stem and
+  head, see WideResNet)."""
   num_classes: int = 10
   norm: str = 'batch'
   activation: str = 'relu'
@@ -159,9 +173,9 @@ class ResNet18(nn.Module):
       use_running_average = not train
     norm = norm_layer(self.norm, use_running_average, self.dtype)
     act = activation_fn(self.activation)
-    x = normalize_input(x.astype(jnp.float32), self.input_normalization).astype(self.dtype)
-    x = act(norm()(nn.Conv(64, (3, 3), padding=1, use_bias=False, dtype=self.dtype,
-                           name='stem')(x)))
+    x = act(norm()(float32_stem(
+        x, self.input_normalization, self.dtype,
+        nn.Conv(64, (3, 3), padding=1, use_bias=False, dtype=jnp.float32, name='stem'))))
     for stage, channels in enumerate((64, 128, 256, 512)):
       for i in range(2):
         stride = 2 if (stage > 0 and i == 0) else 1

@@ -8,6 +8,8 @@ the SPMD style JAX recommends for new code (since JAX 0.8 `jax.pmap` is itself
 built on jit and shard_map); the replay buffer is sharded along its shard axis
 so each device keeps its own part. See docs/parallelism.md.
 """
+import functools
+
 import jax
 import numpy as np
 from absl import logging
@@ -16,10 +18,23 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 DATA_AXIS = 'data'
 
 
+@functools.lru_cache(maxsize=None)
 def make_mesh() -> Mesh:
-  """All devices of all processes on one 'data' axis, in jax.devices() order (process by
-  process), so process p holds a contiguous block of the batch and of the buffer shards."""
-  return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+  """All devices of all processes on one 'data' axis, in the order `jax.make_mesh` chooses
+  for the topology (on a TPU pod slice it need not be process by process: `process_rows`
+  says which rows of a batch each process feeds)."""
+  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def process_rows(mesh: Mesh, n: int) -> np.ndarray:
+  """The rows of a global batch of n rows, sharded on its first axis over `mesh`, that this
+  process's devices hold, in the order of those devices on the mesh: the process-local data
+  `global_batch` takes."""
+  per_device = n // mesh.size
+  position = {d: i for i, d in enumerate(mesh.devices.flat)}
+  mine = sorted(position[d] for d in mesh.local_devices)
+  return np.concatenate([np.arange(i * per_device, (i + 1) * per_device) for i in mine])
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -31,9 +46,18 @@ def sharded_on_first_axis(mesh: Mesh) -> NamedSharding:
 
 
 def global_batch(mesh: Mesh, *local_arrays: np.ndarray):
-  """Glues every process's local slice into global arrays sharded over the mesh."""
+  """Glues every process's rows (`process_rows`, as `data.process_slice` picks them) into
+  global arrays sharded over the mesh."""
   sharding = sharded_on_first_axis(mesh)
-  arrays = tuple(jax.make_array_from_process_local_data(sharding, a) for a in local_arrays)
+
+  def glue(local):
+    n = local.shape[0] * jax.process_count()
+    offset = {int(r): i for i, r in enumerate(process_rows(mesh, n))}
+    return jax.make_array_from_callback(
+        (n, *local.shape[1:]), sharding,
+        lambda index: local[offset[index[0].start or 0]:][:n // mesh.size])
+
+  arrays = tuple(glue(np.asarray(a)) for a in local_arrays)
   return arrays if len(arrays) > 1 else arrays[0]
 
 

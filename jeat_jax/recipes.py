@@ -88,7 +88,8 @@ def sample_negatives(cfg, logits_fn: LogitsFn, buffer: Optional[jax.Array], batc
     return None, buffer
   k_draw, k_chain = jax.random.split(key)
   x0, slots = sampling.draw_from_buffer(buffer, k_draw, batch_size, cfg.reinit_prob,
-                                        *cfg.init_range, pool=pool)
+                                        *cfg.init_range, pool=pool, size=cfg.buffer_size,
+                                        pool_size=cfg.reinit_pool_size)
   step_size, noise_std = sampling.sgld_parameters(cfg.parametrization, cfg.step_size,
                                                   cfg.noise_std, cfg.alpha)
   clip = tuple(cfg.init_range) if cfg.clip else None

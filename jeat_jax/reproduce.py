@@ -39,7 +39,7 @@ logs.quiet_tensorflow()  # before anything imports TensorFlow
 from jeat_jax import analysis, evaluate, fair, files, generation, hardware, parallel, train
 from jeat_jax import state as state_lib
 from jeat_jax.config_validation import validate, with_overrides
-from jeat_jax.errors import ConfigError
+from jeat_jax.errors import ConfigError, Preempted
 from jeat_jax.files import read_json, write_json_atomic, write_text_atomic
 
 SCALES = ('cpu', 'cpu-fair', 'paper', 'smoke')
@@ -755,10 +755,14 @@ def main(argv):
     failed = run_in_subprocesses(FLAGS.workdir, FLAGS.scale, FLAGS.data_path, names, per_run,
                                  FLAGS.jobs)
   else:
-    for name in names:
-      run = RUNS_BY_NAME[name]
-      logging.info('=== %s (%s)', run.name, run.recipe)
-      run_stages(run, configs[name], os.path.join(FLAGS.workdir, run.name), stages)
+    try:
+      for name in names:
+        run = RUNS_BY_NAME[name]
+        logging.info('=== %s (%s)', run.name, run.recipe)
+        run_stages(run, configs[name], os.path.join(FLAGS.workdir, run.name), stages)
+    except Preempted as e:  # the run's checkpoint is saved: the same command goes on from it
+      print(e, flush=True)
+      return
   if 'report' in stages:
     command = ' '.join(['python -m jeat_jax.reproduce'] + sys.argv[1:])
     if fair_scale:

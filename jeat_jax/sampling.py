@@ -9,9 +9,13 @@ E(x, y), through `generate`, optionally recording gradient norms):
 The paper writes step_size = alpha / 2 and noise_std = sqrt(alpha) (Eq. 9);
 JEM decouples them. `sgld_parameters` maps a config to the pair.
 
-The replay buffer is an array of shape (num_shards, size_per_shard, H, W, C):
-one shard per device, and each device draws its chain starts from its own
-shard and writes the chain ends back there.
+The replay buffer is one global array of shape (rows, H, W, C), sharded over the
+devices on its first axis. Its `size` entries (`sampler.buffer_size`) are rows
+0 .. size - 1; `rows` is `size` rounded up to a multiple of the device count
+(`padded_size`), and the rows past `size` are never drawn. Slots are drawn from
+the whole buffer with one key, so a seed draws the same chain starts on any
+number of devices, and a checkpoint moves between device counts unchanged
+(checkpoint.py keeps the first `size` rows).
 """
 import math
 import os
@@ -35,7 +39,8 @@ def sgld_parameters(parametrization: str, step_size: float, noise_std: float,
 
 def langevin_chain(grad_fn: GradFn, x0: jax.Array, key: jax.Array, num_steps: int,
                    step_size: float, noise_std: float, clip: Optional[Tuple[float, float]] = None,
-                   unroll: int = 1, first_step=0, grad_clamp: float = 0.0) -> Tuple[jax.Array, Any]:
+                   unroll: int = 1, first_step=0, grad_clamp: float = 0.0,
+                   num_valid: Optional[int] = None) -> Tuple[jax.Array, Any]:
   """The one SGLD chain: `num_steps` Langevin steps from x0 (Eq. 9/10; Algorithm 1).
 
   x_{t+1} = x_t - step_size * grad + noise_std * N(0, I), clipped to `clip`
@@ -46,14 +51,17 @@ def langevin_chain(grad_fn: GradFn, x0: jax.Array, key: jax.Array, num_steps: in
   step t is drawn with fold_in(key, first_step + t): a chain run in pieces
   with first_step = 0, k, 2k, ... is the same chain. `unroll` > 1 unrolls the
   `lax.scan` (faster on XLA:CPU). x_K is wrapped in stop_gradient: training
-  never differentiates through a chain.
+  never differentiates through a chain. `num_valid`: the chains of the logical batch
+  (the first ones; the rest pad the batch to a multiple of the device count): their
+  noise is drawn for them alone and padded, so padding changes none of their values.
   """
   def body(x, t):
     grad, record = grad_fn(x)
     if grad_clamp > 0:
       grad = jnp.clip(grad, -grad_clamp, grad_clamp)
-    noise = jax.random.normal(jax.random.fold_in(key, first_step + t), x.shape, x.dtype)
-    x = x - step_size * grad + noise_std * noise
+    n = x.shape[0] if num_valid is None else num_valid
+    noise = jax.random.normal(jax.random.fold_in(key, first_step + t), (n, *x.shape[1:]), x.dtype)
+    x = x - step_size * grad + noise_std * pad_rows(noise, x.shape[0])
     return (x if clip is None else jnp.clip(x, *clip)), record
 
   x, records = jax.lax.scan(body, x0, jnp.arange(num_steps), unroll=unroll)
@@ -73,58 +81,67 @@ def sgld_chain(energy_fn: EnergyFn, x0: jax.Array, key: jax.Array, num_steps: in
                         clip, unroll, grad_clamp=grad_clamp)[0]
 
 
-def init_replay_buffer(key: jax.Array, num_shards: int, size: int, image_shape,
-                       low: float = 0.0, high: float = 1.0) -> jax.Array:
-  """A buffer of `size` images drawn from U(low, high), split in `num_shards` shards."""
-  if size % num_shards:
-    raise ValueError(f'replay buffer size {size} is not divisible by {num_shards} shards')
-  return jax.random.uniform(key, (num_shards, size // num_shards, *image_shape), jnp.float32,
-                            low, high)
+def padded_size(size: int, num_devices: int) -> int:
+  """`size` rounded up to a multiple of `num_devices`: the rows of a pool sharded over them."""
+  return -(-size // num_devices) * num_devices
+
+
+def pad_rows(x: jax.Array, rows: int) -> jax.Array:
+  """x with rows of zeros appended up to `rows`."""
+  if rows == x.shape[0]:
+    return x
+  return jnp.pad(x, [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+
+
+def init_replay_buffer(key: jax.Array, size: int, image_shape, low: float = 0.0,
+                       high: float = 1.0, num_devices: int = 1) -> jax.Array:
+  """A buffer of `size` images drawn from U(low, high) (Algorithm 1), padded with rows of
+  zeros to `padded_size(size, num_devices)`: the same images on any device count."""
+  x = jax.random.uniform(key, (size, *image_shape), jnp.float32, low, high)
+  return pad_rows(x, padded_size(size, num_devices))
 
 
 def draw_from_buffer(buffer: jax.Array, key: jax.Array, batch_size: int, reinit_prob: float,
-                     low: float = 0.0, high: float = 1.0,
-                     pool: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array]:
+                     low: float = 0.0, high: float = 1.0, pool: Optional[jax.Array] = None,
+                     size: Optional[int] = None,
+                     pool_size: Optional[int] = None) -> Tuple[jax.Array, jax.Array]:
   """Chain starts for Algorithm 1: a uniformly drawn buffer entry, or with prob. rho a fresh
   start: U(low, high), or a uniformly drawn entry of `pool` where given (pre-drawn
-  class-Gaussian images, `sampler.reinit = class_gaussian`; sharded like the buffer).
+  class-Gaussian images, `sampler.reinit = class_gaussian`; laid out like the buffer).
 
-  Each shard serves batch_size / num_shards chains. Returns the starts, shape
-  (batch_size, H, W, C), and the slot of each within its shard,
-  shape (num_shards, batch_size / num_shards).
+  `size` / `pool_size`: the entries of the buffer and the pool (default: all their rows).
+  Returns the starts, shape (batch_size, H, W, C), and the slot each was drawn from.
   """
-  num_shards, per_shard = buffer.shape[:2]
-  per_device = batch_size // num_shards
+  size = buffer.shape[0] if size is None else size
   k_idx, k_reinit, k_noise = jax.random.split(key, 3)
-  slots = jax.random.randint(k_idx, (num_shards, per_device), 0, per_shard)
-  starts = jax.vmap(lambda shard, idx: shard[idx])(buffer, slots)
-  starts = starts.reshape((batch_size,) + buffer.shape[2:])
+  slots = jax.random.randint(k_idx, (batch_size,), 0, size)
+  starts = buffer[slots]
   reinit = jax.random.bernoulli(k_reinit, reinit_prob, (batch_size,))
   if pool is None:
     fresh = jax.random.uniform(k_noise, starts.shape, starts.dtype, low, high)
   else:
-    picks = jax.random.randint(k_noise, (num_shards, per_device), 0, pool.shape[1])
-    fresh = jax.vmap(lambda shard, idx: shard[idx])(pool, picks).reshape(starts.shape)
+    pool_size = pool.shape[0] if pool_size is None else pool_size
+    fresh = pool[jax.random.randint(k_noise, (batch_size,), 0, pool_size)]
   return jnp.where(reinit[:, None, None, None], fresh, starts), slots
 
 
-def class_gaussian_images(gaussian: 'ClassConditionalGaussian', key: jax.Array, num_shards: int,
-                          size: int, image_shape) -> jax.Array:
+def class_gaussian_images(gaussian: 'ClassConditionalGaussian', key: jax.Array, size: int,
+                          image_shape) -> jax.Array:
   """`size` draws of N(mu_c, Sigma_c), each of a uniformly random class c (SADA-JEM's
-  buffer initialisation and re-initialisation), as (num_shards, size / num_shards, H, W, C)."""
-  if size % num_shards:
-    raise ValueError(f'{size} class-Gaussian images are not divisible by {num_shards} shards')
+  buffer initialisation and re-initialisation), shape (size, H, W, C)."""
   k_class, k_draw = jax.random.split(key)
   labels = np.asarray(jax.random.randint(k_class, (size,), 0, gaussian.means.shape[0]))
-  images = gaussian.sample(k_draw, labels, image_shape)
-  return images.reshape((num_shards, size // num_shards, *image_shape))
+  return gaussian.sample(k_draw, labels, image_shape)
 
 
 def write_to_buffer(buffer: jax.Array, slots: jax.Array, x: jax.Array) -> jax.Array:
-  """Writes chain ends back to the slots they started from (each in its own shard)."""
-  num_shards = buffer.shape[0]
-  x = x.reshape((num_shards, -1) + buffer.shape[2:])
-  return jax.vmap(lambda shard, idx, v: shard.at[idx].set(v))(buffer, slots, x)
+  """Writes chain ends back to the slots they started from. A slot drawn twice keeps the
+  chain that comes later in the batch, as writing them in order would: the same buffer
+  on every backend and device count (a scatter of duplicates is unordered)."""
+  order = jnp.arange(slots.shape[0])
+  overwritten = jnp.any((slots[None, :] == slots[:, None]) & (order[None, :] > order[:, None]),
+                        axis=1)
+  return buffer.at[jnp.where(overwritten, buffer.shape[0], slots)].set(x, mode='drop')
 
 
 # ----------------------------------------------------------------------------- generation
@@ -154,14 +171,16 @@ def generation_energy(logits_fn: Callable[[jax.Array], jax.Array], y: jax.Array,
 
 
 def gradient_with_norms(logits_fn: Callable[[jax.Array], jax.Array], y: jax.Array,
-                        objective: str) -> GradFn:
+                        objective: str, num_valid: Optional[int] = None) -> GradFn:
   """The gradient of `generation_energy`, recording the batch means of |grad_x E(x, y)|_2
   and |grad_x E(x)|_2 (the quantities of Fig. 12/13), shape (2,) per step.
 
   One forward pass; both gradients are pulled back from it
-  (dE(x,y)/dlogits = -onehot(y), dE(x)/dlogits = -softmax).
+  (dE(x,y)/dlogits = -onehot(y), dE(x)/dlogits = -softmax). `num_valid`: the means are
+  over the first chains only (the rest pad the batch).
   """
   def mean_norm(g):
+    g = g[:num_valid]
     return jnp.mean(jnp.sqrt(jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=-1)))
 
   def grad_fn(x):
@@ -224,10 +243,9 @@ class ClassConditionalGaussian:
     return jnp.clip(x, 0.0, 1.0).reshape((labels.shape[0], *image_shape))
 
 
-def buffer_images(key: jax.Array, buffer: jax.Array, n: int) -> jax.Array:
-  """Chain starts drawn uniformly from a replay buffer (any shard layout)."""
-  flat = buffer.reshape((-1,) + buffer.shape[-3:])
-  return flat[jax.random.randint(key, (n,), 0, flat.shape[0])]
+def buffer_images(key: jax.Array, buffer: jax.Array, n: int, size: int) -> jax.Array:
+  """Chain starts drawn uniformly from the `size` entries of a replay buffer."""
+  return buffer[jax.random.randint(key, (n,), 0, size)]
 
 
 def class_labels(num_samples: int, num_classes: int) -> np.ndarray:
@@ -238,18 +256,20 @@ def class_labels(num_samples: int, num_classes: int) -> np.ndarray:
 def generate(logits_fn, x0: jax.Array, y: jax.Array, key: jax.Array, *, objective: str = 'eq17',
              num_steps: int = 100, step_size: float = 1.0, noise_std: float = 0.01,
              clip=(0.0, 1.0), record_gradient_norms: bool = False, unroll: int = 1,
-             first_step=0, grad_clamp: float = 0.0):
+             first_step=0, grad_clamp: float = 0.0, num_valid: Optional[int] = None):
   """Generation by SGLD from x0 (Eq. 16, 17 or unconditional on E(x)).
 
   Returns x_K, or (x_K, per-step gradient norms of shape (num_steps, 2):
   [|grad E(x,y)|, |grad E(x)|]) when `record_gradient_norms`. `first_step`:
   the index of the first step in a chain run in pieces (see `langevin_chain`).
-  Jit it with the model bound in `logits_fn` (as `generation.sample_run` does).
+  `num_valid`: the first chains are the logical batch, the rest padding (see
+  `langevin_chain`). Jit it with the model bound in `logits_fn` (as
+  `generation.sample_run` does).
   """
   if record_gradient_norms:
-    grad_fn = gradient_with_norms(logits_fn, y, objective)
+    grad_fn = gradient_with_norms(logits_fn, y, objective, num_valid)
   else:
     grad_fn = energy_gradient(generation_energy(logits_fn, y, objective))
   x, norms = langevin_chain(grad_fn, x0, key, num_steps, step_size, noise_std, clip, unroll,
-                            first_step, grad_clamp)
+                            first_step, grad_clamp, num_valid)
   return (x, norms) if record_gradient_norms else x

@@ -146,26 +146,27 @@ def train_forward(model, params, batch_stats, x, dropout_key):
 
 # ----------------------------------------------------------------------------- state
 
-StartImages = Callable[[jax.Array, int], jax.Array]  # (key, n) -> (num_shards, n / shards, H, W, C)
+StartImages = Callable[[jax.Array, int], jax.Array]  # (key, n) -> (n, H, W, C)
 
 
-def class_gaussian_starts(gaussian: 'sampling.ClassConditionalGaussian', num_shards: int,
+def class_gaussian_starts(gaussian: 'sampling.ClassConditionalGaussian',
                           image_shape) -> StartImages:
-  """Draws of the class Gaussians, each of a random class, sharded like the replay buffer."""
-  return lambda key, n: sampling.class_gaussian_images(gaussian, key, num_shards, n, image_shape)
+  """Draws of the class Gaussians, each of a random class."""
+  return lambda key, n: sampling.class_gaussian_images(gaussian, key, n, image_shape)
 
 
-def placeholder_starts(num_shards: int, image_shape) -> StartImages:
+def placeholder_starts(image_shape) -> StartImages:
   """Zeros of the right shape: for a state that a checkpoint is restored into."""
-  return lambda key, n: jnp.zeros((num_shards, n // num_shards, *image_shape), jnp.float32)
+  return lambda key, n: jnp.zeros((n, *image_shape), jnp.float32)
 
 
-def create_train_state(config, model, key: jax.Array, image_shape, tx, num_shards: int,
+def create_train_state(config, model, key: jax.Array, image_shape, tx, num_devices: int,
                        start_images: Optional[StartImages] = None) -> TrainState:
   """A fresh state. `sampler.reinit = class_gaussian` needs `start_images` (the buffer and the
   re-initialisation pool are drawn from it: `class_gaussian_starts`, or `placeholder_starts`
   for a state to restore into); the full-covariance Gaussians (10 x D x D) stay out of the
-  state, which carries `sampler.reinit_pool_size` pre-drawn images instead."""
+  state, which carries `sampler.reinit_pool_size` pre-drawn images instead. The pools hold
+  the same images on any `num_devices`, padded to a multiple of it."""
   k_init, k_buffer, k_run = jax.random.split(key, 3)
   variables = model.init({'params': k_init, 'dropout': k_init},
                          jnp.zeros((1, *image_shape), jnp.float32), train=False)
@@ -178,11 +179,12 @@ def create_train_state(config, model, key: jax.Array, image_shape, tx, num_shard
       raise ValueError('sampler.reinit=class_gaussian: create_train_state needs start_images '
                        '(state.class_gaussian_starts of the training data)')
     k_buffer, k_pool = jax.random.split(k_buffer)
-    extra['buffer'] = start_images(k_buffer, s.buffer_size)
-    extra['reinit_pool'] = start_images(k_pool, s.reinit_pool_size)
+    for name, k in (('buffer', k_buffer), ('reinit_pool', k_pool)):
+      size = s[ckpt_lib.DEVICE_POOLS[name]]
+      extra[name] = sampling.pad_rows(start_images(k, size), sampling.padded_size(size, num_devices))
   elif s.name == 'sgld_buffer':
-    extra['buffer'] = sampling.init_replay_buffer(k_buffer, num_shards, s.buffer_size,
-                                                  image_shape, *s.init_range)
+    extra['buffer'] = sampling.init_replay_buffer(k_buffer, s.buffer_size, image_shape,
+                                                  *s.init_range, num_devices=num_devices)
   if config.perturbation.name == 'free':
     extra['free_delta'] = jnp.zeros((config.batch_size, *image_shape), jnp.float32)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
@@ -192,7 +194,7 @@ def create_train_state(config, model, key: jax.Array, image_shape, tx, num_shard
 
 def state_shardings(mesh, state: TrainState):
   """Everything replicated but the replay buffer, its re-initialisation pool and Free AT's
-  delta (sharded on axis 0)."""
+  delta (sharded on axis 0, like the batch)."""
   rep, shard = parallel.replicated(mesh), parallel.sharded_on_first_axis(mesh)
   shardings = jax.tree.map(lambda _: rep, state)
   return shardings.replace(extra={k: shard for k in state.extra})
@@ -210,7 +212,7 @@ def load_trained(config, workdir: str):
     tx = create_optimizer(config, learning_rate_schedule(config, steps_per_epoch, steps_per_epoch))
     state = create_train_state(config, model, jax.random.PRNGKey(config.seed),
                                ds.x_train.shape[1:], tx, mesh.size,
-                               placeholder_starts(mesh.size, ds.x_train.shape[1:]))
+                               placeholder_starts(ds.x_train.shape[1:]))
     state = jax.device_put(state, state_shardings(mesh, state))
     restored = checkpointer.restore_latest(state)
   if restored is None:

@@ -14,6 +14,8 @@ exactly as if it had never stopped.
 """
 import functools
 import os
+import signal
+import threading
 import time
 from typing import Any, Dict, Optional, Tuple
 
@@ -33,7 +35,7 @@ from jeat_jax import models
 from jeat_jax import parallel
 from jeat_jax import recipes
 from jeat_jax import sampling
-from jeat_jax.errors import UserError
+from jeat_jax.errors import Preempted, UserError
 from jeat_jax.files import read_json, write_json_atomic
 from jeat_jax.logs import format_eta
 # The run's state and model functions, importable from here as before (README, notebook).
@@ -275,6 +277,42 @@ def count_rollback(divergence: np.ndarray, step: int, window_steps: int) -> np.n
   return np.asarray([window, in_window, int(divergence[2]) + 1], np.int32)
 
 
+class PreemptionWatch:
+  """Whether the run must stop now: a preemption notice was received.
+
+  One process: SIGTERM (what spot and preemptible VMs, Kubernetes and SLURM send before
+  they stop a job) sets a flag; the loop checks it after every step. Several processes:
+  JAX's preemption sync point (`multihost_utils.reached_preemption_sync_point`): the
+  coordination service hears the notice on any host (its own SIGTERM handler, or a TPU
+  VM's maintenance event) and names one step at which every process returns True, so
+  that all save the same step together. Use as a context manager: the previous SIGTERM
+  handler comes back at exit.
+  """
+
+  def __init__(self):
+    self._received = False
+    self._previous = None
+    self._multi = jax.process_count() > 1
+    if not self._multi and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  def _on_sigterm(self, signum, frame):  # pylint: disable=unused-argument
+    self._received = True
+
+  def __call__(self, step: int) -> bool:
+    if self._multi:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._received
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
 class RobustWatch:
   """`robust_watch`: PGD-k robust accuracy (Eq. 3 on CE, BatchNorm running statistics) on
   a fixed subset of test points, measured every `eval_every_steps`.
@@ -313,7 +351,7 @@ class RobustWatch:
     if self.best is None or accuracy > self.best['robust_accuracy']:
       self.best = {'step': step, 'robust_accuracy': accuracy,
                    'num_examples': int(self._x.shape[0])}
-      self._checkpointer.save(state)
+      self._checkpointer.save(state, last=True)  # committed before its record names it
       if jax.process_index() == 0:
         write_json_atomic(self._record_path, self.best)
     collapsed = accuracy < self._fraction * self.best['robust_accuracy']
@@ -337,14 +375,17 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns results.json.
 
   The workdir is locked while the run lasts; a workdir of another run, a live holder of
-  the lock or a changed config is refused (jeat_jax/checkpoint.py).
+  the lock or a changed config is refused (jeat_jax/checkpoint.py). A preemption notice
+  (`PreemptionWatch`) saves a checkpoint at the step reached and raises `Preempted`.
   """
-  with ckpt_lib.Checkpointer(workdir, config) as checkpointer:
-    return train_in_workdir(config, workdir, checkpointer)
+  with ckpt_lib.Checkpointer(workdir, config) as checkpointer, PreemptionWatch() as preempted:
+    return train_in_workdir(config, workdir, checkpointer, preempted)
 
 
-def train_in_workdir(config, workdir: str, checkpointer) -> Dict[str, Any]:
+def train_in_workdir(config, workdir: str, checkpointer,
+                     preempted=lambda step: False) -> Dict[str, Any]:
   ds = data_lib.load_dataset(config)
+  ckpt_lib.check_data(workdir, ds.provenance, has_checkpoints=checkpointer.latest_step() is not None)
   mesh = parallel.make_mesh()
   n_train = ds.x_train.shape[0]
   steps_per_epoch = n_train // config.batch_size
@@ -360,7 +401,7 @@ def train_in_workdir(config, workdir: str, checkpointer) -> Dict[str, Any]:
   if config.sampler.name == 'sgld_buffer' and config.sampler.reinit == 'class_gaussian':
     gaussian = sampling.ClassConditionalGaussian.cached(
         generation.gaussian_cache_path(config, workdir), ds.x_train, ds.y_train, ds.num_classes)
-    start_images = class_gaussian_starts(gaussian, mesh.size, image_shape)
+    start_images = class_gaussian_starts(gaussian, image_shape)
   state = create_train_state(config, model, jax.random.PRNGKey(config.seed), image_shape, tx,
                              mesh.size, start_images)
   shardings = state_shardings(mesh, state)
@@ -448,11 +489,16 @@ def train_in_workdir(config, workdir: str, checkpointer) -> Dict[str, Any]:
       writer.write_scalars(step, scalars)
       logging.info(message)
       if 'buffer' in state.extra and jax.process_index() == 0:
-        samples = parallel.first_local_shard(state.extra['buffer'])[0, :64]
+        samples = parallel.first_local_shard(state.extra['buffer'])[:64]
         writer.write_images(step, {'replay_buffer': generation.image_grid(samples, 8)[None]})
     if checkpoint_now:
       checkpointer.save(state, wall_seconds=seconds_before + time.time() - start_time,
                         last=is_last)
+    if not is_last and preempted(step):
+      save_on_preemption(checkpointer, state, metrics, step, guard.max_abs_loss,
+                         seconds_before + time.time() - start_time)
+      writer.flush()
+      raise Preempted(f'preempted at step {step}: checkpoint saved')
   writer.flush()
 
   if test_accuracy is None:  # resumed a finished run
@@ -467,7 +513,7 @@ def train_in_workdir(config, workdir: str, checkpointer) -> Dict[str, Any]:
   if watch and watch.best:
     results['robust_watch_best'] = watch.best
   if config.perturbation.name not in ('none', 'gaussian'):  # adversarial recipes
-    logits_fn = make_logits_fn(model, state.params, state.batch_stats, 'running')
+    logits_fn = evaluate.model_logits(model, state.params, state.batch_stats)
     results['robust_accuracy_pgd10'] = evaluate.robust_accuracy_pgd(
         logits_fn, mesh, x_eval, y_eval, config.eval.batch_size, jax.random.PRNGKey(config.seed))
     logging.info('PGD-10 (eps 8/255) robust accuracy %.4f on %d images',
@@ -475,6 +521,18 @@ def train_in_workdir(config, workdir: str, checkpointer) -> Dict[str, Any]:
   if jax.process_index() == 0:
     write_json_atomic(os.path.join(workdir, 'results.json'), results)
   return results
+
+
+def save_on_preemption(checkpointer, state, metrics, step: int, max_abs_loss: float,
+                       wall_seconds: float) -> None:
+  """The checkpoint of a preempted run at `step`, written before the process goes (the
+  divergence guard's check first: a diverged state is not saved, the run resumes from the
+  last good checkpoint)."""
+  if is_diverged(jax.device_get(metrics), max_abs_loss):
+    logging.warning('preempted at step %d with a diverged state: not saved; the run resumes '
+                    'from step %s', step, checkpointer.latest_step())
+  else:
+    checkpointer.save(state, wall_seconds=wall_seconds, last=True)
 
 
 def earlier_wall_seconds(checkpointer, workdir: str, step: int) -> float:
@@ -490,10 +548,10 @@ def earlier_wall_seconds(checkpointer, workdir: str, step: int) -> float:
   return float(seconds or 0.0)
 
 
-def rollback(checkpointer, config, model, tx, image_shape, num_shards, shardings, retry: int,
+def rollback(checkpointer, config, model, tx, image_shape, num_devices, shardings, retry: int,
              start_images=None):
   """The last good checkpoint (or a fresh init) with the step rng stream changed by `retry`."""
   fresh = jax.device_put(create_train_state(config, model, jax.random.PRNGKey(config.seed),
-                                            image_shape, tx, num_shards, start_images), shardings)
+                                            image_shape, tx, num_devices, start_images), shardings)
   state = checkpointer.restore_latest(fresh) or fresh
   return state.replace(rng=jax.random.fold_in(state.rng, 1_000_003 + retry))

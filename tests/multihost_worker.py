@@ -87,14 +87,6 @@ def equivalence_of(recipe, args, prefix):
     tx = train.create_optimizer(config, train.learning_rate_schedule(config, 16, 4))
     state = train.create_train_state(config, model, jax.random.PRNGKey(config.seed), image_shape,
                                      tx, mesh.size)
-    if 'buffer' in state.extra:
-      # Every slot of every shard holds the same image: the chain starts are then the
-      # same whatever slots each shard draws, so the SGLD negatives (and the loss) do
-      # not depend on the number of shards. The writes show where each chain went.
-      image = jax.random.uniform(jax.random.PRNGKey(7), image_shape)
-      state = state.replace(extra=dict(
-          state.extra, buffer=jnp.broadcast_to(image, state.extra['buffer'].shape)))
-      out[f'{name}/buffer_before'] = np.asarray(image)
     shardings = train.state_shardings(mesh, state)
     state = jax.device_put(state, shardings)
     batch = parallel.sharded_on_first_axis(mesh)
@@ -230,6 +222,7 @@ def reproduce_run(args):
 
 def train_run(args):
   from jeat_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from jeat_jax.errors import Preempted  # pylint: disable=g-import-not-at-top
   from jeat_jax import config_validation, parallel, train  # pylint: disable=g-import-not-at-top
 
   config = distributed_config(args)
@@ -242,6 +235,7 @@ def train_run(args):
     def save_then_die(self, state, **kwargs):
       save(self, state, **kwargs)
       if int(state.step) == args.exit_after_checkpoint:
+        self.wait_until_finished()  # committed, as a checkpoint from an earlier period is
         print(f'process {jax.process_index()}: checkpoint {args.exit_after_checkpoint} '
               'written, exiting hard', flush=True)
         # The other processes go first: process 0 hosts the coordination service, and
@@ -262,7 +256,11 @@ def train_run(args):
     ckpt_lib.Checkpointer.save = save_then_die
 
   start = time.time()
-  results = train.train_and_evaluate(config, args.workdir)
+  try:
+    results = train.train_and_evaluate(config, args.workdir)
+  except Preempted as e:  # as main.py: the checkpoint is saved, a clean exit
+    print(f'process {jax.process_index()}: {e}', flush=True)
+    return
   if jax.process_index() == 0:
     with open(args.out, 'w') as f:
       json.dump(dict(results=results, seconds=time.time() - start,

@@ -167,8 +167,9 @@ def test_untargeted_fab_boundary_of_a_linear_model():
   w_mat = rng.normal(size=(12, 5)).astype(np.float32)
   x = rng.uniform(size=(6, 2, 2, 3)).astype(np.float32)
   y = rng.integers(0, 5, 6)
-  s = FabSettings(lambda z: z.reshape(z.shape[0], -1) @ w_mat, targeted=False)
-  w, gap = _boundary(s, x.shape, jnp.asarray(y), None, jnp.asarray(x.reshape(6, -1)))
+  s = FabSettings(targeted=False)
+  w, gap = _boundary(s, lambda z: z.reshape(z.shape[0], -1) @ w_mat, x.shape, jnp.asarray(y), None,
+                     jnp.asarray(x.reshape(6, -1)))
   z = x.reshape(6, -1) @ w_mat
   for b in range(6):
     dist = [abs(z[b, k] - z[b, y[b]]) / np.abs(w_mat[:, k] - w_mat[:, y[b]]).sum()
@@ -184,12 +185,12 @@ def test_fab_run_is_its_steps_in_the_reference_order(setup, rank):
   (fra31, torchattacks) orders it: linearise, step, check with a forward pass."""
   logits_fn, x, y = setup
   x, y = x[:16], y[:16]
-  s = FabSettings(logits_fn, targeted=rank is not None)
+  s = FabSettings(targeted=rank is not None)
   x0 = x.reshape(16, -1)
   target = ranked_class(logits_fn(x), rank or 2)
   carry = (x0, x0, jnp.full((16,), jnp.inf))
   for _ in range(8):
-    w, gap = _boundary(s, x.shape, y, target, carry[0])
+    w, gap = _boundary(s, logits_fn, x.shape, y, target, carry[0])
     carry = (step_towards_boundary(s, x0, carry[0], w, gap),) + carry[1:]
     carry = _check(s, x0, y, logits_fn(carry[0].reshape(x.shape)), carry)
   adv, best = fab_run(logits_fn, x, y, rank, n_iter=8)
@@ -323,8 +324,9 @@ def test_run_autoattack_robust_accuracy_never_exceeds_clean(setup):
 def test_run_autoattack_rand_version_with_a_stochastic_model(setup):
   logits_fn, x, y = setup
 
-  def noisy_logits(images, key):   # a randomised defence: Gaussian input noise
-    return logits_fn(jnp.clip(images + 0.02 * jax.random.normal(key, images.shape), 0.0, 1.0))
+  def noisy_logits(images, keys):   # a randomised defence: Gaussian input noise, per image
+    noise = jax.vmap(lambda k: jax.random.normal(k, images.shape[1:]))(keys)
+    return logits_fn(jnp.clip(images + 0.02 * noise, 0.0, 1.0))
 
   result = run_autoattack(noisy_logits, np.asarray(x[:16]), np.asarray(y[:16]), eps=EPS,
                           key=jax.random.PRNGKey(0), version='rand', batch_size=16, n_iter=5,

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from jeat_jax import checkpoint as ckpt_lib
+from jeat_jax import data as data_lib
 from jeat_jax.errors import WorkdirError
 from tests.conftest import REPO, smoke_config, write_synthetic_npz
 from tests.test_parallel import worker_env
@@ -73,13 +74,16 @@ def raw_checkpoint(workdir, step):
 
 @pytest.fixture(scope='module')
 def resumed_on_fewer_devices(module_dir, data_path):
-  """JEM (SGLD from a replay buffer, 64 images) trained 2 steps on 4 devices, then resumed
-  to step 4 on 2. Returns the workdir and the two runs' outputs."""
+  """JEM (SGLD from a replay buffer of 62 images: 64 rows on 4 devices, 62 on 2) trained 2
+  steps on 4 devices, then resumed to step 4 on 2. Returns the workdir, the step-2 buffer
+  and the second run's output."""
   workdir = module_dir / 'four_then_two'
-  rc, first = run_main(module_dir, 4, 'jem', workdir, data_path, '--config.num_train_steps=2')
+  rc, first = run_main(module_dir, 4, 'jem', workdir, data_path, '--config.num_train_steps=2',
+                       '--config.sampler.buffer_size=62')
   assert rc == 0, first[-3000:]
   saved = raw_checkpoint(workdir, 2)['extra']['buffer']
-  rc, second = run_main(module_dir, 2, 'jem', workdir, data_path, '--config.num_train_steps=4')
+  rc, second = run_main(module_dir, 2, 'jem', workdir, data_path, '--config.num_train_steps=4',
+                        '--config.sampler.buffer_size=62')
   assert rc == 0, second[-3000:]
   return workdir, saved, second
 
@@ -87,10 +91,10 @@ def resumed_on_fewer_devices(module_dir, data_path):
 @pytest.mark.slow  # share a 4-device training subprocess
 def test_resume_on_fewer_devices_finishes(resumed_on_fewer_devices):
   workdir, saved, log = resumed_on_fewer_devices
-  assert saved.shape == (4, 16, 32, 32, 3)
-  assert "re-split extra['buffer'] from (4, 16, 32, 32, 3) to (2, 32, 32, 32, 3)" in log, log[-3000:]
+  assert saved.shape == (64, 32, 32, 3) and not saved[62:].any()  # 62 entries, 2 rows of padding
+  assert "holds extra['buffer'] as (64, 32, 32, 3), this run's devices need (62, 32, 32, 3)" in log, log[-3000:]
   assert json.loads((workdir / 'results.json').read_text())['step'] == 4
-  assert raw_checkpoint(workdir, 4)['extra']['buffer'].shape == (2, 32, 32, 32, 3)
+  assert raw_checkpoint(workdir, 4)['extra']['buffer'].shape == (62, 32, 32, 3)
 
 
 class ItemsState:
@@ -108,8 +112,8 @@ class ItemsState:
 
 @pytest.mark.slow  # share a 4-device training subprocess
 def test_restore_onto_one_device_keeps_the_buffer_images(resumed_on_fewer_devices, data_path):
-  """The step-2 checkpoint (4 shards) restored by Checkpointer onto this process's single
-  device: the same 64 images, in the same order (so the same set)."""
+  """The step-2 checkpoint (4 devices, 64 rows) restored by Checkpointer onto this process's
+  single device: the same 62 images, in the same order."""
   workdir, saved, _ = resumed_on_fewer_devices
   step2_dir = workdir.parent / 'step2_only'
   os.makedirs(step2_dir, exist_ok=True)
@@ -117,14 +121,14 @@ def test_restore_onto_one_device_keeps_the_buffer_images(resumed_on_fewer_device
     copy = shutil.copytree if os.path.isdir(workdir / name) else shutil.copy
     copy(workdir / name, step2_dir / name)
   items = jax.tree.map(jnp.zeros_like, raw_checkpoint(workdir, 2))
-  items['extra']['buffer'] = jnp.zeros((1, 64, 32, 32, 3))  # as create_train_state on 1 device
-  config = smoke_config('jem', data_path, num_train_steps=2)
+  items['extra']['buffer'] = jnp.zeros((62, 32, 32, 3))  # as create_train_state on 1 device
+  config = smoke_config('jem', data_path, num_train_steps=2, **{'sampler.buffer_size': 62})
   with ckpt_lib.Checkpointer(str(step2_dir), config, for_training=False) as checkpointer:
     restored = checkpointer.restore_latest(ItemsState(items=items)).items
   assert int(restored['step']) == 2
   buffer = np.asarray(restored['extra']['buffer'])
-  assert buffer.shape == (1, 64, 32, 32, 3)
-  np.testing.assert_array_equal(buffer.reshape(64, -1), saved.reshape(64, -1))
+  assert buffer.shape == (62, 32, 32, 3)
+  np.testing.assert_array_equal(buffer, saved[:62])
 
 
 class PoolState(flax.struct.PyTreeNode):
@@ -136,53 +140,74 @@ class PoolState(flax.struct.PyTreeNode):
     return dict(step=self.step, extra=self.extra)
 
 
-def pool_state(devices, buffer_shape, step=0, fill=False):
-  """A replay buffer (entry i filled with i) and a Free AT delta (8 images), both sharded on
-  axis 0 over a mesh of `devices`."""
+def pool_state(devices, rows, step=0, fill=False, entries=None):
+  """A replay buffer and an EB-JDAT re-initialisation pool of `entries` (default: their
+  rows) images, entry i filled with i + 1 (their padding with 0), laid out as `rows`, and a
+  Free AT delta (8 images); all sharded on axis 0 over a mesh of `devices`."""
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   mesh = Mesh(np.asarray(devices), ('data',))
-  n = buffer_shape[0] * buffer_shape[1]
-  buffer = np.zeros((n, 2, 2, 3), np.float32)
-  delta = np.zeros((8, 2, 2, 3), np.float32)
-  if fill:
-    buffer += np.arange(n, dtype=np.float32)[:, None, None, None]
-    delta += np.arange(8, dtype=np.float32)[:, None, None, None] / 10
   shard = NamedSharding(mesh, P('data'))
+
+  def pool(shape, n):
+    values = np.zeros((int(np.prod(shape[:-3])), 2, 2, 3), np.float32)
+    if fill:
+      values[:n] += np.arange(1, n + 1, dtype=np.float32)[:, None, None, None]
+    return jax.device_put(values.reshape(shape), shard)
+
+  buffer_rows, pool_rows = rows
+  buffer_entries, pool_entries = entries or (buffer_rows[0], pool_rows[0])
+  delta = np.zeros((8, 2, 2, 3), np.float32) + fill * np.arange(8.0)[:, None, None, None] / 10
   return PoolState(step=jax.device_put(jnp.int32(step), NamedSharding(mesh, P())),
-                   extra={'buffer': jax.device_put(buffer.reshape(buffer_shape), shard),
+                   extra={'buffer': pool((*buffer_rows, 2, 2, 3), buffer_entries),
+                          'reinit_pool': pool((*pool_rows, 2, 2, 3), pool_entries),
                           'free_delta': jax.device_put(delta, shard)})
 
 
 def reshard_worker(workdir: str, data_path: str) -> None:
-  """Run in a subprocess with 4 CPU devices: saves a 4-shard state, restores it on 2 and 1."""
+  """Run in a subprocess with 4 CPU devices: saves a state of 4 devices (a buffer of 10
+  entries in 12 rows, a pool of 6 in 8), restores it on 2, 1 and 4 devices; then a buffer
+  of the older layout (devices, entries per device, ...)."""
   assert jax.device_count() == 4
-  config = smoke_config('jeat', data_path)
-  saved = pool_state(jax.devices(), (4, 4, 2, 2, 3), step=2, fill=True)
+  config = smoke_config('ebjdat', data_path, **{'sampler.buffer_size': 10,
+                                                 'sampler.reinit_pool_size': 6})
+  saved = pool_state(jax.devices(), ((12,), (8,)), step=2, fill=True, entries=(10, 6))
   ckpt_lib.Checkpointer(workdir, config).save(saved)  # released when collected
   for n in (2, 1, 4):
-    target = pool_state(jax.devices()[:n], (n, 16 // n, 2, 2, 3))
+    rows = (-(-10 // n) * n, -(-6 // n) * n)
+    target = pool_state(jax.devices()[:n], ((rows[0],), (rows[1],)))
     restored = ckpt_lib.Checkpointer(workdir, config, for_training=False).restore_latest(target)
-    for name in ('buffer', 'free_delta'):
-      got, want = restored.extra[name], saved.extra[name]
+    for name, size in (('buffer', 10), ('reinit_pool', 6), ('free_delta', 8)):
+      got, want = np.asarray(restored.extra[name]), np.asarray(saved.extra[name])
       assert got.shape == target.extra[name].shape, (n, name, got.shape)
-      assert got.sharding == target.extra[name].sharding, (n, name, got.sharding)
-      # Entry i of the saved buffer is entry i of the restored one: the same images, in order.
-      np.testing.assert_array_equal(np.asarray(got).reshape(-1, 12), np.asarray(want).reshape(-1, 12),
-                                    err_msg=f'{n} devices, {name}')
-    print(f'{n} devices: buffer {restored.extra["buffer"].shape}, '
-          f'{len(restored.extra["buffer"].addressable_shards)} shards', flush=True)
-  bad = pool_state(jax.devices()[:1], (1, 15, 2, 2, 3))  # 15 entries: buffer_size changed
+      assert restored.extra[name].sharding == target.extra[name].sharding, (n, name)
+      # Entry i of the saved pool is entry i of the restored one; the padding is zeros.
+      np.testing.assert_array_equal(got[:size], want[:size], err_msg=f'{n} devices, {name}')
+      assert not got[size:].any(), (n, name)
+    print(f'{n} devices: buffer {restored.extra["buffer"].shape}', flush=True)
+  bad = smoke_config('ebjdat', data_path, **{'sampler.buffer_size': 15,
+                                             'sampler.reinit_pool_size': 6})
   try:
-    ckpt_lib.Checkpointer(workdir, config, for_training=False).restore_latest(bad)
+    ckpt_lib.Checkpointer(workdir, bad, for_training=False).restore_latest(
+        pool_state(jax.devices()[:1], ((15,), (6,))))
     raise AssertionError('a buffer of another size was restored')
   except WorkdirError as e:
-    assert 'buffer_size' in str(e) and '(4, 4, 2, 2, 3)' in str(e), e
+    assert 'sampler.buffer_size' in str(e) and '(12, 2, 2, 3)' in str(e), e
+  # The layout of the checkpoints written before the global pools: (devices, per device, ...).
+  old = pool_state(jax.devices(), ((4, 4), (4, 2)), step=3, fill=True, entries=(16, 8))
+  old_config = smoke_config('ebjdat', data_path, **{'sampler.buffer_size': 16,
+                                                     'sampler.reinit_pool_size': 8})
+  ckpt_lib.Checkpointer(workdir + '_old', old_config).save(old)
+  restored = ckpt_lib.Checkpointer(workdir + '_old', old_config, for_training=False).restore_latest(
+      pool_state(jax.devices()[:1], ((16,), (8,))))
+  np.testing.assert_array_equal(np.asarray(restored.extra['buffer']).ravel()[::12],
+                                np.arange(1, 17))
   print('reshard ok', flush=True)
 
 
-def test_checkpointer_resplits_buffer_and_free_delta(tmp_path, module_dir, data_path):
-  """A buffer saved as 4 x 4 is restored as 2 x 8 and 1 x 16 (entries in order) and a Free AT
-  delta of 8 images onto 2 and 1 devices; a buffer of another size is refused."""
+def test_checkpointer_repads_the_pools_for_any_device_count(tmp_path, module_dir, data_path):
+  """A buffer (10 entries) and a pool (6) saved from 4 devices are restored onto 2, 1 and 4
+  devices (entries in order, padding zeros), with a Free AT delta of 8 images; a buffer of
+  another size is refused; a buffer of the older per-device layout is read in order."""
   code = ('import sys; from tests.test_checkpoint_safety import reshard_worker; '
           'reshard_worker(sys.argv[1], sys.argv[2])')
   proc = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'w'), data_path], cwd=REPO,
@@ -286,3 +311,47 @@ def test_second_training_on_a_workdir_is_refused_until_the_holder_dies(tmp_path,
   proc = subprocess.run([sys.executable, '-c', code, str(workdir)], cwd=REPO, capture_output=True,
                         text=True, timeout=120, env=env_with_devices(module_dir, 1))
   assert proc.stdout.strip() == 'taken', proc.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- (g) resume rules
+
+def test_run_length_may_change_only_under_schedules_that_do_not_depend_on_it():
+  saved = {'schedule.name': 'onecycle', 'num_epochs': 15, 'num_train_steps': 0}
+  for schedule in ('onecycle', 'cosine', 'cosine_onecycle'):
+    longer = dict(saved, **{'schedule.name': schedule, 'num_epochs': 30})
+    message = ckpt_lib.run_length_change(dict(saved, **{'schedule.name': schedule}), longer)
+    assert 'num_epochs: saved 15, now 30' in message and schedule in message, message
+  # num_train_steps > 0 sets the length: num_epochs is then not part of it.
+  by_steps = dict(saved, num_train_steps=100)
+  assert ckpt_lib.run_length_change(by_steps, dict(by_steps, num_epochs=30)) is None
+  assert 'num_train_steps: saved 100, now 200' in ckpt_lib.run_length_change(
+      by_steps, dict(by_steps, num_train_steps=200))
+  for schedule in ('constant', 'multistep'):  # boundaries in epochs: a longer run extends it
+    same = dict(saved, **{'schedule.name': schedule})
+    assert ckpt_lib.run_length_change(same, dict(same, num_epochs=30)) is None
+
+
+@pytest.mark.slow  # three main.py runs: a minute on 2 cores
+def test_resume_refuses_a_new_run_length_under_cosine_and_other_data(module_dir, data_path):
+  """The one line a user sees when a resume would make the learning rate jump, and when it
+  would train on other data (data.json, written at the first start)."""
+  workdir = module_dir / 'resume_rules'
+  cosine = '--config.schedule.name=cosine'
+  rc, out = run_main(module_dir, 1, 'natural', workdir, data_path, cosine,
+                     '--config.num_train_steps=2')
+  assert rc == 0, out[-3000:]
+  data = json.loads((workdir / 'data.json').read_text())
+  assert data['source'] == 'npz' and len(data['sha256']) == 64
+  rc, out = run_main(module_dir, 1, 'natural', workdir, data_path, cosine,
+                     '--config.num_train_steps=4')
+  assert rc == 2
+  line = error_line(out)
+  assert "schedule.name='cosine'" in line and 'num_train_steps: saved 2, now 4' in line, line
+  print(line)
+  other = write_synthetic_npz(module_dir / 'other.npz', n_train=64, n_test=32, seed=1)
+  rc, out = run_main(module_dir, 1, 'natural', workdir, other, cosine,
+                     '--config.num_train_steps=2')
+  assert rc == 2
+  line = error_line(out)
+  assert data["sha256"] in line and data_lib.file_sha256(other) in line, line
+  print(line)

@@ -128,12 +128,12 @@ def test_clamped_sgld_step_by_hand():
           c.sampler.clip) == (0.25, 2.0, 0.0, 10, True)
 
 
-def test_reinitialised_chains_start_from_the_pool_of_their_shard():
-  buffer = jnp.zeros((2, 6, 1, 1, 1))
-  pool = jnp.arange(2 * 5, dtype=jnp.float32).reshape(2, 5, 1, 1, 1) + 1
-  starts, _ = sampling.draw_from_buffer(buffer, jax.random.PRNGKey(0), 8, 1.0, pool=pool)
-  starts = np.asarray(starts).reshape(2, 4)
-  assert set(starts[0]) <= {1, 2, 3, 4, 5} and set(starts[1]) <= {6, 7, 8, 9, 10}
+def test_reinitialised_chains_start_from_the_entries_of_the_pool():
+  buffer = jnp.zeros((12, 1, 1, 1))
+  pool = jnp.arange(8, dtype=jnp.float32).reshape(8, 1, 1, 1) + 1  # 5 entries, 3 rows of padding
+  starts, _ = sampling.draw_from_buffer(buffer, jax.random.PRNGKey(0), 64, 1.0, pool=pool,
+                                        pool_size=5)
+  assert set(np.asarray(starts).ravel()) == {1, 2, 3, 4, 5}
   kept, _ = sampling.draw_from_buffer(buffer, jax.random.PRNGKey(0), 8, 0.0, pool=pool)
   assert np.all(np.asarray(kept) == 0)
 
@@ -142,9 +142,9 @@ def test_class_gaussian_images_are_of_random_classes():
   """Each image is mu_c + L_c z of a random class c: with L = 0 the class means."""
   means = np.array([[0.1] * 4, [0.5] * 4, [0.9] * 4], np.float32)
   gaussian = sampling.ClassConditionalGaussian(means, np.zeros((3, 4, 4), np.float32))
-  images = np.asarray(sampling.class_gaussian_images(gaussian, jax.random.PRNGKey(0), 2, 30,
+  images = np.asarray(sampling.class_gaussian_images(gaussian, jax.random.PRNGKey(0), 30,
                                                      (2, 2, 1)))
-  assert images.shape == (2, 15, 2, 2, 1)
+  assert images.shape == (30, 2, 2, 1)
   values = np.unique(images.round(5))
   np.testing.assert_allclose(values, [0.1, 0.5, 0.9], atol=1e-5)
 
@@ -165,7 +165,7 @@ def step_setup():
   assert config.optimizer.sam_rho == 2.0 and config.model.norm == 'batch'
   model = models.create_model(config.model, 10)
   tx = train.create_optimizer(config, train.learning_rate_schedule(config, 10, 10))
-  starts = lambda key, n: jax.random.uniform(key, (1, n, 32, 32, 3))
+  starts = lambda key, n: jax.random.uniform(key, (n, 32, 32, 3))
   state = train.create_train_state(config, model, jax.random.PRNGKey(0), (32, 32, 3), tx, 1,
                                    starts)
   rng = np.random.default_rng(0)
@@ -214,7 +214,7 @@ def test_energy_terms_see_the_unaugmented_batch(step_setup):
   assert abs(float(metrics['energy_x_data']) - np.mean(energy_by_hand(as_np['x']))) > 1e-4
   # As many SGLD chains as energy data (their sample_q draws batch_size = |x+| chains): the
   # step writes back at most that many buffer entries.
-  changed = np.any(np.asarray(new_state.extra['buffer'] != state.extra['buffer']), axis=(2, 3, 4))
+  changed = np.any(np.asarray(new_state.extra['buffer'] != state.extra['buffer']), axis=(1, 2, 3))
   assert 0 < changed.sum() <= xe_u8.shape[0] < x_u8.shape[0]
   # Train accuracy of the labelled (augmented) batch, not of x~ (pushed towards its class).
   np.testing.assert_allclose(metrics['train_accuracy'],

@@ -58,8 +58,11 @@ def _evaluate_reduced(trained_workdir, attacks: str, autoattack_points: int):
 
 
 def test_autoattack_on_a_subset(trained_workdir):
-  (pgd, aa), workdir = _evaluate_reduced(trained_workdir, 'pgd20,autoattack', 24)
+  (pgd, apgd, aa), workdir = _evaluate_reduced(trained_workdir, 'pgd20,apgd_ce,autoattack', 24)
   assert pgd['num_examples'] == 96 and aa['num_examples'] == 24
+  # APGD-CE alone: AutoAttack's first stage, on every point, filed with its cut iterations.
+  assert apgd['name'] == 'apgd_ce (0.05x)' and apgd['num_examples'] == 96
+  assert [s['name'] for s in apgd['stages']] == ['clean', 'apgd-ce']
   assert aa['name'] == 'autoattack (0.05x)'  # cut iterations: not filed as AutoAttack
   table = open(os.path.join(workdir, 'eval', 'robustness.md')).read()
   assert '| AutoAttack (0.05x, reduced strength) | 8/255 | 24 |' in table

@@ -1,9 +1,11 @@
 """notebooks/jeat_colab.ipynb runs top to bottom (nbclient) at smoke scale."""
 import json
 import os
+import tomllib
 
 import pytest
 
+from configs import jeat
 from tests.conftest import REPO, STANDIN, write_synthetic_npz
 
 NOTEBOOK = REPO / 'notebooks' / 'jeat_colab.ipynb'
@@ -65,7 +67,7 @@ def runtime_helpers():
 
 
 def test_tpu_runtime_takes_the_tpu_path(monkeypatch):
-  """A TPU runtime, faked: jax[tpu] is installed, the TPU is announced, the WRN-28-10 run chosen.
+  """A TPU runtime, faked: `.[tpu]` is installed, the TPU is announced, the WRN-28-10 run chosen.
 
   No TPU is reachable here, so this calls the notebook's decisions with fake inputs (the
   environment and /dev of a Colab TPU VM, a backend that says 'tpu', eight TPU devices); what
@@ -80,19 +82,23 @@ def test_tpu_runtime_takes_the_tpu_path(monkeypatch):
   assert detect({}, no_files, lambda p: '/usr/bin/nvidia-smi') == 'gpu'
   assert detect({}, no_files, no_programs) == 'cpu'
 
-  monkeypatch.chdir(REPO)  # install_commands reads pyproject.toml from the repository root
-  (command,) = h['install_commands']('tpu', have_tensorflow=False, python='python')
-  assert command == ['python', '-m', 'pip', 'install', '-q', '-e', '.', 'jax[tpu]']
-  package, requirements = h['install_commands']('tpu', have_tensorflow=True, python='python')
-  assert package[-3:] == ['--no-deps', '-e', '.']
-  assert requirements[-1] == 'jax[tpu]' and 'flax>=0.10' in requirements
-  assert not any(r.startswith('tensorflow-cpu') for r in requirements)  # Colab's TF stays
-  assert h['install_commands']('gpu', False, 'python')[0][-1] == 'jax[cuda12]'
+  # The install goes through pyproject.toml's extras, which pin the accelerator's JAX build to
+  # the jax version of requirements.txt.
+  assert h['install_command']('tpu', python='python') == [
+      'python', '-m', 'pip', 'install', '-q', '-e', '.[tpu]']
+  assert h['install_command']('gpu', 'python')[-1] == '.[cuda12]'
+  assert h['install_command']('cpu', 'python')[-1] == '.'
+  with open(REPO / 'pyproject.toml', 'rb') as f:
+    extras = tomllib.load(f)['project']['optional-dependencies']
+  with open(REPO / 'requirements.txt') as f:
+    jax_pin = next(line.strip() for line in f if line.startswith('jax=='))
+  version = jax_pin[len('jax'):]  # '==0.10.2'
+  assert extras['tpu'] == [f'jax[tpu]{version}'] and extras['cuda12'] == [f'jax[cuda12]{version}']
 
   line = h['describe_backend']('tpu', [FakeDevice('TPU v2')] * 8, 'tpu')
   assert line.startswith("Using this runtime's TPU. JAX backend 'tpu': 8 x TPU v2"), line
   unused = h['describe_backend']('cpu', [FakeDevice('cpu')], 'tpu')
-  assert 'WARNING' in unused and "pip install -U 'jax[tpu]'" in unused
+  assert 'WARNING' in unused and "pip install -e '.[tpu]'" in unused
 
   choose = h['choose_scale']
   assert choose('tpu') == choose('gpu') == 'accelerator' and choose('cpu') == 'smoke'
@@ -100,9 +106,14 @@ def test_tpu_runtime_takes_the_tpu_path(monkeypatch):
   with pytest.raises(ValueError, match='SCALE'):
     choose('tpu', 'huge')
 
-  config = h['make_config']('accelerator', 8)
+  config = h['make_config']('accelerator')
   assert (config.model.depth, config.model.width, config.model.dtype) == (28, 10, 'bfloat16')
   assert config.num_train_steps == 500 and config.sampler.num_steps == 20
-  for size in (config.batch_size, config.eval.batch_size, config.sampler.buffer_size):
-    assert size % 8 == 0  # splits over the eight cores of a TPU v2-8 / v3-8
-  assert h['make_config']('smoke', 1).num_train_steps == 4
+  # The CLI's config, whatever the device count: no rounding of its own (the CLI takes any
+  # eval.batch_size on any number of devices).
+  cli = jeat.get_config()
+  assert config.eval.batch_size == cli.eval.batch_size and config.batch_size == cli.batch_size
+  for scale in ('smoke', 'cpu', 'paper'):
+    assert h['make_config'](scale).to_dict() == jeat.get_config(
+        None if scale == 'paper' else scale).to_dict(), scale
+  assert h['make_config']('smoke').num_train_steps == 4

@@ -93,22 +93,15 @@ def free_port() -> int:
 
 # ----------------------------------------------------------------------------- 8 devices vs 1
 
-def changed_entries(buffer, initial):
-  """Per shard, the buffer entries that differ from the initial (constant) image."""
-  return [shard[np.any(shard != initial, axis=(1, 2, 3))] for shard in buffer]
-
-
 @pytest.mark.slow  # subprocesses on simulated devices: minutes on 2 cores
 def test_eight_devices_match_one_device(tmp_path, data_path, jax_cache):
   """One train step on a mesh of 8 CPU devices and on a mesh of 1, same global batch of 16.
 
-  JEAT: the replay buffer starts with the same image in every slot, so the chain
-  starts do not depend on which slots each shard draws, and the SGLD negatives,
-  the loss and the update must agree. The shard layout still differs (1 x 64 vs
-  8 x 8 slots), and that is what the buffer checks look at: the buffer is split
-  over the 8 devices, and each device writes its own 2 chain ends into its own
-  shard. AT (PGD on CE, BatchNorm): the BatchNorm statistics of a sharded batch
-  are those of the whole global batch, not per device.
+  JEAT: the replay buffer is one global array of 64 entries, sharded over the 8
+  devices (8 rows each) against held by one; the same seed draws the same slots on
+  both, so the SGLD negatives, the loss, the update and the buffer written back must
+  agree. AT (PGD on CE, BatchNorm): the BatchNorm statistics of a sharded batch are
+  those of the whole global batch, not per device.
   """
   out = tmp_path / 'eq.npz'
   proc = launch(tmp_path, jax_cache, 'equivalence', 8, '--mode=equivalence', '--recipe=jeat,at',
@@ -140,25 +133,15 @@ def test_eight_devices_match_one_device(tmp_path, data_path, jax_cache):
                                  err_msg=f'{recipe} {k}')
   assert any(k.startswith('at/one/batch_stats') for k in d.files)
 
-  # The buffer is really sharded: spec P('data'), 8 devices, one (1, 8, 32, 32, 3) block each.
+  # The buffer is really sharded: spec P('data'), 8 devices, one (8, 32, 32, 3) block each.
   assert d['jeat/all/buffer_spec'] == "P('data',)" and int(d['jeat/all/buffer_mesh_size']) == 8
-  shards = d['jeat/all/buffer_shards']  # rows: device id, shard index, block shape
-  assert sorted(shards[:, 0]) == list(range(8)) and sorted(shards[:, 1]) == list(range(8))
-  assert all(tuple(row[2:]) == (1, 8, 32, 32, 3) for row in shards)
-  assert tuple(d['jeat/one/buffer_shards'][0, 2:]) == (1, 64, 32, 32, 3)
-
-  # Each device wrote its own 2 chains (1 if both drew the same slot) into its shard,
-  # and they are chains of the 1-device run: every one of them is there, except
-  # chains the 1-device run lost to a slot collision (16 writes into 64 slots).
-  initial = d['jeat/one/buffer_before']
-  written_one = changed_entries(d['jeat/one/buffer'], initial)[0]
-  written_all = changed_entries(d['jeat/all/buffer'], initial)
-  assert all(1 <= len(w) <= 2 for w in written_all), [len(w) for w in written_all]
-  lost_in_one = 16 - len(written_one)
-  unmatched = sum(
-      1 for w in written_all for img in w
-      if np.abs(written_one - img).max(axis=(1, 2, 3)).min() > 1e-6)
-  assert unmatched <= lost_in_one, (unmatched, lost_in_one)
+  shards = d['jeat/all/buffer_shards']  # rows: device id, first row, block shape
+  assert sorted(shards[:, 0]) == list(range(8)) and sorted(shards[:, 1]) == list(range(0, 64, 8))
+  assert all(tuple(row[2:]) == (8, 32, 32, 3) for row in shards)
+  assert tuple(d['jeat/one/buffer_shards'][0, 2:]) == (64, 32, 32, 3)
+  # The same chains written back to the same slots (16 chains, 64 slots). SGLD's 20 steps
+  # amplify the all-reduce's round-off a little: measured below 1e-5.
+  np.testing.assert_allclose(d['jeat/all/buffer'], d['jeat/one/buffer'], rtol=0, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- 2 processes
@@ -227,7 +210,7 @@ def test_two_processes_killed_resumed_match_one_process(tmp_path, data_path, jax
   step_multi, multi_state = restore_on_one_device(str(multi))
   step_single, single_state = restore_on_one_device(str(single))
   assert step_multi == step_single == 4
-  assert multi_state['extra']['buffer'].shape == (2, 32, 32, 32, 3)
+  assert multi_state['extra']['buffer'].shape == (64, 32, 32, 3)
   assert set(multi_state) == set(single_state) == {
       'step', 'params', 'batch_stats', 'opt_state', 'rng', 'extra', 'divergence'}
   for part in multi_state:

@@ -64,7 +64,7 @@ def test_recipe_smoke_trains(trained, recipe):
   assert correct == pytest.approx(round(correct))
   if recipe in ('at', 'jeat'):
     model, state, ds, mesh = train.load_trained(config, workdir)
-    logits_fn = train.make_logits_fn(model, state.params, state.batch_stats, 'running')
+    logits_fn = evaluate.model_logits(model, state.params, state.batch_stats)
     robust = evaluate.robust_accuracy_pgd(logits_fn, mesh, ds.x_test[:n], ds.y_test[:n],
                                           config.eval.batch_size, jax.random.PRNGKey(config.seed))
     assert results['robust_accuracy_pgd10'] == robust

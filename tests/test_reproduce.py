@@ -160,5 +160,5 @@ def test_validation_for_child_jobs_leaves_jax_backend_alone(monkeypatch):
   with pytest.raises(AssertionError, match='device_count'):
     reproduce.validated_configs([reproduce.RUNS_BY_NAME['jeat']], 'cpu', '')
   bad = dataclasses.replace(reproduce.RUNS_BY_NAME['at'], overrides=(('batch_size', 100),))
-  with pytest.raises(app.UsageError, match='batch_size must be divisible by the 3 devices'):
+  with pytest.raises(app.UsageError, match='batch_size=100 must be divisible by the 3 devices'):
     reproduce.validated_configs([bad], 'cpu', '', devices=3)

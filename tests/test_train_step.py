@@ -79,7 +79,7 @@ def jeat_reference(config, model, state, x_uint8, y):
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   params = jax.tree.map(lambda w, g: w - config.optimizer.lr * g, state.params, grads)
-  return dict(x_neg=x_neg, slots=slots[0], loss=loss, params=params, logits_clean=logits(x),
+  return dict(x_neg=x_neg, slots=slots, loss=loss, params=params, logits_clean=logits(x),
               logits_adv=logits(x_adv), logits_new_adv=f(params)(x_adv))
 
 
@@ -102,7 +102,7 @@ def test_jeat_step_matches_a_hand_written_reference():
 
   np.testing.assert_allclose(metrics['loss'], ref['loss'], rtol=1e-5)
   assert_trees_close(new_state.params, ref['params'], rtol=1e-4, atol=1e-6)
-  old, new = np.asarray(state.extra['buffer'][0]), np.asarray(new_state.extra['buffer'][0])
+  old, new = np.asarray(state.extra['buffer']), np.asarray(new_state.extra['buffer'])
   slots, counts = np.unique(np.asarray(ref['slots']), return_counts=True)
   assert len(slots) >= BATCH - 2
   for i, slot in enumerate(np.asarray(ref['slots'])):

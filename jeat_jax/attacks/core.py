@@ -26,14 +26,47 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.tree_util import Partial
 
 Objective = Callable[[jax.Array], jax.Array]   # x_adv -> per-example value to ascend
 LogitsFn = Callable[[jax.Array], jax.Array]
 
 
+def as_argument(logits_fn: Callable) -> Partial:
+  """`logits_fn` as a pytree that jitted code takes as an argument.
+
+  A `jax.tree_util.Partial` (`evaluate.model_logits`: the model's apply with its
+  variables bound) passes its bound arrays as arguments of the compiled computation, so
+  they are not compiled in as constants and keep their sharding; its function is static.
+  Any other callable is wrapped with no arrays bound (what it closes over is compiled in).
+  """
+  return logits_fn if isinstance(logits_fn, Partial) else Partial(logits_fn)
+
+
+def is_key_batch(key: jax.Array) -> bool:
+  """Whether `key` holds one key per example ([B] typed keys, [B, 2] raw ones)."""
+  typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+  return key.ndim == (1 if typed else 2)
+
+
+def example_keys(key: jax.Array, n: int) -> jax.Array:
+  """One key per example: fold_in(key, j) for the j-th of n, or `key` where it already holds
+  one per example. An example's draws from its own key do not depend on the size of its
+  batch (padding) or on the devices the batch is split over."""
+  return key if is_key_batch(key) else jax.vmap(lambda j: jax.random.fold_in(key, j))(
+      jnp.arange(n))
+
+
 def uniform_start(key: jax.Array, x: jax.Array, eps: float) -> jax.Array:
-  """x + U(-eps, eps), clipped to [0, 1]: the random start of PGD and Alg. 1-2."""
-  delta = jax.random.uniform(key, x.shape, x.dtype, -eps, eps)
+  """x + U(-eps, eps), clipped to [0, 1]: the random start of PGD and Alg. 1-2.
+
+  `key`: one key for the batch, or one per example (`example_keys`; evaluation), each
+  example's start then drawn from its own key.
+  """
+  if is_key_batch(key):
+    delta = jax.vmap(lambda k: jax.random.uniform(k, x.shape[1:], x.dtype, -eps, eps))(key)
+  else:
+    delta = jax.random.uniform(key, x.shape, x.dtype, -eps, eps)
   return jnp.clip(x + delta, 0.0, 1.0)
 
 
@@ -116,7 +149,8 @@ def pgd(objective: Objective, x: jax.Array, key: jax.Array, eps: float, step_siz
         num_steps: int, random_start: bool = True, unroll: int = 1) -> jax.Array:
   """PGD (Eq. 3): `num_steps` projected sign-ascent steps of size `step_size`.
 
-  Starts from `uniform_start` when `random_start`, else from x. Also serves as
+  Starts from `uniform_start` (`key`: one, or one per example) when `random_start`, else
+  from x. Also serves as
   Fast AT's FGSM-RS (one step from a random start) and, on `cw_margin`, as
   CW-inf.
   """

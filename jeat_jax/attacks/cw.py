@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from jeat_jax.attacks.autoattack.apgd import iterate, jit_call, use_host_loop
-from jeat_jax.attacks.core import cw_margin
+from jeat_jax.attacks.core import as_argument, cw_margin
 
 TANH_SHRINK = 0.999999   # keeps arctanh finite at pixels equal to 0 or 1 (as Carlini's code)
 
@@ -47,7 +47,6 @@ def cw_objective(logits_fn: Callable, w: jax.Array, x: jax.Array, y: jax.Array, 
 
 
 class CwSettings(NamedTuple):
-  logits_fn: Callable
   c: float = 0.2
   kappa: float = 0.0
   steps: int = 50
@@ -64,10 +63,10 @@ def _cw_init(s: CwSettings, x):
               active=jnp.ones((batch,), bool))
 
 
-def _cw_body(s: CwSettings, x, y, i, state):
+def _cw_body(s: CwSettings, x, y, logits_fn, i, state):
   """One Adam step on w; tracks the smallest misclassified iterate; early-abort check."""
   def total(w):
-    cost, aux = cw_objective(s.logits_fn, w, x, y, s.c, s.kappa)
+    cost, aux = cw_objective(logits_fn, w, x, y, s.c, s.kappa)
     return jnp.sum(cost), (cost, aux)
 
   (_, (cost, (sq_l2, logits, x_adv))), grad = jax.value_and_grad(total, has_aux=True)(state['w'])
@@ -95,11 +94,13 @@ def cw_l2(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array = None
   Defaults are torchattacks.CW's (kappa 0, 50 Adam steps of lr 0.01) with the
   JEAT paper's c = 0.2. `key` is unused (the attack is deterministic) and
   accepted for the common attack interface. `host_loop`: see
-  `autoattack.apgd.use_host_loop`.
+  `autoattack.apgd.use_host_loop`. `logits_fn` is an argument of the jitted steps
+  (`core.as_argument`); x and y may be split over devices, and the steps with them.
   """
   del key
-  s = CwSettings(logits_fn, c, kappa, steps, lr, abort_early)
+  s = CwSettings(c, kappa, steps, lr, abort_early)
   x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32)
   state = jit_call(_cw_init, s, x)
-  state = iterate(_cw_body, s, (x, y), state, steps, use_host_loop(host_loop), until=_cw_done)
+  state = iterate(_cw_body, s, (x, y, as_argument(logits_fn)), state, steps,
+                  use_host_loop(host_loop), until=_cw_done)
   return jax.lax.stop_gradient(state['best_adv'])

@@ -16,6 +16,13 @@ projection `core.project_linf`. The trace of the best-so-far
 loss is returned so that its monotonicity can be checked. Iterations run
 through `iterate`: one `lax` loop program, or on CPU a Python loop over one
 jitted step (see `use_host_loop`).
+
+Every attack of this package takes the model as `logits_fn`, passed to its jitted steps as
+an argument (`core.as_argument`: the variables of `evaluate.model_logits` are arguments of
+the compiled steps, not constants), and draws its random numbers per example
+(`core.example_keys`), so that an example's attack does not depend on the batch it is in,
+its padding or the devices. With a `sharding` the batch is split over its devices
+(`on_devices`, `to_host`), and every batch size is a multiple of their number.
 """
 import functools
 from typing import Callable, NamedTuple, Optional
@@ -23,8 +30,11 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
 
-from jeat_jax.attacks.core import cw_margin, project_linf, sign_ascent_step
+from jeat_jax.attacks.core import (as_argument, cw_margin, example_keys, project_linf,
+                                   sign_ascent_step)
 from jeat_jax.energy import cross_entropy
 
 LOSSES = ('ce', 'dlr', 'dlr-targeted', 'ce-targeted')
@@ -99,9 +109,46 @@ def _checkpoint_tables(n_iter: int):
   return jnp.asarray(is_check), jnp.asarray(window)
 
 
-def call_logits(logits_fn: Callable, x: jax.Array, key: jax.Array, stochastic: bool) -> jax.Array:
-  """logits_fn(x), or logits_fn(x, key) for a randomised model (`stochastic`)."""
-  return logits_fn(x, key) if stochastic else logits_fn(x)
+def call_logits(logits_fn: Callable, x: jax.Array, keys: jax.Array, stochastic: bool) -> jax.Array:
+  """logits_fn(x), or logits_fn(x, keys) for a randomised model (`stochastic`), with one key
+  per example."""
+  return logits_fn(x, keys) if stochastic else logits_fn(x)
+
+
+def fold_in_each(keys: jax.Array, data) -> jax.Array:
+  """fold_in(k, data) for each example's key k."""
+  return jax.vmap(lambda k: jax.random.fold_in(k, data))(keys)
+
+
+def split_each(keys: jax.Array, num: int) -> tuple:
+  """Each example's key split into `num`: a tuple of `num` arrays of per-example keys."""
+  split = jax.vmap(lambda k: jax.random.split(k, num))(keys)
+  return tuple(split[:, j] for j in range(num))
+
+
+# ---------------------------------------------------------------- placement
+
+def on_devices(sharding: Optional[NamedSharding], *arrays):
+  """Host arrays (the same on every process) split on their first axis over the devices of
+  `sharding`, each process placing the shards of its own devices; on the default device
+  without a sharding. One array for one, else a tuple."""
+  if sharding is None:
+    out = tuple(jnp.asarray(a) for a in arrays)
+  else:
+    out = tuple(jax.make_array_from_callback(np.shape(a), sharding, lambda i, a=np.asarray(a): a[i])
+                for a in arrays)
+  return out if len(out) > 1 else out[0]
+
+
+def to_host(tree):
+  """Device arrays (split over the devices of every process, or on one) whole in numpy on
+  every process: a collective, every process calls it."""
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def num_devices(sharding: Optional[NamedSharding]) -> int:
+  """How many devices a batch split with `sharding` is on (1 without one)."""
+  return 1 if sharding is None else sharding.num_devices
 
 
 # ---------------------------------------------------------------- iteration driver
@@ -136,39 +183,49 @@ def _device_loop(body, until, static, n_iter, args, carry):
   return jax.lax.while_loop(cond, step, (jnp.asarray(0), carry))[1]
 
 
-def padded_size(n: int, cap: int) -> int:
+def padded_size(n: int, cap: int, multiple: int = 1) -> int:
   """Batch size for n examples: n itself up to 8, then the next of 10, 12, 14, 16, 20, 24,
-  28, 32, 40, ... (steps of a quarter of a power of two), at most cap.
+  28, 32, 40, ... (steps of a quarter of a power of two), at most cap, then rounded up to a
+  multiple of `multiple` (the number of devices the batch is split over).
 
-  At most a fifth of a batch is padding, and only a few shapes get compiled as the
-  examples still being attacked dwindle. Below 8 every size is its own shape: on
-  CPU a step's cost is proportional to the batch, and the last few robust points
-  take most of AutoAttack's steps.
+  At most a fifth of a batch is padding (beyond the rounding), and only a few shapes get
+  compiled as the examples still being attacked dwindle. Below 8 every size is its own
+  shape: on CPU a step's cost is proportional to the batch, and the last few robust
+  points take most of AutoAttack's steps.
   """
   size = max(n, 1)
   if size > 8:
     size = 8
     while size < n:
       size += (1 << (size.bit_length() - 1)) // 4
-  return min(size, cap)
+  return -(-min(size, cap) // multiple) * multiple
 
 
-def pad_indices(idx: np.ndarray, cap: int) -> np.ndarray:
+def pad_indices(idx: np.ndarray, cap: int, multiple: int = 1) -> np.ndarray:
   """idx padded (repeating its first entry) to `padded_size`."""
-  return np.concatenate([idx, np.full(padded_size(len(idx), cap) - len(idx), idx[0], idx.dtype)])
+  size = padded_size(len(idx), cap, multiple)
+  return np.concatenate([idx, np.full(size - len(idx), idx[0], idx.dtype)])
 
 
-def _take_rows(tree, rows):
-  return jax.tree_util.tree_map(lambda a: a[rows], tree)
+def _constrain(tree, sharding: Optional[NamedSharding]):
+  return tree if sharding is None else jax.lax.with_sharding_constraint(tree, sharding)
 
 
-def _put_rows(tree, rows, values):
-  return jax.tree_util.tree_map(lambda a, v: a.at[rows].set(v[:len(rows)]), tree, values)
+@functools.partial(jax.jit, static_argnums=2)
+def _take_rows(tree, rows, sharding):
+  return _constrain(jax.tree_util.tree_map(lambda a: a[rows], tree), sharding)
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _put_rows(tree, rows, values, sharding):
+  return _constrain(jax.tree_util.tree_map(lambda a, v: a.at[rows].set(v[:rows.shape[0]]),
+                                           tree, values), sharding)
 
 
 def iterate(body: Callable, static, args: tuple, carry, n_iter: int, host_loop: bool,
             until: Optional[Callable] = None, active: Optional[Callable] = None,
-            per_example_args: int = 0, check_every: int = 5):
+            per_example_args: int = 0, check_every: int = 5,
+            sharding: Optional[NamedSharding] = None):
   """carry after `body(static, *args, i, carry)` for i = 0 .. n_iter - 1.
 
   Stops early once `until(static, carry)` holds (checked before each step).
@@ -181,7 +238,9 @@ def iterate(body: Callable, static, args: tuple, carry, n_iter: int, host_loop: 
   `per_example_args` of `args` are gathered to the active examples, padded to
   `padded_size`, and the later steps cost only those. A set-aside example's
   carry stays as it was when it was set aside. Each example's steps do not
-  depend on the others', so the active examples end as without compaction.
+  depend on the others', so the active examples end as without compaction. With a
+  `sharding` (the batch split over its devices) the gathered examples are split the same
+  way, padded to a multiple of the number of devices.
   """
   if not host_loop:
     return _device_loop(body, until, static, n_iter, args, carry)
@@ -190,24 +249,26 @@ def iterate(body: Callable, static, args: tuple, carry, n_iter: int, host_loop: 
     if until is not None and bool(jit_call(until, static, carry)):
       break
     if active is not None and i and i % check_every == 0:
-      keep = np.flatnonzero(np.asarray(jit_call(active, static, carry))[:len(rows)])
-      if padded_size(len(keep), len(rows)) < len(jax.tree_util.tree_leaves(carry)[0]):
-        full = _put_rows(carry if full is None else full, rows, carry)
+      keep = np.flatnonzero(to_host(jit_call(active, static, carry))[:len(rows)])
+      size = padded_size(len(keep), len(rows), num_devices(sharding))
+      if size < len(jax.tree_util.tree_leaves(carry)[0]):
+        full = _put_rows(carry if full is None else full, rows, carry, sharding)
         if not len(keep):
           return full
-        take = pad_indices(keep, len(rows))
-        carry = _take_rows(carry, take)
-        args = _take_rows(args[:per_example_args], take) + args[per_example_args:]
+        take = pad_indices(keep, len(rows), num_devices(sharding))
+        carry = _take_rows(carry, take, sharding)
+        args = _take_rows(args[:per_example_args], take, sharding) + args[per_example_args:]
         rows = rows[keep]
     carry = jit_call(body, static, *args, i, carry)
-  return carry if full is None else _put_rows(full, rows, carry)
+  return carry if full is None else _put_rows(full, rows, carry, sharding)
 
 
 # ---------------------------------------------------------------- APGD
 
-def eot_value_and_grad(logits_fn: Callable, loss_fn: Callable, x: jax.Array, key: jax.Array,
+def eot_value_and_grad(logits_fn: Callable, loss_fn: Callable, x: jax.Array, keys: jax.Array,
                        eot_iter: int = 1, stochastic: bool = False):
-  """(loss [B], logits, grad) at x; the gradient is averaged over `eot_iter` draws of the model.
+  """(loss [B], logits, grad) at x; the gradient is averaged over `eot_iter` draws of the model
+  (`keys`: one per example).
 
   Expectation over Transformation (Athalye et al. 2018) as AutoAttack's 'rand'
   version uses it; loss and logits are those of the last draw, as in the
@@ -223,13 +284,13 @@ def eot_value_and_grad(logits_fn: Callable, loss_fn: Callable, x: jax.Array, key
     return values, logits, grad
 
   if eot_iter == 1 or not stochastic:
-    return one(key)
+    return one(keys)
 
   def body(j, carry):
-    values, logits, grad = one(jax.random.fold_in(key, j))
+    values, logits, grad = one(fold_in_each(keys, j))
     return values, logits, carry[2] + grad
 
-  values, logits = jax.eval_shape(lambda: one(key)[:2])
+  values, logits = jax.eval_shape(lambda: one(keys)[:2])
   init = (jnp.zeros(values.shape, values.dtype), jnp.zeros(logits.shape, logits.dtype),
           jnp.zeros_like(x))
   values, logits, grad = jax.lax.fori_loop(0, eot_iter, body, init)
@@ -242,7 +303,6 @@ def where_per_example(mask: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 class ApgdSettings(NamedTuple):
-  logits_fn: Callable
   n_iter: int = 100
   loss: str = 'ce'
   rho: float = 0.75
@@ -254,25 +314,28 @@ class ApgdSettings(NamedTuple):
 def apgd_start(key: jax.Array, x: jax.Array, eps: float) -> jax.Array:
   """x + eps t / max|t|, t ~ U(-1, 1) per coordinate, clipped to [0, 1]: APGD's random start
   in fra31/auto-attack, on the boundary of the eps-ball in each example's largest coordinate
-  (not uniform in the ball)."""
-  t = jax.random.uniform(key, x.shape, x.dtype, -1.0, 1.0)
+  (not uniform in the ball). Each example draws from its own key (`example_keys`)."""
+  t = jax.vmap(lambda k: jax.random.uniform(k, x.shape[1:], x.dtype, -1.0, 1.0))(
+      example_keys(key, x.shape[0]))
   largest = jnp.max(jnp.abs(t).reshape(x.shape[0], -1), axis=1).reshape((-1,) + (1,) * (x.ndim - 1))
   return jnp.clip(x + eps * t / largest, 0.0, 1.0)
 
 
-def _apgd_value_and_grad(s: ApgdSettings, x_adv, y, targets, key):
-  return eot_value_and_grad(s.logits_fn, loss_of_logits(s.loss, y, targets), x_adv, key,
+def _apgd_value_and_grad(s: ApgdSettings, logits_fn, x_adv, y, targets, keys):
+  return eot_value_and_grad(logits_fn, loss_of_logits(s.loss, y, targets), x_adv, keys,
                             s.eot_iter, s.stochastic)
 
 
-def _apgd_init(s: ApgdSettings, x, y, key, eps, target_rank):
-  """Start point, its loss and gradient, the targets, and the loop state."""
-  key_start, key_grad, key_clean = jax.random.split(key, 3)
+def _apgd_init(s: ApgdSettings, logits_fn, x, y, keys, eps, target_rank):
+  """Start point, its loss and gradient, the targets, and the loop state (`keys`: one per
+  example)."""
+  key_start, key_grad, key_clean = split_each(keys, 3)
   targets = jnp.zeros_like(y)
   if s.loss.endswith('targeted'):
-    targets = ranked_class(call_logits(s.logits_fn, x, key_clean, s.stochastic), target_rank)
+    targets = ranked_class(call_logits(logits_fn, x, key_clean, s.stochastic), target_rank)
   x_start = apgd_start(key_start, x, eps)
-  loss0, logits0, grad0 = _apgd_value_and_grad(s, x_start, y, targets, jax.random.fold_in(key_grad, 0))
+  loss0, logits0, grad0 = _apgd_value_and_grad(s, logits_fn, x_start, y, targets,
+                                               fold_in_each(key_grad, 0))
   batch = x.shape[0]
   carry = dict(
       x_cur=x_start, x_prev=x_start, grad=grad0,
@@ -285,15 +348,15 @@ def _apgd_init(s: ApgdSettings, x, y, key, eps, target_rank):
   return carry, targets, key_grad
 
 
-def _apgd_body(s: ApgdSettings, x, y, targets, eps, key_grad, i, c):
+def _apgd_body(s: ApgdSettings, x, y, targets, key_grad, eps, logits_fn, i, c):
   """One APGD iteration (Alg. 1): momentum step, bookkeeping, step-size checkpoint."""
   is_check, window = _checkpoint_tables(s.n_iter)
   a = jnp.where(i > 0, s.momentum, 1.0)
   z = project_linf(sign_ascent_step(c['x_cur'], c['grad'], c['step'][:, None, None, None]), x, eps)
   x_new = project_linf(c['x_cur'] + a * (z - c['x_cur']) + (1.0 - a) * (c['x_cur'] - c['x_prev']),
                        x, eps)
-  values, logits, grad = _apgd_value_and_grad(s, x_new, y, targets,
-                                              jax.random.fold_in(key_grad, i + 1))
+  values, logits, grad = _apgd_value_and_grad(s, logits_fn, x_new, y, targets,
+                                              fold_in_each(key_grad, i + 1))
   correct = jnp.argmax(logits, -1) == y
   improved = values > c['loss_best']
   loss_best = jnp.where(improved, values, c['loss_best'])
@@ -325,7 +388,8 @@ def _apgd_unbroken(_, c):
 def apgd_run(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array, eps: float = 8 / 255,
              n_iter: int = 100, loss: str = 'ce', target_rank=None, rho: float = 0.75,
              momentum: float = 0.75, eot_iter: int = 1, stochastic: bool = False,
-             host_loop: Optional[bool] = None, drop_broken: bool = False) -> ApgdResult:
+             host_loop: Optional[bool] = None, drop_broken: bool = False,
+             sharding: Optional[NamedSharding] = None) -> ApgdResult:
   """One APGD run (Croce & Hein 2020, Alg. 1) on a batch; one restart.
 
   `target_rank` (2..num_classes) selects the target of the targeted losses: the
@@ -335,16 +399,21 @@ def apgd_run(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array, ep
   reference code compares it with 0). `host_loop`: see `use_host_loop`.
   `drop_broken` (host loop only): examples misclassified once stop being iterated
   (their x_adv and `robust` are final; their loss and trace stop there), as
-  AutoAttack needs only the verdict.
+  AutoAttack needs only the verdict. `key`: one key, or one per example (`example_keys`).
+  `sharding`: the one x, y and the keys are split with (the compacted batches are split the
+  same way).
   """
   if loss not in LOSSES:
     raise ValueError(f'apgd: unknown loss {loss!r}; expected one of {LOSSES}')
-  s = ApgdSettings(logits_fn, n_iter, loss, rho, momentum, eot_iter, stochastic)
+  s = ApgdSettings(n_iter, loss, rho, momentum, eot_iter, stochastic)
+  logits_fn = as_argument(logits_fn)
   x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32)
+  keys = example_keys(jnp.asarray(key), x.shape[0])
   eps = jnp.asarray(eps, jnp.float32)
   rank = jnp.asarray(2 if target_rank is None else target_rank, jnp.int32)
-  carry, targets, key_grad = jit_call(_apgd_init, s, x, y, key, eps, rank)
-  c = iterate(_apgd_body, s, (x, y, targets, eps, key_grad), carry, n_iter, use_host_loop(host_loop),
-              active=_apgd_unbroken if drop_broken else None, per_example_args=3)
+  carry, targets, key_grad = jit_call(_apgd_init, s, logits_fn, x, y, keys, eps, rank)
+  c = iterate(_apgd_body, s, (x, y, targets, key_grad, eps, logits_fn), carry, n_iter,
+              use_host_loop(host_loop), active=_apgd_unbroken if drop_broken else None,
+              per_example_args=4, sharding=sharding)
   x_adv = where_per_example(c['robust'], c['x_best'], c['x_best_adv'])
   return ApgdResult(jax.lax.stop_gradient(x_adv), c['robust'], c['loss_best'], c['trace'].T)

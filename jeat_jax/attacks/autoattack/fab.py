@@ -24,9 +24,11 @@ from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
 
 from jeat_jax.attacks.autoattack.apgd import (iterate, jit_call, ranked_class, use_host_loop,
                                               where_per_example)
+from jeat_jax.attacks.core import as_argument, example_keys
 
 
 def linf_hyperplane_projection(t: jax.Array, w: jax.Array, b: jax.Array,
@@ -72,7 +74,6 @@ def _linf_norm(d: jax.Array) -> jax.Array:
 
 
 class FabSettings(NamedTuple):
-  logits_fn: Callable
   targeted: bool = True
   alpha_max: float = 0.1
   eta: float = 1.05
@@ -82,16 +83,19 @@ class FabSettings(NamedTuple):
 
 def fab_start(key: jax.Array, x: jax.Array, eps: float) -> jax.Array:
   """x + (eps / 2) t / max|t|, t ~ U(-1, 1) per coordinate, clipped to [0, 1]: FAB's random
-  start for its restarts after the first (Croce & Hein 2019, l_inf; the first starts at x)."""
-  t = jax.random.uniform(key, x.shape, x.dtype, -1.0, 1.0)
+  start for its restarts after the first (Croce & Hein 2019, l_inf; the first starts at x).
+  x: [B, D]; each example draws from its own key (`example_keys`)."""
+  t = jax.vmap(lambda k: jax.random.uniform(k, x.shape[1:], x.dtype, -1.0, 1.0))(
+      example_keys(key, x.shape[0]))
   return jnp.clip(x + 0.5 * eps * t / jnp.max(jnp.abs(t), axis=1, keepdims=True), 0.0, 1.0)
 
 
-def _fab_init(s: FabSettings, x, target_rank, key, start_eps):
+def _fab_init(s: FabSettings, logits_fn, x, target_rank, key, start_eps):
   """Targets, and the loop state: the iterate, the best adversarial image and its norm."""
+  del s
   batch = x.shape[0]
   x0 = x.reshape(batch, -1)
-  target = ranked_class(s.logits_fn(x), target_rank)
+  target = ranked_class(logits_fn(x), target_rank)
   x1 = jnp.where(start_eps > 0, fab_start(key, x0, start_eps), x0)
   return target, (x1, x0, jnp.full((batch,), jnp.inf, jnp.float32))
 
@@ -112,10 +116,10 @@ def closest_boundary(logits: jax.Array, jacobian: jax.Array, y: jax.Array):
   return grads[rows, k], gaps[rows, k]
 
 
-def _boundary(s: FabSettings, x_shape, y, target, x1):
+def _boundary(s: FabSettings, logits_fn, x_shape, y, target, x1):
   """The linearised boundary at x1, as (w, gap): towards `target`, or the closest one."""
   def logits_of(z):
-    return s.logits_fn(z.reshape(x_shape)).astype(jnp.float32)
+    return logits_fn(z.reshape(x_shape)).astype(jnp.float32)
 
   if s.targeted:
     def gap_sum(z):
@@ -155,7 +159,7 @@ def _check(s: FabSettings, x0, y, logits, carry):
   return x1, adv, best
 
 
-def _fab_body(s: FabSettings, x, y, target, _, carry):
+def _fab_body(s: FabSettings, x, y, target, logits_fn, _, carry):
   """One FAB step (Croce & Hein 2019) with the hyperplane of the target (FAB-T) or the closest
   one, then the check of the new iterate with a forward pass, as the reference orders them.
 
@@ -164,9 +168,9 @@ def _fab_body(s: FabSettings, x, y, target, _, carry):
   """
   x0 = x.reshape(x.shape[0], -1)
   x1, adv, best = carry
-  w, gap = _boundary(s, x.shape, y, target, x1)
+  w, gap = _boundary(s, logits_fn, x.shape, y, target, x1)
   x1 = step_towards_boundary(s, x0, x1, w, gap)
-  logits = s.logits_fn(x1.reshape(x.shape)).astype(jnp.float32)
+  logits = logits_fn(x1.reshape(x.shape)).astype(jnp.float32)
   return _check(s, x0, y, logits, (x1, adv, best))
 
 
@@ -177,23 +181,28 @@ def _fab_searching(s: FabSettings, carry):
 def fab_run(logits_fn: Callable, x: jax.Array, y: jax.Array, target_rank=None,
             n_iter: int = 100, alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9,
             host_loop: Optional[bool] = None, stop_norm: Optional[float] = None,
-            key: Optional[jax.Array] = None, start_eps: float = 0.0):
+            key: Optional[jax.Array] = None, start_eps: float = 0.0,
+            sharding: Optional[NamedSharding] = None):
   """One FAB run: FAB-T towards the class of clean rank `target_rank`, or untargeted FAB
   (`target_rank` None: each step the closest linearised boundary, from the full Jacobian).
 
-  Starts at x, or with `key` and `start_eps` > 0 at `fab_start` (FAB's later restarts).
+  Starts at x, or with `key` (one, or one per example) and `start_eps` > 0 at `fab_start`
+  (FAB's later restarts).
   Returns (smallest adversarial image found, its l_inf norm); the norm is +inf
   (and the image x) where none was found. `host_loop`: see `apgd.use_host_loop`.
   `stop_norm` (host loop only): an example stops being iterated once its image is
   within this norm (AutoAttack's eps: the verdict is final, the norm no longer matters).
+  `sharding`: as `apgd.apgd_run`.
   """
-  s = FabSettings(logits_fn, target_rank is not None, alpha_max, eta, beta,
+  s = FabSettings(target_rank is not None, alpha_max, eta, beta,
                   float('inf') if stop_norm is None else float(stop_norm))
+  logits_fn = as_argument(logits_fn)
   x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32)
-  key = jax.random.PRNGKey(0) if key is None else key
-  target, carry = jit_call(_fab_init, s, x, jnp.asarray(target_rank or 2, jnp.int32), key,
-                           jnp.asarray(start_eps, jnp.float32))
-  _, adv, best = iterate(_fab_body, s, (x, y, target), carry, n_iter, use_host_loop(host_loop),
+  keys = example_keys(jax.random.PRNGKey(0) if key is None else jnp.asarray(key), x.shape[0])
+  target, carry = jit_call(_fab_init, s, logits_fn, x, jnp.asarray(target_rank or 2, jnp.int32),
+                           keys, jnp.asarray(start_eps, jnp.float32))
+  _, adv, best = iterate(_fab_body, s, (x, y, target, logits_fn), carry, n_iter,
+                         use_host_loop(host_loop),
                          active=None if stop_norm is None else _fab_searching,
-                         per_example_args=3)
+                         per_example_args=3, sharding=sharding)
   return jax.lax.stop_gradient(adv.reshape(x.shape)), best

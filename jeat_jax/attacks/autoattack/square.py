@@ -9,20 +9,23 @@ onto the ball and [0, 1]); the proposal is kept when it lowers the margin
 loss z_y - max_{k!=y} z_k, or misclassifies. The fraction p starts at p_init
 and halves at fixed query counts (the schedule of the paper, for 10000 queries; with
 `rescale_schedule`, as the reference's Square class by default, stretched to n_queries;
-AutoAttack's 5000-query Square does not rescale). Each example draws its own window and signs.
+AutoAttack's 5000-query Square does not rescale). Each example draws its own window and signs,
+from its own key (`core.example_keys`), whatever batch it is in.
 The search is a forward-only `lax.while_loop` (no gradient, so XLA:CPU's slow
 path for convolution gradients in loops does not apply) that stops once every
 example is misclassified; only examples with a positive margin change.
 """
 import functools
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
-from jeat_jax.attacks.autoattack.apgd import pad_indices
-from jeat_jax.attacks.core import cw_margin, project_linf
+from jeat_jax.attacks.autoattack.apgd import (fold_in_each, num_devices, on_devices, pad_indices,
+                                              split_each, to_host)
+from jeat_jax.attacks.core import as_argument, cw_margin, example_keys, project_linf
 
 P_SCHEDULE_QUERIES = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)   # of 10000
 
@@ -54,43 +57,51 @@ def schedule_level(query: jax.Array, n_queries: int, rescale: bool) -> jax.Array
 
 
 def stripes_start(key: jax.Array, x: jax.Array, eps: float) -> jax.Array:
-  """x + eps * (+-1 per example, column and channel), clipped to [0, 1] (vertical stripes)."""
-  batch, _, width, channels = x.shape
-  signs = jnp.where(jax.random.bernoulli(key, 0.5, (batch, 1, width, channels)), 1.0, -1.0)
+  """x + eps * (+-1 per example, column and channel), clipped to [0, 1] (vertical stripes).
+  `key`: one, or one per example."""
+  _, _, width, channels = x.shape
+  signs = jax.vmap(lambda k: jnp.where(jax.random.bernoulli(k, 0.5, (1, width, channels)),
+                                       1.0, -1.0))(example_keys(key, x.shape[0]))
   return jnp.clip(x + eps * signs, 0.0, 1.0)
 
 
 def square_proposal(key: jax.Array, x_best: jax.Array, x: jax.Array, eps: float,
                     side: jax.Array) -> jax.Array:
-  """x_best with one random s x s window per example set to +-2 eps per channel, projected."""
-  batch, height, width, channels = x.shape
-  k_row, k_col, k_sign = jax.random.split(key, 3)
-  row = jax.random.randint(k_row, (batch, 1, 1, 1), 0, jnp.maximum(height - side, 1))
-  col = jax.random.randint(k_col, (batch, 1, 1, 1), 0, jnp.maximum(width - side, 1))
-  signs = jnp.where(jax.random.bernoulli(k_sign, 0.5, (batch, 1, 1, channels)), 1.0, -1.0)
-  rows = jnp.arange(height).reshape(1, height, 1, 1)
-  cols = jnp.arange(width).reshape(1, 1, width, 1)
-  window = (rows >= row) & (rows < row + side) & (cols >= col) & (cols < col + side)
-  return project_linf(x_best + window * (2.0 * eps) * signs, x, eps)
+  """x_best with one random s x s window per example set to +-2 eps per channel, projected.
+  `key`: one, or one per example."""
+  _, height, width, channels = x.shape
+  rows = jnp.arange(height).reshape(height, 1, 1)
+  cols = jnp.arange(width).reshape(1, width, 1)
+
+  def window_step(k):
+    k_row, k_col, k_sign = jax.random.split(k, 3)
+    row = jax.random.randint(k_row, (), 0, jnp.maximum(height - side, 1))
+    col = jax.random.randint(k_col, (), 0, jnp.maximum(width - side, 1))
+    signs = jnp.where(jax.random.bernoulli(k_sign, 0.5, (1, 1, channels)), 1.0, -1.0)
+    window = (rows >= row) & (rows < row + side) & (cols >= col) & (cols < col + side)
+    return window * (2.0 * eps) * signs
+
+  return project_linf(x_best + jax.vmap(window_step)(example_keys(key, x.shape[0])), x, eps)
 
 
-@functools.partial(jax.jit, static_argnames=('logits_fn',))
-def square_init(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array,
+@jax.jit
+def square_init(logits_fn: Callable, x: jax.Array, y: jax.Array, keys: jax.Array,
                 eps: float) -> SquareState:
-  """The stripes start and its margin."""
-  x_best = stripes_start(key, x, eps)
+  """The stripes start and its margin (`keys`: one per example)."""
+  x_best = stripes_start(keys, x, eps)
   return SquareState(x_best, margin_loss(logits_fn(x_best), y), jnp.asarray(0, jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=('logits_fn', 'n_queries', 'p_init', 'max_steps',
+@functools.partial(jax.jit, static_argnames=('n_queries', 'p_init', 'max_steps',
                                              'rescale_schedule'))
-def square_steps(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array,
+def square_steps(logits_fn: Callable, x: jax.Array, y: jax.Array, keys: jax.Array,
                  state: SquareState, eps: float = 8 / 255, n_queries: int = 5000,
                  p_init: float = 0.8, max_steps: int = None,
                  rescale_schedule: bool = True) -> SquareState:
   """Random-search steps from `state` until n_queries proposals, all examples fooled,
   or `max_steps` more steps (a segment, so that a caller can drop fooled examples in
-  between). As in the reference, the start's evaluation is not counted.
+  between). As in the reference, the start's evaluation is not counted. An example's
+  proposal at query q is drawn from fold_in(its key, q).
   """
   sides = jnp.asarray(window_sides(n_queries, p_init, x.shape[1], x.shape[2]))
   stop = n_queries if max_steps is None else jnp.minimum(state.query + max_steps, n_queries)
@@ -100,7 +111,7 @@ def square_steps(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array
 
   def body(s):
     side = sides[schedule_level(s.query, n_queries, rescale_schedule)]
-    x_new = square_proposal(jax.random.fold_in(key, s.query), s.x_best, x, eps, side)
+    x_new = square_proposal(fold_in_each(keys, s.query), s.x_best, x, eps, side)
     margin = margin_loss(logits_fn(x_new), y)
     accept = (s.margin > 0) & (margin < s.margin)        # lower margin (<= 0: fooled)
     x_best = jnp.where(accept[:, None, None, None], x_new, s.x_best)
@@ -111,29 +122,34 @@ def square_steps(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array
 
 def square(logits_fn: Callable, x, y, key: jax.Array, eps: float = 8 / 255,
            n_queries: int = 5000, p_init: float = 0.8, segment: int = 250,
-           rescale_schedule: bool = True) -> jax.Array:
-  """Square attack (l_inf, margin loss, one restart); returns the adversarial images.
-  `rescale_schedule` as the reference class (default on; AutoAttack turns it off).
+           rescale_schedule: bool = True,
+           sharding: Optional[NamedSharding] = None) -> np.ndarray:
+  """Square attack (l_inf, margin loss, one restart); returns the adversarial images
+  (numpy, on every process). `rescale_schedule` as the reference class (default on;
+  AutoAttack turns it off). x, y: host arrays (the same on every process); `key`: one, or
+  one per example.
 
   The queries run in segments of `segment` (each one `lax.while_loop`); between
   segments the examples already fooled are dropped in numpy and the rest padded
-  (`padded_size`), so that late queries cost only the unfooled examples.
-  Examples never fooled return the last point of their search (in the ball).
+  (`padded_size`), so that late queries cost only the unfooled examples. With a
+  `sharding` every segment is split over its devices (x padded to a multiple of their
+  number). Examples never fooled return the last point of their search (in the ball).
   """
+  logits_fn = as_argument(logits_fn)
   x, y = np.asarray(x, np.float32), np.asarray(y, np.int32)
-  k_init, k_steps = jax.random.split(key)
-  state = square_init(logits_fn, jnp.asarray(x), jnp.asarray(y), k_init, eps)
-  x_best, margin = np.array(state.x_best), np.array(state.margin)
+  k_init, k_steps = (np.asarray(k) for k in split_each(example_keys(jnp.asarray(key), len(x)), 2))
+  state = square_init(logits_fn, *on_devices(sharding, x, y, k_init), eps)
+  x_best, margin = (np.array(a) for a in to_host((state.x_best, state.margin)))
   for query in range(0, n_queries, segment):
     active = np.flatnonzero(margin > 0)
     if not len(active):
       break
-    idx = pad_indices(active, len(x))
-    state = SquareState(jnp.asarray(x_best[idx]), jnp.asarray(margin[idx]),
-                        jnp.asarray(query, jnp.int32))
-    state = square_steps(logits_fn, jnp.asarray(x[idx]), jnp.asarray(y[idx]),
-                         jax.random.fold_in(k_steps, query), state, eps, n_queries, p_init,
-                         segment, rescale_schedule)
-    x_best[active] = np.asarray(state.x_best)[:len(active)]
-    margin[active] = np.asarray(state.margin)[:len(active)]
-  return jnp.asarray(x_best)
+    idx = pad_indices(active, len(x), num_devices(sharding))
+    xs, ys, ks, x_start, margin_start = on_devices(sharding, x[idx], y[idx], k_steps[idx],
+                                                   x_best[idx], margin[idx])
+    state = square_steps(logits_fn, xs, ys, ks,
+                         SquareState(x_start, margin_start, jnp.asarray(query, jnp.int32)), eps,
+                         n_queries, p_init, segment, rescale_schedule)
+    found, margins = to_host((state.x_best, state.margin))
+    x_best[active], margin[active] = found[:len(active)], margins[:len(active)]
+  return x_best
