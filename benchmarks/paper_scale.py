@@ -141,7 +141,7 @@ def build(config, mesh):
                                                                     total_steps))
   # state.create_train_state, jitted: eager op-by-op init of WRN-28-10 takes minutes here.
   init = functools.partial(state_lib.create_train_state, config, model, image_shape=(32, 32, 3),
-                           tx=tx, num_shards=mesh.size,
+                           tx=tx, num_devices=mesh.size,
                            start_images=chain_starts(config))
   shardings = state_lib.state_shardings(mesh, jax.eval_shape(init, jax.random.PRNGKey(config.seed)))
   state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(config.seed))

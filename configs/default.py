@@ -21,7 +21,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.path = STANDIN           # npz with x_train, y_train, x_test, y_test
   c.data.tfds_data_dir = ''
   c.data.train_subset = 0         # > 0: train on this many random training images
-  c.data.augment = True           # reflect pad 4 + random crop + horizontal flip
+  c.data.augment = True           # pad 4 + random crop + horizontal flip
+  c.data.pad_mode = 'reflect'     # the crop's padding: reflect (JEM, Rice et al., EB-JDAT) |
+                                  # constant (zeros: torchvision RandomCrop(32, padding=4))
   c.data.energy_batch_size = 0    # > 0: a second, unaugmented batch of this size per step (its own
                                   # order stream) for the energy terms (EB-JDAT: 64); 0: off
   c.data.energy_noise_std = 0.0   # N(0, s^2) added to that batch, unclipped ([0, 1] units)
@@ -33,6 +35,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.norm = 'batch'          # none | batch | group
   c.model.activation = 'relu'     # relu | leaky_relu (0.2) | swish
   c.model.dropout_rate = 0.0
+  c.model.bn_momentum = 0.9       # flax's convention: running = m running + (1 - m) batch;
+                                  # torch's momentum is 1 - m (its default 0.1 is our 0.9)
   c.model.input_normalization = 'meanstd'  # meanstd | minus_one_one | none
   c.model.dtype = 'bfloat16'      # compute dtype: float32 | bfloat16 (params, optimizer state,
                                   # energies and losses stay float32); float32 at :cpu / :smoke
@@ -59,6 +63,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.schedule.decay_factor = 0.1
   c.schedule.peak_fraction = 0.4  # onecycle, cosine_onecycle: where the lr peaks
   c.schedule.warmup_steps = 0
+  c.schedule.cycle_momentum = False  # onecycle, cosine_onecycle: SGD momentum from max_momentum
+  c.schedule.base_momentum = 0.85    # (ends) to base_momentum (lr peak) and back, replacing
+  c.schedule.max_momentum = 0.95     # optimizer.momentum (torch's OneCycleLR defaults)
 
   # What the loss sees instead of x (recipes.perturb).
   c.perturbation = ml_collections.ConfigDict()
@@ -70,7 +77,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.perturbation.grad_at_start = True  # energy attack: gradient at x + delta (FGSM-RS) or at x
   c.perturbation.sigma = 0.0      # gaussian noise std, [0, 1] pixel units
   c.perturbation.free_replays = 8
-  c.perturbation.bn_mode = 'batch'  # BatchNorm inside attacks: batch | running
+  c.perturbation.bn_mode = 'batch'  # BatchNorm inside attacks: batch (the reference's
+                                    # model.train()) | running (its model.eval())
   c.perturbation.project_eps = True  # logit_direction: project onto the eps-ball (else [0, 1] only)
   c.perturbation.class_logit_sign = 1.0  # logit_direction: sign of its f(x~)[y] term
   c.perturbation.direction_weight = 1.0  # logit_direction: weight of its logit-direction term
@@ -90,8 +98,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.sampler.reinit_prob = 0.05
   c.sampler.init_range = (0.0, 1.0)
   c.sampler.reinit = 'uniform'    # fresh chain starts: uniform (U(init_range)) | class_gaussian
-                                  # (N(mu_c, Sigma_c) of the train set, a random class per entry;
-                                  # the buffer is initialised from it too)
+                                  # (N(mu_c, Sigma_c) of the train set; the buffer is initialised
+                                  # from it too, class-balanced, as EB-JDAT's init_from_centers)
   c.sampler.reinit_pool_size = 10000  # class_gaussian: images pre-drawn at state creation
   c.sampler.grad_clamp = 0.0      # > 0: clamp grad_x E to [-c, c] in each step (EB-JDAT); 0: off
   c.sampler.bn_mode = 'batch'     # BatchNorm inside the chain: batch | running

@@ -12,7 +12,9 @@ Per step (`train.train_step`, no loop of its own):
   logsumexp, -1, 1) on [-1, 1] images), BatchNorm normalising with the chain's batch (their
   train mode; unlike PyTorch our chain's passes leave the running statistics alone);
   re-initialised entries (prob. 0.05) and the whole initial buffer come from the class-
-  conditional Gaussians (full covariance + 1e-4 I, a random class per entry).
+  conditional Gaussians (full covariance + 1e-4 I in their [-1, 1] units, 2.5e-5 I in ours;
+  the initial buffer class-balanced, buffer_size / 10 draws of each class, as their
+  init_from_centers; re-initialisation a random class per entry, as their init_random).
   ALGORITHMS.md says "no clip": their code clamps x_q to the image range each step, and so
   do we (`sampler.clip`). The 10 x 3072^2 Gaussians stay out of the TrainState: the state
   carries `sampler.reinit_pool_size` images pre-drawn from them (`extra['reinit_pool']`,
@@ -35,7 +37,11 @@ Per step (`train.train_step`, no loop of its own):
   BatchNorm statistics are discarded (theirs: `disable_running_stats`; their first pass also
   adds l2_coeff (fp^2 + fq^2), with l2_coeff 0); base SGD 0.01, momentum 0.9, wd 5e-4, 1000 linear
   warm-up iterations, 200 epochs (the paper: 100), x0.2 at epochs 50, 100, 150.
-- WRN-28-10 with BatchNorm, leaky ReLU 0.2, [-1, 1] inputs: JEM's wideresnet, which
+- WRN-28-10 with BatchNorm of torch momentum 0.9 (their models/norms.py, get_norm:
+  `nn.BatchNorm2d(n, momentum=0.9)`, read from the stored .pyc's constants), flax's 0.1
+  (`model.bn_momentum`): the running statistics follow the last batches almost entirely;
+  crop of a reflect-padded image (their utils.get_data; `data.pad_mode = reflect`);
+  leaky ReLU 0.2, [-1, 1] inputs: JEM's wideresnet, which
   SADA-JEM's `--model wrn --norm batch` builds (their models/wideresnet.py is not in the
   stored snapshot, only its .pyc: the activation is JEM's, not re-read).
 Generation (sample.*): as their `--plot_uncond` samples and their FID (on the replay
@@ -55,6 +61,8 @@ def get_config(arg=None):
   c.data.energy_batch_size = 64
   c.data.energy_noise_std = 0.015
   c.model.norm = 'batch'
+  c.model.bn_momentum = 0.1
+  c.data.pad_mode = 'reflect'
   c.model.activation = 'leaky_relu'
   c.model.input_normalization = 'minus_one_one'
 

@@ -3,12 +3,14 @@
 Paper Table 4 / JEM: WRN-28-10 without normalisation (BatchNorm breaks the pure
 energy SGLD needs), leaky ReLU 0.2, images scaled to [-1, 1] inside the model,
 Adam 1e-4 (0.9, 0.999), batch 64, x0.3 at epochs 160 and 180, 200 epochs, no
-weight decay, JEM's 1000-iteration warmup.
+weight decay, JEM's 1000-iteration warmup, crop of a reflect-padded image
+(train_wrn_ebm.py: tr.Pad(4, padding_mode="reflect")).
 """
 
 
 def use_jem_setup(c):
   c.model.norm = 'none'
+  c.data.pad_mode = 'reflect'
   c.model.activation = 'leaky_relu'
   c.model.input_normalization = 'minus_one_one'
   c.batch_size = 64

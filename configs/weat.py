@@ -8,8 +8,11 @@ As their code (OmnAI-Lab/Robust-Classifiers-under-the-lens-of-EBM, `WEAT_loss.py
 - loss: (1/B) sum w_i CE(f(x_i), y_i) + beta (1/B) sum w_i KL_i, the `nat` variant (their
   parser's default; `loss.weat_variant = adv` puts the CE on f(x*)), beta = 6 (the parser's
   default, which their training passes; the loss function's own default is 7);
-- ResNet-18 with BatchNorm, no input normalisation, SGD 0.1, momentum 0.9, wd 5e-4, one-cycle
-  (cosine, 25% warm-up, stepped per batch), 100 epochs at batch 128, crop and flip;
+- ResNet-18 with BatchNorm (torch's default momentum), no input normalisation, SGD 0.1, wd
+  5e-4, torch's OneCycleLR (main.py: pct_start 0.25, stepped per batch; its defaults: cosine,
+  lr 0.1 / 25 -> 0.1 -> 0.1 / 25e4, and cycle_momentum, which replaces the parser's momentum 0.9
+  by 0.95 -> 0.85 -> 0.95: `schedule.cycle_momentum`), 100 epochs at batch 128, flip and
+  RandomCrop(32, padding=4), zero padding (`data.pad_mode = constant`);
 - generation: SGLD on E(x, y) from the class-conditional Gaussian, step s = 1 (gradient step
   s/2), 20 steps, noise sqrt(2 s) * 0.001, no momentum.
 `:cpu` and `:smoke` use the model, schedule and attack length of TRADES at those scales, so the
@@ -34,6 +37,10 @@ def get_config(arg=None):
   c.num_epochs = 100
   c.schedule.name = 'cosine_onecycle'
   c.schedule.peak_fraction = 0.25
+  c.schedule.cycle_momentum = True
+  c.schedule.base_momentum = 0.85
+  c.schedule.max_momentum = 0.95
+  c.data.pad_mode = 'constant'
   c.sample.objective = 'eq17'
   c.sample.start = 'gaussian'
   c.sample.num_steps = 20
@@ -48,5 +55,6 @@ def get_config(arg=None):
     c.num_epochs = 2
     c.schedule.name = 'onecycle'
     c.schedule.peak_fraction = 0.4
+    c.schedule.cycle_momentum = False
     c.optimizer.lr = 0.2
   return c

@@ -68,6 +68,7 @@ def validate(config, devices: Optional[int] = None) -> None:
     _require(bool(config.data.path), 'data.path', 'must name an .npz file for data.source=npz',
              config.data.path)
   _non_negative(config.data.train_subset, 'data.train_subset')
+  _one_of(config, 'data.pad_mode', ('reflect', 'constant'))
   devices = devices or jax.device_count()
   eb = config.data.energy_batch_size
   _non_negative(eb, 'data.energy_batch_size')
@@ -88,6 +89,8 @@ def validate(config, devices: Optional[int] = None) -> None:
   _one_of(config, 'model.input_normalization', models.INPUT_NORMALIZATIONS)
   _one_of(config, 'model.dtype', ('float32', 'bfloat16'))
   _require(0 <= m.dropout_rate < 1, 'model.dropout_rate', 'must be in [0, 1)', m.dropout_rate)
+  _require(0 <= m.bn_momentum < 1, 'model.bn_momentum',
+           "must be in [0, 1) (flax's convention: torch's momentum is 1 - this)", m.bn_momentum)
 
   _positive(config.batch_size, 'batch_size')
   _divides_devices(config.batch_size, 'batch_size', devices)
@@ -112,6 +115,15 @@ def validate(config, devices: Optional[int] = None) -> None:
   _require(0 < config.schedule.peak_fraction < 1, 'schedule.peak_fraction', 'must be in (0, 1)',
            config.schedule.peak_fraction)
   _non_negative(config.schedule.warmup_steps, 'schedule.warmup_steps')
+  _require(isinstance(config.schedule.cycle_momentum, bool), 'schedule.cycle_momentum',
+           'must be True or False', config.schedule.cycle_momentum)
+  if config.schedule.cycle_momentum:
+    _require(config.schedule.name in ('onecycle', 'cosine_onecycle'), 'schedule.cycle_momentum',
+             'needs a one-cycle schedule (schedule.name onecycle or cosine_onecycle)',
+             config.schedule.cycle_momentum)
+    _require(0 <= config.schedule.base_momentum <= config.schedule.max_momentum < 1,
+             'schedule.base_momentum', 'must be in [0, schedule.max_momentum], max_momentum < 1',
+             (config.schedule.base_momentum, config.schedule.max_momentum))
 
   p = config.perturbation
   _one_of(config, 'perturbation.name', recipes.PERTURBATIONS)
@@ -167,6 +179,8 @@ def validate(config, devices: Optional[int] = None) -> None:
   for key in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
               'max_checkpoints_to_keep'):
     _positive(config[key], key)
+  _require(isinstance(config.async_checkpoints, bool), 'async_checkpoints', 'must be True or False',
+           config.async_checkpoints)
   e = config.eval
   _positive(e.batch_size, 'eval.batch_size')  # any size: batches are padded for the devices
   _positive(e.num_examples, 'eval.num_examples')

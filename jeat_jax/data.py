@@ -207,11 +207,15 @@ def to_float(x_uint8: jax.Array) -> jax.Array:
   return x_uint8.astype(jnp.float32) / 255.0
 
 
-def augment(key: jax.Array, x: jax.Array, pad: int = 4) -> jax.Array:
-  """Reflect-pad by `pad`, random crop back to size, random horizontal flip (per image)."""
+def augment(key: jax.Array, x: jax.Array, pad: int = 4, pad_mode: str = 'reflect') -> jax.Array:
+  """Pad by `pad`, random crop back to size, random horizontal flip (per image).
+
+  `pad_mode` (`data.pad_mode`): 'reflect' as JEM's and EB-JDAT's tr.Pad(4,
+  padding_mode="reflect") and Rice et al.'s np.pad(mode='reflect'), or 'constant' (zeros)
+  as torchvision's RandomCrop(32, padding=4) of TRADES, Fast AT and WEAT."""
   n, h, w, _ = x.shape
   k_crop, k_flip = jax.random.split(key)
-  padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode='reflect')
+  padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode=pad_mode)
   offsets = jax.random.randint(k_crop, (n, 2), 0, 2 * pad + 1)
   flips = jax.random.bernoulli(k_flip, 0.5, (n,))
 

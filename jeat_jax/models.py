@@ -69,11 +69,22 @@ class WideBasicBlock(nn.Module):
     return out + shortcut
 
 
-def norm_layer(norm: str, use_running_average: bool, dtype) -> Callable:
-  """A constructor of the configured normalisation layer (BatchNorm momentum 0.9 as torch's 0.1)."""
+BN_MOMENTUM = 0.9  # flax's convention (see norm_layer): torch's default momentum 0.1
+
+
+def norm_layer(norm: str, use_running_average: bool, dtype,
+               bn_momentum: float = BN_MOMENTUM) -> Callable:
+  """A constructor of the configured normalisation layer.
+
+  `bn_momentum` (`model.bn_momentum`) is in FLAX's convention: a train-mode pass sets
+  running = bn_momentum * running + (1 - bn_momentum) * batch statistic. torch's
+  `nn.BatchNorm2d(momentum=m)` does running = (1 - m) * running + m * batch, so torch's m is
+  flax's 1 - m: torch's default 0.1 is our 0.9, EB-JDAT's `momentum=0.9` (their
+  models/norms.py, get_norm) our 0.1. eps 1e-5 as torch's.
+  """
   if norm == 'batch':
     return functools.partial(nn.BatchNorm, use_running_average=use_running_average,
-                             momentum=0.9, epsilon=1e-5, dtype=dtype)
+                             momentum=bn_momentum, epsilon=1e-5, dtype=dtype)
   if norm == 'group':
     return functools.partial(nn.GroupNorm, num_groups=16, dtype=dtype)
   return Identity
@@ -114,6 +125,7 @@ class WideResNet(nn.Module):
   dropout_rate: float = 0.0
   input_normalization: str = 'minus_one_one'
   dtype: Any = jnp.float32
+  bn_momentum: float = BN_MOMENTUM
 
   @nn.compact
   def __call__(self, x, train: bool = False, use_running_average: Optional[bool] = None):
@@ -121,7 +133,7 @@ class WideResNet(nn.Module):
     (default: running averages unless `train`)."""
     if use_running_average is None:
       use_running_average = not train
-    norm = norm_layer(self.norm, use_running_average, self.dtype)
+    norm = norm_layer(self.norm, use_running_average, self.dtype, self.bn_momentum)
     act = activation_fn(self.activation)
     n = (self.depth - 4) // 6
     widths: Sequence[int] = (16 * self.width, 32 * self.width, 64 * self.width)
@@ -166,12 +178,13 @@ class ResNet18(nn.Module):
   activation: str = 'relu'
   input_normalization: str = 'none'
   dtype: Any = jnp.float32
+  bn_momentum: float = BN_MOMENTUM
 
   @nn.compact
   def __call__(self, x, train: bool = False, use_running_average: Optional[bool] = None):
     if use_running_average is None:
       use_running_average = not train
-    norm = norm_layer(self.norm, use_running_average, self.dtype)
+    norm = norm_layer(self.norm, use_running_average, self.dtype, self.bn_momentum)
     act = activation_fn(self.activation)
     x = act(norm()(float32_stem(
         x, self.input_normalization, self.dtype,
@@ -184,16 +197,20 @@ class ResNet18(nn.Module):
 
 
 def create_model(model_config, num_classes: int, dtype=jnp.float32) -> nn.Module:
-  """The network of `model.arch`: a WRN-depth-width or a ResNet-18."""
+  """The network of `model.arch`: a WRN-depth-width or a ResNet-18. A model config without
+  `bn_momentum` (written before the key) gets torch's default, flax's BN_MOMENTUM."""
+  bn_momentum = model_config.get('bn_momentum', BN_MOMENTUM)
   if model_config.arch == 'resnet18':
     return ResNet18(num_classes=num_classes, norm=model_config.norm,
                     activation=model_config.activation,
-                    input_normalization=model_config.input_normalization, dtype=dtype)
+                    input_normalization=model_config.input_normalization, dtype=dtype,
+                    bn_momentum=bn_momentum)
   return WideResNet(
       depth=model_config.depth, width=model_config.width, num_classes=num_classes,
       norm=model_config.norm, activation=model_config.activation,
       dropout_rate=model_config.dropout_rate,
-      input_normalization=model_config.input_normalization, dtype=dtype)
+      input_normalization=model_config.input_normalization, dtype=dtype,
+      bn_momentum=bn_momentum)
 
 
 def model_name(model_config) -> str:

@@ -127,11 +127,15 @@ def draw_from_buffer(buffer: jax.Array, key: jax.Array, batch_size: int, reinit_
 
 def class_gaussian_images(gaussian: 'ClassConditionalGaussian', key: jax.Array, size: int,
                           image_shape) -> jax.Array:
-  """`size` draws of N(mu_c, Sigma_c), each of a uniformly random class c (SADA-JEM's
-  buffer initialisation and re-initialisation), shape (size, H, W, C)."""
-  k_class, k_draw = jax.random.split(key)
-  labels = np.asarray(jax.random.randint(k_class, (size,), 0, gaussian.means.shape[0]))
-  return gaussian.sample(k_draw, labels, image_shape)
+  """`size` draws of N(mu_c, Sigma_c), class-balanced in class blocks (class c fills rows
+  c * size / C .. (c + 1) * size / C), shape (size, H, W, C): SADA-JEM's initial buffer
+  (EB-JDAT train_sadajem.py, init_from_centers: buffer_size / n_classes draws of each class).
+  Their re-initialisation draws a random class per entry (init_random); drawn uniformly from
+  a pool of these (`draw_from_buffer`), each start is of class c with probability 1/C as
+  there."""
+  num_classes = gaussian.means.shape[0]
+  labels = (np.arange(size) * num_classes // size).astype(np.int32)
+  return gaussian.sample(key, labels, image_shape)
 
 
 def write_to_buffer(buffer: jax.Array, slots: jax.Array, x: jax.Array) -> jax.Array:
@@ -208,7 +212,10 @@ class ClassConditionalGaussian:
 
   @classmethod
   def fit(cls, x_uint8: np.ndarray, y: np.ndarray, num_classes: int,
-          jitter: float = 1e-4) -> 'ClassConditionalGaussian':
+          jitter: float = 2.5e-5) -> 'ClassConditionalGaussian':
+    """Means and Cholesky factors of Sigma_c + jitter I on [0, 1] images. The jitter is
+    EB-JDAT's 1e-4 I (train_sadajem.py, init_from_centers) on their [-1, 1] images, whose
+    covariances are 4x ours: 1e-4 / 4 here."""
     d = int(np.prod(x_uint8.shape[1:]))
     means = np.zeros((num_classes, d), np.float32)
     chol = np.zeros((num_classes, d, d), np.float32)

@@ -49,6 +49,56 @@ class TrainState(flax.struct.PyTreeNode):
 
 # ----------------------------------------------------------------------------- optimizer
 
+ONECYCLE_DIV_FACTOR = 25.0         # torch OneCycleLR's defaults (WEAT passes neither):
+ONECYCLE_FINAL_DIV_FACTOR = 1e4     # initial lr = max / 25, final lr = initial / 1e4
+
+
+@flax.struct.dataclass
+class CycleSchedule:
+  """A one-cycle learning rate (`lr`, count -> lr) with its cycle position (`position`,
+  count -> x in [0, 1], 0 at the ends of the cycle, 1 at the peak), from which
+  `cycled_momentum` moves the momentum inversely to the lr. Called, it is the lr schedule."""
+  lr: optax.Schedule = flax.struct.field(pytree_node=False)
+  position: optax.Schedule = flax.struct.field(pytree_node=False)
+
+  def __call__(self, count):
+    return self.lr(count)
+
+
+def linear_onecycle(total: int, peak_lr: float, peak_fraction: float) -> CycleSchedule:
+  """Fast AT's cyclic schedule: 0 -> peak_lr -> 0, linear, peak at `peak_fraction` of `total`
+  (locuslab/fast_adversarial, CIFAR10/train_fgsm.py: torch's CyclicLR from lr_min 0)."""
+  peak = max(1, int(peak_fraction * total))
+  lr = optax.join_schedules([optax.linear_schedule(0.0, peak_lr, peak),
+                             optax.linear_schedule(peak_lr, 0.0, max(1, total - peak))], [peak])
+  return CycleSchedule(lr=lr, position=lambda count: lr(count) / peak_lr)
+
+
+def cosine_onecycle(total: int, peak_lr: float, pct_start: float) -> CycleSchedule:
+  """torch's `OneCycleLR(max_lr=peak_lr, total_steps=total, pct_start)` with its defaults
+  (anneal_strategy 'cos', three_phase False, div_factor 25, final_div_factor 1e4), as
+  WEAT's main.py builds it: cosine from peak_lr / 25 up to peak_lr over the steps
+  0 .. pct_start * total - 1, then down to peak_lr / 25e4 at step total - 1 (torch's phase
+  ends; `optax.cosine_onecycle_schedule` ends them one step later). Counts past the end keep
+  the final lr (torch raises there)."""
+  initial = peak_lr / ONECYCLE_DIV_FACTOR
+  final = initial / ONECYCLE_FINAL_DIV_FACTOR
+  warm_end = pct_start * total - 1.0
+  end = total - 1.0
+
+  def position(count):
+    up = jnp.clip(count / max(warm_end, 1.0), 0.0, 1.0)
+    down = jnp.clip((count - warm_end) / max(end - warm_end, 1.0), 0.0, 1.0)
+    rising = count <= warm_end
+    return jnp.where(rising, 1.0 - jnp.cos(jnp.pi * up), 1.0 + jnp.cos(jnp.pi * down)) / 2.0
+
+  def lr(count):
+    floor = jnp.where(count <= warm_end, initial, final)
+    return floor + (peak_lr - floor) * position(count)
+
+  return CycleSchedule(lr=lr, position=position)
+
+
 def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
   """The learning rate per optimizer update, from `config.schedule`."""
   lr, sched = config.optimizer.lr, config.schedule
@@ -60,13 +110,10 @@ def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int) -> op
   elif sched.name == 'multistep':
     boundaries = {int(e * per_epoch): sched.decay_factor for e in sched.decay_epochs}
     schedule = optax.piecewise_constant_schedule(lr, boundaries)
-  elif sched.name == 'onecycle':  # Fast AT's cyclic schedule: 0 -> lr -> 0, peak at `peak_fraction`.
-    peak = max(1, int(sched.peak_fraction * total))
-    schedule = optax.join_schedules(
-        [optax.linear_schedule(0.0, lr, peak), optax.linear_schedule(lr, 0.0, max(1, total - peak))],
-        [peak])
-  elif sched.name == 'cosine_onecycle':  # torch's OneCycleLR (WEAT): lr/25 -> lr -> lr/25e4, cosine
-    schedule = optax.cosine_onecycle_schedule(max(1, total), lr, sched.peak_fraction)
+  elif sched.name == 'onecycle':
+    schedule = linear_onecycle(total, lr, sched.peak_fraction)
+  elif sched.name == 'cosine_onecycle':
+    schedule = cosine_onecycle(max(1, total), lr, sched.peak_fraction)
   elif sched.name == 'cosine':
     schedule = optax.cosine_decay_schedule(lr, max(1, total))
   else:
@@ -86,12 +133,30 @@ def with_linear_warmup(schedule: optax.Schedule, warmup: int) -> optax.Schedule:
   return lambda count: jnp.minimum(1.0, count / warmup) * schedule(count)
 
 
+def cycled_momentum(sched, schedule: optax.Schedule) -> optax.Schedule:
+  """`schedule.cycle_momentum`: SGD's momentum moved inversely to a one-cycle lr, from
+  `max_momentum` at the ends of the cycle to `base_momentum` at its peak, as torch's
+  OneCycleLR (0.95 / 0.85, cosine, WEAT) and CyclicLR (0.9 / 0.8, linear, Fast AT) do by
+  default (cycle_momentum=True); both replace the optimizer's own momentum."""
+  if not isinstance(schedule, CycleSchedule):
+    raise ValueError(f'schedule.cycle_momentum needs a one-cycle schedule.name (onecycle, '
+                     f'cosine_onecycle) without warm-up; got {sched.name!r}')
+  spread = sched.max_momentum - sched.base_momentum
+  return lambda count: sched.max_momentum - spread * schedule.position(count)
+
+
 def create_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
   """SGD with momentum (coupled L2 weight decay, as PyTorch) or Adam; with
   `optimizer.sam_rho` > 0 wrapped in SAM/ASAM (`sam.sam`), whose update then needs
-  `grad_fn=` (the train step passes it)."""
+  `grad_fn=` (the train step passes it). Under `schedule.cycle_momentum` SGD's momentum
+  follows `cycled_momentum` (optax's trace with its decay injected per update, then the lr:
+  optax.sgd's two parts)."""
   opt = config.optimizer
-  if opt.name == 'sgd':
+  if opt.name == 'sgd' and config.schedule.cycle_momentum:
+    trace = optax.inject_hyperparams(optax.trace, static_args=('nesterov',))(
+        decay=cycled_momentum(config.schedule, schedule), nesterov=opt.nesterov)
+    base = optax.chain(trace, optax.scale_by_learning_rate(schedule))
+  elif opt.name == 'sgd':
     base = optax.sgd(schedule, momentum=opt.momentum or None, nesterov=opt.nesterov)
   else:
     base = optax.adam(schedule, b1=opt.b1, b2=opt.b2)

@@ -173,7 +173,7 @@ def train_step(state: TrainState, x_uint8: jax.Array, y: jax.Array,
                             config.data.energy_noise_std)
   x = data_lib.to_float(x_uint8)
   if config.data.augment:
-    x = data_lib.augment(k_aug, x)
+    x = data_lib.augment(k_aug, x, pad_mode=config.data.pad_mode)
   if config.perturbation.name == 'free':
     return free_train_step(state, x, y, k_loss, model=model, config=config)
 

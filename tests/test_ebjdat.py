@@ -138,8 +138,8 @@ def test_reinitialised_chains_start_from_the_entries_of_the_pool():
   assert np.all(np.asarray(kept) == 0)
 
 
-def test_class_gaussian_images_are_of_random_classes():
-  """Each image is mu_c + L_c z of a random class c: with L = 0 the class means."""
+def test_class_gaussian_images_are_of_the_classes_means_under_zero_covariance():
+  """Each image is mu_c + L_c z of its class c: with L = 0 the class means."""
   means = np.array([[0.1] * 4, [0.5] * 4, [0.9] * 4], np.float32)
   gaussian = sampling.ClassConditionalGaussian(means, np.zeros((3, 4, 4), np.float32))
   images = np.asarray(sampling.class_gaussian_images(gaussian, jax.random.PRNGKey(0), 30,

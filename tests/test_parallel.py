@@ -139,9 +139,11 @@ def test_eight_devices_match_one_device(tmp_path, data_path, jax_cache):
   assert sorted(shards[:, 0]) == list(range(8)) and sorted(shards[:, 1]) == list(range(0, 64, 8))
   assert all(tuple(row[2:]) == (8, 32, 32, 3) for row in shards)
   assert tuple(d['jeat/one/buffer_shards'][0, 2:]) == (64, 32, 32, 3)
-  # The same chains written back to the same slots (16 chains, 64 slots). SGLD's 20 steps
-  # amplify the all-reduce's round-off a little: measured below 1e-5.
-  np.testing.assert_allclose(d['jeat/all/buffer'], d['jeat/one/buffer'], rtol=0, atol=1e-4)
+  # The same chains written back to the same slots (16 chains, 64 slots); the chains carry
+  # the round-off of the sharded forward passes.
+  diff = np.abs(d['jeat/all/buffer'] - d['jeat/one/buffer']).max()
+  print(f'8 vs 1 device: buffer max |diff| {diff:.2e}')
+  np.testing.assert_allclose(d['jeat/all/buffer'], d['jeat/one/buffer'], rtol=0, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- 2 processes
