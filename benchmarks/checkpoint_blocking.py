@@ -11,6 +11,7 @@ waits), and the median seconds until the write was committed (sync: the same; as
 blocking part plus the background write, measured by `wait_until_finished` right after).
 """
 import argparse
+import functools
 import importlib
 import os
 import statistics
@@ -37,9 +38,12 @@ def run_state(config, mesh):
   """The fresh TrainState of `config` on `mesh` (placeholder pools: their size is what counts)."""
   model = models.create_model(config.model, 10, jnp.dtype(config.model.dtype))
   tx = state_lib.create_optimizer(config, state_lib.learning_rate_schedule(config, 100, 100))
-  state = state_lib.create_train_state(config, model, jax.random.PRNGKey(0), (32, 32, 3), tx,
-                                       mesh.size, state_lib.placeholder_starts((32, 32, 3)))
-  return jax.device_put(state, state_lib.state_shardings(mesh, state))
+  init = functools.partial(state_lib.create_train_state, config, model, image_shape=(32, 32, 3),
+                           tx=tx, num_devices=mesh.size,
+                           start_images=state_lib.placeholder_starts((32, 32, 3)))
+  # Jitted: eager op-by-op init of WRN-28-10 takes minutes on a CPU.
+  shardings = state_lib.state_shardings(mesh, jax.eval_shape(init, jax.random.PRNGKey(0)))
+  return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))
 
 
 def time_saves(config, state, saves: int, use_async: bool):

@@ -162,7 +162,8 @@ def test_robust_watch_warns_once_on_collapse(tmp_path, data_path, monkeypatch):
   accuracies = iter([0.40, 0.30, 0.19, 0.10, 0.25, 0.15])
   monkeypatch.setattr(watch, 'measure', lambda state: next(accuracies))
   saved = []
-  monkeypatch.setattr(watch._checkpointer, 'save', saved.append)  # pylint: disable=protected-access
+  monkeypatch.setattr(watch._checkpointer, 'save',  # pylint: disable=protected-access
+                      lambda state, **kwargs: saved.append(state))
   warnings = []
   monkeypatch.setattr(absl_logging, 'warning', lambda msg, *args: warnings.append(msg % args))
   for step in range(1, 7):

@@ -42,8 +42,9 @@ def step_keys(state):
   return jax.random.split(jax.random.fold_in(state.rng, state.step), 4)
 
 
-def augmented(state, x_uint8):
-  return data_lib.augment(step_keys(state)[0], data_lib.to_float(x_uint8))
+def augmented(state, x_uint8, config):
+  return data_lib.augment(step_keys(state)[0], data_lib.to_float(x_uint8),
+                          pad_mode=config.data.pad_mode)
 
 
 def assert_trees_close(a, b, **tol):
@@ -61,7 +62,7 @@ def jeat_reference(config, model, state, x_uint8, y):
   with the same x_adv in both terms, and plain SGD. Returns what the step should give."""
   p, s = config.perturbation, config.sampler
   _, k_pos, k_neg, _ = step_keys(state)
-  x = augmented(state, x_uint8)
+  x = augmented(state, x_uint8, config)
   f = lambda params: lambda z: model.apply({'params': params}, z)  # no BatchNorm here
   logits = f(state.params)
   x_adv = attacks.energy_attack(lambda z: energy.energy_xy(logits(z), y), x, k_pos, p.eps,
@@ -158,7 +159,7 @@ def test_fast_at_is_fgsm_from_a_uniform_start():
 
   def fgsm_rs(state, x_uint8, y):
     _, k_pos, _, k_loss = step_keys(state)
-    x = augmented(state, x_uint8)
+    x = augmented(state, x_uint8, config)
     logits_fn = train.make_logits_fn(model, state.params, state.batch_stats, p.bn_mode)
     start = jnp.clip(x + jax.random.uniform(k_pos, x.shape, x.dtype, -p.eps, p.eps), 0.0, 1.0)
     grad = jax.grad(lambda z: jnp.sum(energy.cross_entropy(logits_fn(z), y)))(start)
@@ -194,7 +195,7 @@ def test_free_at_replays_each_minibatch_and_carries_delta():
 
   @jax.jit
   def replays(state_before, params, opt_state, batch_stats, delta, x_uint8, y):
-    x = augmented(state_before, x_uint8)
+    x = augmented(state_before, x_uint8, config)
     for k in jax.random.split(step_keys(state_before)[3], m):
       def loss_fn(w, d):
         logits, bs = model.apply({'params': w, 'batch_stats': batch_stats},
