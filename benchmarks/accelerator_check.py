@@ -111,13 +111,15 @@ def config_overrides(argv, toy: bool, data: str):
   return out + [a for a in argv[1:] if a.startswith('--config.')]
 
 
-def run_logged(cmd, log_path: str, timeout_s: float, kill_on=None):
+def run_logged(cmd, log_path: str, timeout_s: float, kill_on=None, kill_when=None):
   """Runs `cmd` in the repository root, its output (stdout and stderr) teed to `log_path`,
   with JAX's persistent compilation cache in the scratch folder (the resume and the later
   parts reuse what an earlier process compiled, unless JAX_COMPILATION_CACHE_DIR is set).
 
-  SIGKILLs it at the first output line matching `kill_on` (a compiled regex), or after
-  `timeout_s`. Returns (return code, the match or None, seconds, timed out).
+  SIGKILLs it at the first output line matching `kill_on` (a compiled regex), once
+  `kill_when(match)` is true where given (polled: an asynchronous checkpoint is committed
+  after its log line), or after `timeout_s`. Returns (return code, the match or None,
+  seconds, timed out).
   """
   start = time.perf_counter()
   cache = os.path.join(os.path.dirname(os.path.abspath(log_path)), 'jax_cache')
@@ -133,6 +135,8 @@ def run_logged(cmd, log_path: str, timeout_s: float, kill_on=None):
       if kill_on is not None and match is None:
         match = kill_on.search(line)
         if match:
+          while kill_when is not None and not kill_when(match) and proc.poll() is None:
+            time.sleep(0.05)
           proc.send_signal(signal.SIGKILL)
   returncode = proc.wait()
   timed_out = not timer.is_alive() and match is None and returncode == -signal.SIGKILL
@@ -200,7 +204,9 @@ def run_train_resume_part(workdir: str, scratch: str, timeout_s: float, override
                 checkpoint_every_steps=scale['checkpoint_every'])
   start = time.perf_counter()
   first_log = os.path.join(scratch, 'train_first.log')
-  returncode, saved, seconds, timed_out = run_logged(cmd, first_log, timeout_s, kill_on=SAVED)
+  committed = lambda saved: int(saved.group(1)) in checkpoint_steps(workdir)
+  returncode, saved, seconds, timed_out = run_logged(cmd, first_log, timeout_s, kill_on=SAVED,
+                                                     kill_when=committed)
   record['first_run'] = dict(seconds=seconds, returncode=returncode, log=first_log,
                              killed_after_checkpoint=int(saved.group(1)) if saved else None)
   record['checkpoints_after_kill'] = checkpoint_steps(workdir)

@@ -332,6 +332,7 @@ class Checkpointer:
                primary: Optional[bool] = None):
     self.workdir, self.subdir = workdir, subdir
     self._pool_sizes = {name: config.sampler[key] for name, key in DEVICE_POOLS.items()}
+    self._async = config.async_checkpoints
     self.directory = os.path.join(os.path.abspath(workdir), subdir)
     guarded = for_training and (subdir == 'checkpoints' if primary is None else primary)
     lock_key = _lock_for_all_processes(workdir) if guarded else None
@@ -390,8 +391,9 @@ class Checkpointer:
       self._manager.wait_until_finished()
     blocked = time.time() - start
     level = logging.INFO if last or not self._saved else logging.DEBUG
-    logging.log(level, 'saved checkpoint at step %d in %s (the loop waited %.2f s)', step,
-                self.directory, blocked)
+    written = 'committed' if last or not self._async else 'written in the background'
+    logging.log(level, 'saved checkpoint at step %d in %s (%s; the loop waited %.2f s)', step,
+                self.directory, written, blocked)
     self._saved = True
     return blocked
 

@@ -194,6 +194,7 @@ def eval_batches(x: np.ndarray, y: np.ndarray, batch_size: int):
   splits evenly over any number of devices and every batch has one shape; yields
   (x, y, mask) of this process."""
   n, devices = x.shape[0], jax.device_count()
+  batch_size = min(batch_size, n)  # fewer points than a batch: one batch of them, not padding
   padded = -(-batch_size // devices) * devices
   for start in range(0, n, batch_size):
     idx = np.arange(start, start + padded)

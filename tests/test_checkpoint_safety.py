@@ -252,7 +252,7 @@ def test_resume_with_changed_hyperparameter_is_refused(resumed_on_fewer_devices,
   saved_lr = json.loads((workdir / 'config.json').read_text())['optimizer.lr']
   assert saved_lr == smoke_config('jem', data_path).optimizer.lr != 0.05
   rc, out = run_main(module_dir, 2, 'jem', workdir, data_path, '--config.optimizer.lr=0.05',
-                     '--config.sampler.num_steps=3')
+                     '--config.sampler.num_steps=3', '--config.sampler.buffer_size=62')
   assert rc == 2, out[-3000:]
   line = error_line(out)
   assert f'optimizer.lr: saved {saved_lr!r}, now 0.05' in line and 'sampler.num_steps: saved 2, now 3' in line, line
@@ -262,10 +262,12 @@ def test_resume_with_changed_hyperparameter_is_refused(resumed_on_fewer_devices,
   # modes check only which recipe and model wrote the workdir.
   longer = smoke_config('jem', str(module_dir / 'moved.npz'), num_train_steps=8, num_epochs=3,
                         checkpoint_every_steps=4, **{'eval.num_examples': 16,
-                                                     'sample.num_steps': 7})
+                                                     'sample.num_steps': 7,
+                                                     'sampler.buffer_size': 62})
   with ckpt_lib.Checkpointer(str(workdir), longer) as checkpointer:
     assert checkpointer.latest_step() == 4
-  other_lr = smoke_config('jem', data_path, **{'optimizer.lr': 0.05, 'eval.num_examples': 16})
+  other_lr = smoke_config('jem', data_path, **{'optimizer.lr': 0.05, 'eval.num_examples': 16,
+                                               'sampler.buffer_size': 62})
   with ckpt_lib.Checkpointer(str(workdir), other_lr, for_training=False) as checkpointer:
     assert checkpointer.latest_step() == 4
   with pytest.raises(WorkdirError, match='optimizer.lr'):
