@@ -246,7 +246,8 @@ def create_train_state(config, model, key: jax.Array, image_shape, tx, num_devic
     k_buffer, k_pool = jax.random.split(k_buffer)
     for name, k in (('buffer', k_buffer), ('reinit_pool', k_pool)):
       size = s[ckpt_lib.DEVICE_POOLS[name]]
-      extra[name] = sampling.pad_rows(start_images(k, size), sampling.padded_size(size, num_devices))
+      extra[name] = sampling.pad_rows(start_images(k, size),
+                                      sampling.padded_size(size, num_devices))
   elif s.name == 'sgld_buffer':
     extra['buffer'] = sampling.init_replay_buffer(k_buffer, s.buffer_size, image_shape,
                                                   *s.init_range, num_devices=num_devices)

@@ -385,7 +385,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
 def train_in_workdir(config, workdir: str, checkpointer,
                      preempted=lambda step: False) -> Dict[str, Any]:
   ds = data_lib.load_dataset(config)
-  ckpt_lib.check_data(workdir, ds.provenance, has_checkpoints=checkpointer.latest_step() is not None)
+  ckpt_lib.check_data(workdir, ds.provenance,
+                      has_checkpoints=checkpointer.latest_step() is not None)
   mesh = parallel.make_mesh()
   n_train = ds.x_train.shape[0]
   steps_per_epoch = n_train // config.batch_size
