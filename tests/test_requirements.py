@@ -111,7 +111,7 @@ def test_no_absolute_machine_path_in_the_product():
       for number, line in enumerate(path.read_text().splitlines(), 1):
         found += [f'{path.relative_to(REPO)}:{number}: {m}' for m in MACHINE_PATH.findall(line)]
   assert found == []
-  assert MACHINE_PATH.findall('"path": "/work/shared/data/x.npz"')  # the pattern bites
+  assert MACHINE_PATH.findall('"path": "/srv/data/x.npz"')  # the pattern bites
 
 
 def test_npz_provenance_is_the_path_as_given_and_its_sha256(tmp_path, monkeypatch):
@@ -132,7 +132,7 @@ def test_paper_scale_finds_the_standin_relative_to_the_repository(tmp_path, monk
   (tmp_path / 'repo').mkdir()
   standin = write_synthetic_npz(tmp_path / 'shared' / 'standin.npz')
   monkeypatch.chdir(tmp_path / 'repo')
-  assert paper_scale.find_data('', standin) == '../shared/standin.npz'  # relative, no /tmp
+  assert paper_scale.find_data('', standin) == '../shared/standin.npz'  # relative to the repository
   assert paper_scale.find_data('', str(tmp_path / 'absent.npz')) is None      # synthetic data
   assert paper_scale.find_data('../shared/standin.npz') == '../shared/standin.npz'  # as given
   assert paper_scale.find_data('synthetic') is None
