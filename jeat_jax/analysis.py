@@ -5,7 +5,6 @@ images of several models side by side (Fig. 5).
 `python main.py --mode=analyze --config=CONFIG --workdir=DIR` writes every figure
 that applies to the run into DIR/figures/.
 """
-import glob
 import os
 from typing import Callable, Dict, List, Sequence, Tuple
 
@@ -67,12 +66,13 @@ def read_scalars(workdir: str, prefix_names: Sequence[str]) -> Dict[str, List]:
   """(step, value) lists of TensorBoard scalars whose tag starts with one of the names."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   out: Dict[str, List] = {}
-  for path in sorted(glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for value in event.summary.value:
-        if any(value.tag.startswith(p) for p in prefix_names):
-          v = tf.make_ndarray(value.tensor) if value.HasField('tensor') else value.simple_value
-          out.setdefault(value.tag, []).append((event.step, float(v)))
+  for path in files.glob(workdir, 'events.out.tfevents.*'):
+    with files.local_copy(path) as local:
+      for event in tf.compat.v1.train.summary_iterator(local):
+        for value in event.summary.value:
+          if any(value.tag.startswith(p) for p in prefix_names):
+            v = tf.make_ndarray(value.tensor) if value.HasField('tensor') else value.simple_value
+            out.setdefault(value.tag, []).append((event.step, float(v)))
   return out
 
 
@@ -172,7 +172,7 @@ def write_figures(config, workdir: str, ds, grid: np.ndarray) -> Dict[str, str]:
   into workdir/figures/ (process 0's job)."""
   a = config.analysis
   out = os.path.join(workdir, 'figures')
-  os.makedirs(out, exist_ok=True)
+  files.makedirs(out)
   figures = {}
   files.atomic_write(os.path.join(out, 'energy_landscape.npz'),
                      lambda tmp: np.savez(tmp, energy=grid, radius=a.radius))
@@ -185,8 +185,8 @@ def write_figures(config, workdir: str, ds, grid: np.ndarray) -> Dict[str, str]:
     figures['energy_dynamics'] = plot_dynamics(os.path.join(out, 'energy_dynamics.png'), curves,
                                                config.recipe, xlabel)
   norms_path = os.path.join(workdir, config.sample.subdir, 'gradient_norms.npz')
-  if os.path.exists(norms_path):
-    with np.load(norms_path) as f:
+  if files.exists(norms_path):
+    with files.open_npz(norms_path) as f:
       figures['gradient_norms'] = plot_gradient_norms(
           os.path.join(out, 'gradient_norms.png'), f['norms'],
           f'{config.recipe}: generation by {str(f["objective"])}')

@@ -1,7 +1,9 @@
 """Checkpoints of the whole TrainState with orbax, written atomically, and the workdir's guards.
 
-Orbax writes each step to a temporary directory and renames it when complete,
-so a run killed mid-save leaves the previous checkpoint intact. Around that,
+Orbax writes each step to a temporary directory and renames it when complete (on an
+object store, which has no rename, it writes a commit marker last), so a run killed
+mid-save leaves the previous checkpoint intact. The workdir may be local or a gs:// URI
+(every file through `jeat_jax.files`). Around that,
 a training Checkpointer guards a week-long run against going silently wrong:
 
 - `run_info.json`: which recipe, dataset and model wrote the workdir; a workdir
@@ -10,10 +12,9 @@ a training Checkpointer guards a week-long run against going silently wrong:
   config differs in anything but the run length, the checkpoint / logging
   periods and the evaluation settings (RESUMABLE_KEYS, RESUMABLE_PREFIXES) is refused,
   naming each key with its saved and new value.
-- `.lock`: an exclusive `flock` held by process 0 for the Checkpointer's lifetime,
-  so a second training on the same workdir stops at once, naming the live
-  holder, instead of colliding with its half-written steps. The OS drops the
-  lock when the holder dies, even by SIGKILL.
+- `.lock`: held by process 0 for the Checkpointer's lifetime (`workdir_lock`: a flock
+  locally, a lease object on gs://), so a second training on the same workdir stops at
+  once, naming the live holder, instead of colliding with its half-written steps.
 - `data.json`: which data the first start trained on (source; TFDS name and version,
   or the npz file's sha256); a resume on other data is refused, naming both.
 - A resume that changes the run length under a schedule that is a function of it
@@ -24,11 +25,8 @@ a training Checkpointer guards a week-long run against going silently wrong:
   same entries in the same order, padded for its own devices (restore_latest). Pools of
   the older layout (devices, entries per device, H, W, C) are read too.
 """
-import fcntl
 import json
 import os
-import socket
-import sys
 import time
 import weakref
 from typing import Any, Dict, List, Optional, Tuple
@@ -41,12 +39,12 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jeat_jax.errors import WorkdirError
+from jeat_jax import files, workdir_lock
 from jeat_jax.files import read_json, write_json_atomic
 
 RUN_INFO = 'run_info.json'
 CONFIG_FILE = 'config.json'
 DATA_FILE = 'data.json'
-LOCK_FILE = '.lock'
 WALL_SECONDS = 'wall_seconds'  # custom metadata of a checkpoint: training seconds up to it
 
 # Config keys a resume may change: nothing saved in a checkpoint depends on them.
@@ -89,7 +87,6 @@ def check_run_info(workdir: str, config) -> None:
           f'{theirs.get("dataset")} / {theirs.get("model")}; this config is recipe '
           f'{mine["recipe"]!r} with {mine["dataset"]} / {mine["model"]}. Use another --workdir.')
   elif jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
     write_json_atomic(path, mine)
 
 
@@ -163,7 +160,7 @@ def check_config(workdir: str, config, has_checkpoints: bool) -> None:
   """
   path = os.path.join(workdir, CONFIG_FILE)
   new = flat_config(config)
-  if not has_checkpoints or not os.path.exists(path):
+  if not has_checkpoints or not files.exists(path):
     if has_checkpoints:
       logging.warning('%s has checkpoints but no %s (written by an older version): this '
                       "resume's config cannot be checked; it is saved as the run's config",
@@ -209,75 +206,12 @@ def check_data(workdir: str, provenance: Dict[str, Any], has_checkpoints: bool) 
 
 # ----------------------------------------------------------------------------- the lock
 
-# Locks this process holds: lock file path -> [fd, number of Checkpointers using it]. A
-# flock belongs to an open file, so a second open in the same process would conflict with
-# the first: Checkpointers of one process on one workdir share the lock instead.
-_HELD: Dict[str, list] = {}
-
-
-def _lock_holder(fd: int) -> str:
-  """Who holds the lock, from what it wrote into the lock file."""
-  info = {}
-  for _ in range(10):  # the holder writes right after locking: it may not have yet
-    try:
-      info = json.loads(os.pread(fd, 65536, 0).decode() or '{}')
-    except (ValueError, OSError):
-      info = {}
-    if info:
-      break
-    time.sleep(0.1)
-  if not info:
-    return 'an unknown process (it has not written its name into the lock file)'
-  return (f'pid {info.get("pid")} on host {info.get("host")}, running since '
-          f'{info.get("started")} ({info.get("command")})')
-
-
-def acquire_workdir_lock(workdir: str) -> Optional[str]:
-  """Takes the exclusive lock of `workdir` (or shares this process's); returns its key
-  (None where the filesystem has no locks)."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.realpath(os.path.join(workdir, LOCK_FILE))
-  if path in _HELD:
-    _HELD[path][1] += 1
-    return path
-  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by exec'd children
-  try:
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except BlockingIOError:
-    holder = _lock_holder(fd)
-    os.close(fd)
-    raise WorkdirError(  # pylint: disable=raise-missing-from
-        f'workdir {workdir} is in use by another training run: {holder}. Wait for it to end or '
-        f'stop it, or use another --workdir (a run that was killed releases {path} by itself).')
-  except OSError as e:  # a filesystem without locks (ENOLCK, EOPNOTSUPP)
-    os.close(fd)
-    logging.warning('cannot lock %s (%s): a second training started on this workdir would not '
-                    'be stopped', path, e)
-    return None
-  info = {'host': socket.gethostname(), 'pid': os.getpid(),
-          'started': time.strftime('%Y-%m-%d %H:%M:%S %Z'), 'command': ' '.join(sys.argv)}
-  os.ftruncate(fd, 0)
-  os.pwrite(fd, json.dumps(info).encode(), 0)
-  _HELD[path] = [fd, 1]
-  return path
-
-
-def release_workdir_lock(key: Optional[str]) -> None:
-  held = _HELD.get(key)
-  if held is None:
-    return
-  held[1] -= 1
-  if held[1] == 0:
-    del _HELD[key]
-    os.close(held[0])  # drops the flock; the file stays (removing it would race a new holder)
-
-
 def _lock_for_all_processes(workdir: str) -> Optional[str]:
   """Process 0 takes the lock; the others learn whether it could, and stop with it if not."""
   key, error = None, None
   if jax.process_index() == 0:
     try:
-      key = acquire_workdir_lock(workdir)
+      key = workdir_lock.acquire(workdir)
     except WorkdirError as e:
       error = e
   if jax.process_count() > 1:
@@ -333,14 +267,15 @@ class Checkpointer:
     self.workdir, self.subdir = workdir, subdir
     self._pool_sizes = {name: config.sampler[key] for name, key in DEVICE_POOLS.items()}
     self._async = config.async_checkpoints
-    self.directory = os.path.join(os.path.abspath(workdir), subdir)
+    self.directory = os.path.join(files.absolute(workdir), subdir)
     guarded = for_training and (subdir == 'checkpoints' if primary is None else primary)
     lock_key = _lock_for_all_processes(workdir) if guarded else None
-    self._release = weakref.finalize(self, release_workdir_lock, lock_key) if lock_key else None
+    self._lock_key = lock_key
+    self._release = weakref.finalize(self, workdir_lock.release, lock_key) if lock_key else None
     self._manager = None
     self._saved = False
     try:
-      if not for_training and not os.path.isdir(self.directory):
+      if not for_training and not files.isdir(self.directory):
         raise WorkdirError(f'no checkpoints in {self.directory}: train there first '
                            f'(python main.py --config=... --workdir={workdir})')
       check_run_info(workdir, config)
@@ -382,6 +317,10 @@ class Checkpointer:
     on return. The first save of this Checkpointer and the `last` are logged at INFO."""
     start = time.time()
     step = int(state.step)
+    taker = workdir_lock.lost(self._lock_key)
+    if taker is not None:
+      raise WorkdirError(f'workdir {self.workdir}: the lease of this run was taken over by '
+                         f'{workdir_lock.describe_holder(taker)}; step {step} is not saved')
     if step in self._manager.all_steps():
       return 0.0
     metadata = {WALL_SECONDS: round(wall_seconds, 1)} if wall_seconds is not None else None

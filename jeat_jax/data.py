@@ -12,7 +12,6 @@ the slices into one array sharded over all devices.
 """
 import dataclasses
 import hashlib
-import os
 from typing import Any, Dict, Tuple
 
 import jax
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jeat_jax import parallel
+from jeat_jax import files, parallel
 from jeat_jax.errors import DataError
 
 NUM_CLASSES = {'cifar10': 10, 'cifar100': 100}
@@ -56,10 +55,10 @@ def _check_split(path: str, x: np.ndarray, y: np.ndarray, split: str, num_classe
 
 def load_npz(path: str, num_classes: int) -> Dataset:
   """Reads x_train, y_train, x_test, y_test (uint8 NHWC, int labels) from `path`."""
-  if not os.path.isfile(path):
+  if not files.isfile(path):
     raise DataError(f'data file not found: {path} (set --config.data.path)')
   try:
-    with np.load(path) as f:
+    with files.open_npz(path) as f:
       missing = [k for k in NPZ_KEYS if k not in f.files]
       if missing:
         raise DataError(f'{path}: missing keys {missing}; an npz data file needs {list(NPZ_KEYS)}')
@@ -83,7 +82,7 @@ def load_npz(path: str, num_classes: int) -> Dataset:
 
 def file_sha256(path: str) -> str:
   digest = hashlib.sha256()
-  with open(path, 'rb') as f:
+  with files.epath(path).open('rb') as f:
     for block in iter(lambda: f.read(1 << 20), b''):
       digest.update(block)
   return digest.hexdigest()
@@ -138,7 +137,7 @@ def load_dataset(config) -> Dataset:
   if source == 'auto':
     if tfds_is_prepared(name, config.data.tfds_data_dir):
       source = 'tfds'
-    elif path and os.path.isfile(path):
+    elif path and files.isfile(path):
       logging.warning('TFDS %s is not prepared here; using the npz file %s', name, path)
       source = 'npz'
     else:

@@ -17,15 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from clu import metric_writers
 from jax.experimental import multihost_utils
 
 from jeat_jax import data as data_lib
-from jeat_jax import parallel, sampling
+from jeat_jax import files, parallel, sampling
 from jeat_jax import state as state_lib
 from jeat_jax.files import atomic_write, write_json_atomic
 from jeat_jax.metrics import ssim as ssim_lib
-from jeat_jax.logs import Progress
+from jeat_jax.logs import Progress, tensorboard_writer
 
 
 def gaussian_cache_path(config, workdir: str) -> str:
@@ -193,9 +192,9 @@ def sample_run(config, workdir: str) -> dict:
   if jax.process_index() == 0:
     write_samples(out, x_uint8, labels, np.mean(np.stack(norms), axis=0) if norms else None,
                   grid, ds, s)
-    writer = metric_writers.create_default_writer(workdir)
+    writer = tensorboard_writer(workdir)
     writer.write_images(int(state.step), {f'samples_{s.objective}': grid[None]})
-    writer.flush()
+    writer.close()
     logging.info('wrote %s/{grid.png,samples.npz,gradient_norms.npz}', out)
   multihost_utils.sync_global_devices('sample: files written')  # fid_run reads them next
   return {'samples': os.path.join(out, 'samples.npz'), 'grid': os.path.join(out, 'grid.png'),
@@ -210,7 +209,7 @@ def fid_reference(config, workdir: str, ds) -> Tuple[str, Optional[str], str]:
   reference, key = f.reference, f.reference_key or None
   reference_dir = f.reference_dir or workdir
   if not reference:
-    if config.data.source == 'npz' or (config.data.source == 'auto' and os.path.isfile(config.data.path)):
+    if config.data.source == 'npz' or (config.data.source == 'auto' and files.isfile(config.data.path)):
       reference, key = config.data.path, 'x_train'
     else:  # TFDS: its training images as an .npz, beside the statistics
       reference, key = os.path.join(reference_dir, f'{config.dataset}_train.npz'), 'x_train'
@@ -236,7 +235,7 @@ def fid_run(config, workdir: str) -> dict:
   share of the images (`fid.sharded_activations`) and process 0 writes."""
   from jeat_jax.metrics import fid  # pylint: disable=g-import-not-at-top
   samples = os.path.join(samples_dir(config, workdir), 'samples.npz')
-  if not os.path.isfile(samples):
+  if not files.isfile(samples):
     from jeat_jax.errors import WorkdirError  # pylint: disable=g-import-not-at-top
     raise WorkdirError(f'{samples} not found: run --mode=sample first')
   ds = data_lib.load_dataset(config)
@@ -247,7 +246,9 @@ def fid_run(config, workdir: str) -> dict:
                          max_reference=f.max_reference or None, batch_size=f.batch_size,
                          stats_dir=reference_dir, keep_features=True)
   features = result.pop('pool3')
-  result.update({'num_samples': int(np.load(samples)['x'].shape[0]), 'reference': reference,
+  with files.open_npz(samples) as f:
+    num_samples = int(f['x'].shape[0])
+  result.update({'num_samples': num_samples, 'reference': reference,
                  'reference_images': f.max_reference or 'all', 'data': ds.provenance,
                  'protocol': 'TTUR/pytorch-fid: pool3 of the TF 2015 Inception at 299x299; '
                              'IS on the 1008-way logits, 10 splits',

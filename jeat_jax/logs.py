@@ -45,3 +45,46 @@ class Progress:
                  100 * done / self.total, rate, self.unit,
                  format_eta((self.total - done) / max(rate, 1e-9)))
     self._last_time, self._last_done, self._reported = now, done, True
+
+
+class _UploadingWriter:
+  """A clu metric writer for a workdir on an object store. TensorFlow's event writer reaches
+  gs:// only through its own GCS client, which the one path layer (jeat_jax.files) does not
+  use and which cannot be pointed at another server: the events are written to a local
+  staging directory, and every flush and close uploads its files (one object each, whole)
+  to the workdir, under the names TensorBoard reads."""
+
+  def __init__(self, workdir: str):
+    import tempfile  # pylint: disable=g-import-not-at-top
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+    self._workdir = workdir
+    self._staging = tempfile.mkdtemp(prefix='jeat_jax_tensorboard_')
+    self._writer = metric_writers.create_default_writer(self._staging)
+
+  def __getattr__(self, name):  # write_scalars, write_images, write_hparams, ...
+    return getattr(self._writer, name)
+
+  def flush(self) -> None:
+    self._writer.flush()
+    self._upload()
+
+  def close(self) -> None:
+    import shutil  # pylint: disable=g-import-not-at-top
+    self._writer.close()
+    self._upload()
+    shutil.rmtree(self._staging, ignore_errors=True)
+
+  def _upload(self) -> None:
+    from jeat_jax import files  # pylint: disable=g-import-not-at-top
+    for name in sorted(os.listdir(self._staging)):
+      files.upload(os.path.join(self._staging, name), os.path.join(self._workdir, name))
+
+
+def tensorboard_writer(workdir: str, just_logging: bool = False):
+  """clu's default metric writer for `workdir` (TensorBoard event files in it, and the log),
+  for a local or an object-store workdir. Flush it to make the events visible there."""
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  from jeat_jax import files  # pylint: disable=g-import-not-at-top
+  if files.is_remote(workdir) and not just_logging:
+    return _UploadingWriter(workdir)
+  return metric_writers.create_default_writer(workdir, just_logging=just_logging)

@@ -18,7 +18,6 @@ number of devices, and a checkpoint moves between device counts unchanged
 (checkpoint.py keeps the first `size` rows).
 """
 import math
-import os
 from typing import Any, Callable, Optional, Tuple
 
 import jax
@@ -230,12 +229,13 @@ class ClassConditionalGaussian:
   def cached(cls, path: str, x_uint8: np.ndarray, y: np.ndarray,
              num_classes: int) -> 'ClassConditionalGaussian':
     """Loads the fit from `path`, or fits it and saves it there."""
-    if os.path.exists(path):
-      with np.load(path) as f:
+    from jeat_jax import files  # pylint: disable=g-import-not-at-top
+    if files.exists(path):
+      with files.open_npz(path) as f:
         return cls(f['means'], f['cholesky'])
     fitted = cls.fit(x_uint8, y, num_classes)
-    from jeat_jax.files import atomic_write  # pylint: disable=g-import-not-at-top
-    atomic_write(path, lambda tmp: np.savez(tmp, means=fitted.means, cholesky=fitted.cholesky))
+    files.atomic_write(path, lambda tmp: np.savez(tmp, means=fitted.means,
+                                                  cholesky=fitted.cholesky))
     return fitted
 
   def sample(self, key: jax.Array, labels, image_shape) -> jax.Array:

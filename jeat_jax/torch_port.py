@@ -11,7 +11,6 @@ torch is optional for jeat-jax: this module imports it, and `torch_models`, only
 functions (`require_torch` names the install command where it is missing).
 """
 import importlib.util
-import json
 import os
 from typing import Any, Dict, Mapping, Optional
 
@@ -128,12 +127,14 @@ def port(variables, model_config: Mapping[str, Any]):
 
 
 def load_export(directory: str, settings: Optional[Dict[str, Any]] = None):
-  """An export's network, fresh from DIRECTORY/model.py and model.pt (eval mode); `settings`
-  default to DIRECTORY/export.json's "model"."""
+  """An export's network, fresh from DIRECTORY/model.py and model.pt (eval mode; DIRECTORY
+  local or a URI); `settings` default to DIRECTORY/export.json's "model"."""
+  from jeat_jax import files  # pylint: disable=import-outside-toplevel
   torch = require_torch()
   if settings is None:
-    with open(os.path.join(directory, 'export.json')) as f:
-      settings = json.load(f)['model']
-  net = load_model_module(os.path.join(directory, 'model.py')).build_model(**settings)
-  net.load_state_dict(torch.load(os.path.join(directory, 'model.pt'), weights_only=True))
+    settings = files.read_json(os.path.join(directory, 'export.json'))['model']
+  with files.local_copy(os.path.join(directory, 'model.py')) as source, \
+      files.local_copy(os.path.join(directory, 'model.pt')) as weights:
+    net = load_model_module(source).build_model(**settings)
+    net.load_state_dict(torch.load(weights, weights_only=True))
   return net.eval()

@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers
 
 from jeat_jax import checkpoint as ckpt_lib
 from jeat_jax import data as data_lib
@@ -37,7 +36,7 @@ from jeat_jax import recipes
 from jeat_jax import sampling
 from jeat_jax.errors import Preempted, UserError
 from jeat_jax.files import read_json, write_json_atomic
-from jeat_jax.logs import format_eta
+from jeat_jax.logs import format_eta, tensorboard_writer
 # The run's state and model functions, importable from here as before (README, notebook).
 from jeat_jax.state import (  # pylint: disable=unused-import
     BEST_SUBDIR, TrainState, class_gaussian_starts, create_optimizer, create_train_state,
@@ -424,7 +423,7 @@ def train_in_workdir(config, workdir: str, checkpointer,
   x_eval, y_eval = ds.x_test[:n_eval], ds.y_test[:n_eval]
   watch = RobustWatch(config, workdir, model, mesh, ds) if config.robust_watch.enabled else None
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = tensorboard_writer(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
     writer.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v)
                          for k, v in ckpt_lib.flat_config(config).items()})
@@ -495,12 +494,13 @@ def train_in_workdir(config, workdir: str, checkpointer,
     if checkpoint_now:
       checkpointer.save(state, wall_seconds=seconds_before + time.time() - start_time,
                         last=is_last)
+      writer.flush()  # the events up to the checkpoint reach the workdir (uploaded if remote)
     if not is_last and preempted(step):
       save_on_preemption(checkpointer, state, metrics, step, guard.max_abs_loss,
                          seconds_before + time.time() - start_time)
-      writer.flush()
+      writer.close()
       raise Preempted(f'preempted at step {step}: checkpoint saved')
-  writer.flush()
+  writer.close()
 
   if test_accuracy is None:  # resumed a finished run
     test_accuracy = evaluate_accuracy(eval_fn, state, mesh, x_eval, y_eval, config.eval.batch_size)

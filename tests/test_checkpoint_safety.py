@@ -310,7 +310,7 @@ def test_second_training_on_a_workdir_is_refused_until_the_holder_dies(tmp_path,
     info = json.loads((workdir / '.lock').read_text())
     assert info['pid'] == os.getpid()
   # Released on close: another process can take it.
-  code = ('import sys; from jeat_jax import checkpoint; checkpoint.acquire_workdir_lock(sys.argv[1]);'
+  code = ('import sys; from jeat_jax import workdir_lock; workdir_lock.acquire(sys.argv[1]);'
           ' print("taken")')
   proc = subprocess.run([sys.executable, '-c', code, str(workdir)], cwd=REPO, capture_output=True,
                         text=True, timeout=120, env=env_with_devices(module_dir, 1))

@@ -29,7 +29,7 @@ import argparse
 import hashlib
 import json
 import logging
-from pathlib import Path
+import os
 from typing import Callable, Dict, Optional, Tuple
 
 import jax
@@ -174,7 +174,7 @@ def load_images(npz_path, key: Optional[str] = None, max_images: Optional[int] =
   """NHWC images from an .npz (key given, or the first of x, x_train, images,
   arr_0). With max_images, a fixed-seed random subset (datasets are often
   grouped by class)."""
-  with np.load(npz_path) as data:
+  with files.open_npz(npz_path) as data:
     if key is None:
       key = next((k for k in IMAGE_KEYS if k in data.files), None)
       if key is None:
@@ -205,9 +205,9 @@ def cached_statistics(images: np.ndarray, features_fn: Callable[[np.ndarray], np
   and each process stores the result in its own cache (the cache directory is
   per host; on a shared one the writes are atomic renames of the same content).
   """
-  path = Path(cache_dir) / 'fid_stats' / f'{statistics_cache_key(images, tag)}.npz'
-  if on_every_process(path.is_file()):
-    with np.load(path) as data:
+  path = os.path.join(cache_dir, 'fid_stats', f'{statistics_cache_key(images, tag)}.npz')
+  if on_every_process(files.isfile(path)):
+    with files.open_npz(path) as data:
       logger.info('reference statistics from cache %s', path)
       return data['mu'], data['sigma']
   mu, sigma = activation_statistics(features_fn(images))
@@ -253,11 +253,11 @@ def reference_statistics(reference_npz, variables, reference_key: Optional[str] 
   """(mu, sigma) of a reference set: a stats .npz (keys mu, sigma, as written
   by pytorch-fid/TTUR) is read as is; an image .npz is featurised once and
   cached (see `cached_statistics`)."""
-  with np.load(reference_npz) as data:
+  with files.open_npz(reference_npz) as data:
     if 'mu' in data.files and 'sigma' in data.files:
       return data['mu'].astype(np.float64), data['sigma'].astype(np.float64)
   images = load_images(reference_npz, reference_key, max_images, seed)
-  cache_dir = Path(cache_dir) if cache_dir is not None else files.cache_dir()
+  cache_dir = os.fspath(cache_dir if cache_dir is not None else files.cache_dir())
   tag = f'{inception.variables_fingerprint(variables)}|{resize_mode}'
   return cached_statistics(images, _pool3_fn(variables, batch_size, resize_mode, 'reference'),
                            cache_dir, tag)
