@@ -21,6 +21,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.path = STANDIN           # npz with x_train, y_train, x_test, y_test
   c.data.tfds_data_dir = ''
   c.data.train_subset = 0         # > 0: train on this many random training images
+  c.data.validation_size = 0      # > 0: hold out this many training images (a fixed draw, never
+                                  # trained on) for robust_watch to choose checkpoints on
   c.data.augment = True           # pad 4 + random crop + horizontal flip
   c.data.pad_mode = 'reflect'     # the crop's padding: reflect (JEM, Rice et al., EB-JDAT) |
                                   # constant (zeros: torchvision RandomCrop(32, padding=4))
@@ -125,7 +127,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # on by default for JEAT, PreJEAT and Fast AT. The best state is kept in WORKDIR/best/.
   c.robust_watch = ml_collections.ConfigDict()
   c.robust_watch.enabled = False
-  c.robust_watch.num_examples = 512  # the first test points, fixed for the whole run
+  c.robust_watch.num_examples = 512  # the first validation points (data.validation_size)
   c.robust_watch.num_steps = 10      # PGD-10 on CE, random start
   c.robust_watch.eps = 8 / 255
   c.robust_watch.step_size = 2 / 255
@@ -196,7 +198,8 @@ def apply_scale(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict:
     c.sample.neighbour_pool = 256
     c.analysis.resolution = 9
     c.schedule.warmup_steps = 0  # so a 4-step run really moves the parameters
-    c.robust_watch.enabled = False  # tests that watch turn it on
+    c.robust_watch.enabled = False  # tests that watch turn it on (with data.validation_size)
+    c.data.validation_size = 0
     c.robust_watch.num_examples = 32
     c.robust_watch.num_steps = 2
   return c

@@ -26,6 +26,7 @@ def get_config(arg=None):
   c.optimizer.lr = 0.2
   c.num_epochs = 15
   c.robust_watch.enabled = True  # single-step attack: watch for catastrophic overfitting
+  c.data.validation_size = 1000  # the watch's points: training images held out (Rice et al.)
   default.apply_scale(c, arg)
   if arg == 'cpu':
     c.num_epochs = 4

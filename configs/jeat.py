@@ -16,6 +16,7 @@ def get_config(arg=None):
   c.sampler.name = 'sgld_buffer'
   c.loss.name = 'joint_energy'
   c.robust_watch.enabled = True  # single-step attack: watch for catastrophic overfitting
+  c.data.validation_size = 1000  # the watch's points: training images held out (Rice et al.)
   default.apply_scale(c, arg)
   if arg == 'cpu':  # WRN-10-1, K = 5 unrolled SGLD steps, 1.5 epochs.
     energy_common.use_cpu_scale(c, epochs=1.5)

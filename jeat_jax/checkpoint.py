@@ -120,7 +120,7 @@ ADDED_KEYS = {'model.arch': 'wrn', 'loss.weat_variant': 'nat', 'loss.example_wei
               'optimizer.sam_rho': 0.0, 'optimizer.sam_adaptive': True, 'sample.grad_clamp': 0.0,
               'model.bn_momentum': 0.9, 'data.pad_mode': 'reflect',
               'schedule.cycle_momentum': False, 'schedule.base_momentum': 0.85,
-              'schedule.max_momentum': 0.95}
+              'schedule.max_momentum': 0.95, 'data.validation_size': 0}
 
 
 def config_differences(saved: Dict[str, Any], new: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:

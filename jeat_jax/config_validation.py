@@ -68,6 +68,7 @@ def validate(config, devices: Optional[int] = None) -> None:
     _require(bool(config.data.path), 'data.path', 'must name an .npz file for data.source=npz',
              config.data.path)
   _non_negative(config.data.train_subset, 'data.train_subset')
+  _non_negative(config.data.validation_size, 'data.validation_size')
   _one_of(config, 'data.pad_mode', ('reflect', 'constant'))
   devices = devices or jax.device_count()
   eb = config.data.energy_batch_size
@@ -223,4 +224,7 @@ def validate(config, devices: Optional[int] = None) -> None:
   _non_negative(w.step_size, 'robust_watch.step_size')
   _require(0 < w.collapse_fraction < 1, 'robust_watch.collapse_fraction', 'must be in (0, 1)',
            w.collapse_fraction)
+  _require(not w.enabled or config.data.validation_size > 0, 'robust_watch.enabled',
+           'chooses checkpoints on held-out training images, never on test points: it needs '
+           'config.data.validation_size > 0 (e.g. 1000)', w.enabled)
   _one_of(config, 'eval.checkpoint', ('latest', 'best'))

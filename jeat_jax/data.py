@@ -37,6 +37,12 @@ class Dataset:
   # Where the numbers of a run come from, written into results.json, robustness.json,
   # fid.json and REPORT.md: TFDS name and version, or the npz path and its sha256.
   provenance: Dict[str, Any] = dataclasses.field(default_factory=dict)
+  # Training images held out for choosing checkpoints (`data.validation_size`), never trained
+  # on; empty where none are held out. `validation_indices`: their rows in the training split.
+  x_val: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0,), np.uint8))
+  y_val: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0,), np.int32))
+  validation_indices: np.ndarray = dataclasses.field(
+      default_factory=lambda: np.zeros((0,), np.int64))
 
 
 def _check_split(path: str, x: np.ndarray, y: np.ndarray, split: str, num_classes: int):
@@ -146,9 +152,32 @@ def load_dataset(config) -> Dataset:
     ds = load_npz(path, num_classes)
   else:
     ds = load_tfds(name, config.data.tfds_data_dir)
+  if config.data.validation_size > 0:
+    ds = hold_out_validation(ds, config.data.validation_size)
   if config.data.train_subset > 0:
     ds = train_subset(ds, config.data.train_subset, config.seed)
   return ds
+
+
+VALIDATION_SEED = 20200101  # one split for every training seed: runs of several seeds compare
+
+
+def hold_out_validation(ds: Dataset, size: int) -> Dataset:
+  """`size` training images, drawn at random with a fixed seed (the same for every run on
+  this data), moved from the training split to the validation split (Rice et al. 2020 choose
+  checkpoints on 1000 held-out CIFAR-10 training images, never on test points). The training
+  split keeps its order without them; `train_subset` draws from what remains."""
+  n = ds.x_train.shape[0]
+  if not 0 < size < n:
+    raise DataError(f'data.validation_size={size}: must be at least 1 and less than the {n} '
+                    f'training images of {ds.source}')
+  held = np.sort(np.random.default_rng(VALIDATION_SEED).permutation(n)[:size])
+  keep = np.setdiff1d(np.arange(n), held)
+  digest = hashlib.sha256(held.astype(np.int64).tobytes()).hexdigest()
+  provenance = dict(ds.provenance, validation_size=size, validation_sha256=digest)
+  return dataclasses.replace(ds, x_train=ds.x_train[keep], y_train=ds.y_train[keep],
+                             x_val=ds.x_train[held], y_val=ds.y_train[held],
+                             validation_indices=held, provenance=provenance)
 
 
 def train_subset(ds: Dataset, size: int, seed: int) -> Dataset:

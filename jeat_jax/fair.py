@@ -32,7 +32,8 @@ BOOTSTRAP_RESAMPLES = 100  # the normal interval needs their standard deviation 
 # settings): the same training length and images for all, and the same evaluation.
 TRAINING = {'num_epochs': EPOCHS, 'num_train_steps': -1, 'data.train_subset': TRAIN_IMAGES,
             'data.augment': True,
-            'robust_watch.enabled': False}  # no test points seen during training
+            # the same training images for all: no checkpoint chosen on held-out images
+            'robust_watch.enabled': False, 'data.validation_size': 0}
 EVALUATION = {'eval.attacks': 'pgd20,autoattack', 'eval.num_examples': POINTS_PER_SEED,
               'eval.autoattack_num_examples': 0, 'eval.autoattack_version': 'standard',
               'eval.eps': 8 / 255, 'eval.audit_num_examples': 100,

@@ -246,8 +246,8 @@ def fid_run(config, workdir: str) -> dict:
                          max_reference=f.max_reference or None, batch_size=f.batch_size,
                          stats_dir=reference_dir, keep_features=True)
   features = result.pop('pool3')
-  with files.open_npz(samples) as f:
-    num_samples = int(f['x'].shape[0])
+  with files.open_npz(samples) as npz:
+    num_samples = int(npz['x'].shape[0])
   result.update({'num_samples': num_samples, 'reference': reference,
                  'reference_images': f.max_reference or 'all', 'data': ds.provenance,
                  'protocol': 'TTUR/pytorch-fid: pool3 of the TF 2015 Inception at 299x299; '

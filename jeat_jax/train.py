@@ -1,7 +1,12 @@
 """The one train loop of jeat-jax: every recipe is a configuration of it.
 
-batch (uint8 -> [0, 1], augmented) -> perturbation -> x_pos;
-replay buffer -> SGLD -> x_neg, buffer';  loss(params, x_pos, y, x_neg) -> grads -> update.
+batch (uint8 -> [0, 1], augmented) -> perturbation -> x_perturbed;
+replay buffer -> SGLD -> x_neg, buffer';
+recipes.step_loss(params, x, x_perturbed, y, x_neg) -> grads -> update.
+
+x_perturbed is the recipe's perturbed batch (an adversarial example, noisy x, x itself, or
+EB-JDAT's negatives x~: see recipes.py); recipes.py composes every recipe's loss, this module
+runs the steps.
 
 Two optional mechanisms: a second, unaugmented minibatch for the energy terms
 (`data.energy_batch_size`, EB-JDAT's x+), and SAM (`optimizer.sam_rho`), whose second
@@ -29,6 +34,7 @@ from jeat_jax import checkpoint as ckpt_lib
 from jeat_jax import data as data_lib
 from jeat_jax import energy
 from jeat_jax import evaluate
+from jeat_jax import files
 from jeat_jax import generation
 from jeat_jax import models
 from jeat_jax import parallel
@@ -44,6 +50,7 @@ from jeat_jax.state import (  # pylint: disable=unused-import
     train_forward, updates_per_train_step, with_linear_warmup)
 
 ROBUST_WATCH_RECORD = 'robust_watch.json'
+VALIDATION_FILE = 'validation.json'  # the held-out training images (data.validation_size)
 ENERGY_BATCH_SEED_OFFSET = 1_000_003  # the energy batch's order stream: seed + this
 
 
@@ -57,82 +64,21 @@ def _energy_stats(prefix, values):
   return {f'{prefix}_mean': jnp.mean(values), f'{prefix}_std': jnp.std(values)}
 
 
-def energy_dynamics(logits_old_clean, logits_old_pos, logits_new_pos, y) -> Dict[str, jax.Array]:
+def energy_dynamics(logits_old_clean, logits_old_perturbed, logits_new_perturbed,
+                    y) -> Dict[str, jax.Array]:
   """Eq. 15: Dx E(x,y) = E_t(x_adv,y) - E_t(x,y); Dtheta E(x,y) = E_t'(x_adv,y) - E_t(x_adv,y);
-  and the same for E(x). Mean and std over the batch."""
+  and the same for E(x), x_adv the step's x_perturbed. Mean and std over the batch."""
+  old, new = logits_old_perturbed, logits_new_perturbed
   metrics = {}
-  metrics.update(_energy_stats('dx_energy_xy', energy.energy_xy(logits_old_pos, y)
+  metrics.update(_energy_stats('dx_energy_xy', energy.energy_xy(old, y)
                                - energy.energy_xy(logits_old_clean, y)))
-  metrics.update(_energy_stats('dtheta_energy_xy', energy.energy_xy(logits_new_pos, y)
-                               - energy.energy_xy(logits_old_pos, y)))
-  metrics.update(_energy_stats('dx_energy_x', energy.energy_x(logits_old_pos)
+  metrics.update(_energy_stats('dtheta_energy_xy', energy.energy_xy(new, y)
+                               - energy.energy_xy(old, y)))
+  metrics.update(_energy_stats('dx_energy_x', energy.energy_x(old)
                                - energy.energy_x(logits_old_clean)))
-  metrics.update(_energy_stats('dtheta_energy_x', energy.energy_x(logits_new_pos)
-                               - energy.energy_x(logits_old_pos)))
+  metrics.update(_energy_stats('dtheta_energy_x', energy.energy_x(new)
+                               - energy.energy_x(old)))
   return metrics
-
-
-def ebjdat_recipe_loss(config, model, params, batch_stats, x, x_pos, y, x_neg, key, x_energy):
-  """EB-JDAT's four terms (recipes.ebjdat_loss): train-mode passes over the energy data
-  (x_energy, or x without a second batch), the SGLD negatives, the labelled batch and the
-  logit-direction negatives x_pos, in the order of their code."""
-  keys = jax.random.split(key, 4)
-  logits = []
-  for x_i, k in zip((x if x_energy is None else x_energy, x_neg, x, x_pos), keys):
-    out, batch_stats = train_forward(model, params, batch_stats, x_i, k)
-    logits.append(out)
-  logits_data, logits_neg, logits_lab, logits_pos = logits
-  loss = recipes.ebjdat_loss(logits_data, logits_lab, y, logits_neg, logits_pos,
-                             tuple(config.loss.ebjdat_weights))
-  metrics = {'energy_x_data': jnp.mean(energy.energy_x(logits_data)),
-             'energy_x_neg': jnp.mean(energy.energy_x(logits_neg)),
-             'ce_clean': jnp.mean(energy.cross_entropy(logits_lab, y)),
-             'energy_xy_pos': jnp.mean(energy.energy_xy(logits_pos, y)),
-             'energy_x_pos': jnp.mean(energy.energy_x(logits_pos))}
-  # Train accuracy on the labelled batch: x~ is pushed towards its class (a negative of the
-  # energy terms, not an attack on the classifier), so accuracy on it says little.
-  return loss, (logits_lab, batch_stats, metrics)
-
-
-def recipe_loss(config, model, params, batch_stats, x, x_pos, y, x_neg, key, x_energy=None):
-  """The recipe's loss on one batch; returns (loss, (logits, batch_stats, metrics)), the logits
-  those of the batch the train accuracy is measured on (x_pos; EB-JDAT: the labelled batch).
-
-  `x_energy`: the second (unaugmented) minibatch where `data.energy_batch_size` > 0; the
-  positive energy terms see it instead of x_pos."""
-  if config.loss.name == 'ebjdat':
-    return ebjdat_recipe_loss(config, model, params, batch_stats, x, x_pos, y, x_neg, key,
-                              x_energy)
-  k1, k2 = jax.random.split(key)
-  metrics = {}
-  weighting = config.loss.example_weights
-  if config.loss.name == 'trades':
-    logits_clean, batch_stats = train_forward(model, params, batch_stats, x, k1)
-    logits_pos, batch_stats = train_forward(model, params, batch_stats, x_pos, k2)
-    weights = recipes.example_weights(weighting, logits_clean)
-    loss = recipes.trades_loss(logits_clean, logits_pos, y, config.loss.trades_beta, weights,
-                               ce_on_adv=config.loss.weat_variant == 'adv')
-  else:
-    weights = None
-    if weighting != 'uniform':  # natural logits; BatchNorm's statistics are not updated by them
-      weights = recipes.example_weights(weighting, make_logits_fn(model, params, batch_stats)(x))
-    logits_pos, batch_stats = train_forward(model, params, batch_stats, x_pos, k1)
-    if config.loss.name == 'joint_energy':
-      logits_neg, batch_stats = train_forward(model, params, batch_stats, x_neg, k2)
-      logits_data = None
-      if x_energy is not None:
-        logits_data, batch_stats = train_forward(model, params, batch_stats, x_energy,
-                                                 jax.random.fold_in(k2, 1))
-      loss = recipes.joint_energy_loss(logits_pos, y, logits_neg, config.loss.energy_weight,
-                                        config.loss.energy_l2, weights, logits_data)
-      metrics['energy_x_neg'] = jnp.mean(energy.energy_x(logits_neg))
-    else:
-      loss = recipes.ce_loss(logits_pos, y, weights)
-  if weights is not None:
-    metrics['example_weight_mean'] = jnp.mean(weights)
-  metrics['energy_xy_pos'] = jnp.mean(energy.energy_xy(logits_pos, y))
-  metrics['energy_x_pos'] = jnp.mean(energy.energy_x(logits_pos))
-  return loss, (logits_pos, batch_stats, metrics)
 
 
 def _accuracy(logits, y):
@@ -176,8 +122,9 @@ def train_step(state: TrainState, x_uint8: jax.Array, y: jax.Array,
   if config.perturbation.name == 'free':
     return free_train_step(state, x, y, k_loss, model=model, config=config)
 
-  attack_logits = make_logits_fn(model, state.params, state.batch_stats, config.perturbation.bn_mode)
-  x_pos = recipes.perturb(config.perturbation, attack_logits, x, y, k_pos)
+  attack_logits = make_logits_fn(model, state.params, state.batch_stats,
+                                 config.perturbation.bn_mode)
+  x_perturbed = recipes.perturb(config.perturbation, attack_logits, x, y, k_pos)
   sampler_logits = attack_logits
   if config.sampler.bn_mode != config.perturbation.bn_mode:
     sampler_logits = make_logits_fn(model, state.params, state.batch_stats, config.sampler.bn_mode)
@@ -186,8 +133,11 @@ def train_step(state: TrainState, x_uint8: jax.Array, y: jax.Array,
   x_neg, buffer = recipes.sample_negatives(config.sampler, sampler_logits,
                                            state.extra.get('buffer'), num_neg, k_neg,
                                            pool=state.extra.get('reinit_pool'))
-  loss_fn = functools.partial(recipe_loss, config, model, batch_stats=state.batch_stats, x=x,
-                              x_pos=x_pos, y=y, x_neg=x_neg, key=k_loss, x_energy=x_energy)
+  # Its metrics keep the historical tags energy_xy_pos / energy_x_pos (analysis.py and existing
+  # event files read them): the energies of x_perturbed (EB-JDAT: of its negatives x~).
+  loss_fn = functools.partial(recipes.step_loss, config, model, batch_stats=state.batch_stats,
+                              x=x, x_perturbed=x_perturbed, y=y, x_neg=x_neg, key=k_loss,
+                              x_energy=x_energy)
   (loss, (logits_train, batch_stats, metrics)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
   extra = dict(state.extra, buffer=buffer) if buffer is not None else state.extra
@@ -200,7 +150,8 @@ def train_step(state: TrainState, x_uint8: jax.Array, y: jax.Array,
   if with_dynamics:
     new_logits = make_logits_fn(model, new_state.params, new_state.batch_stats,
                                 config.perturbation.bn_mode)
-    metrics.update(energy_dynamics(attack_logits(x), attack_logits(x_pos), new_logits(x_pos), y))
+    metrics.update(energy_dynamics(attack_logits(x), attack_logits(x_perturbed),
+                                   new_logits(x_perturbed), y))
   return new_state, metrics
 
 
@@ -314,7 +265,9 @@ class PreemptionWatch:
 
 class RobustWatch:
   """`robust_watch`: PGD-k robust accuracy (Eq. 3 on CE, BatchNorm running statistics) on
-  a fixed subset of test points, measured every `eval_every_steps`.
+  the first `num_examples` validation points (training images held out by
+  `data.validation_size`, never trained on: no test point chooses a checkpoint), measured
+  every `eval_every_steps`.
 
   Single-step recipes (JEAT, PreJEAT, Fast AT) can overfit catastrophically: robust
   accuracy collapses within an epoch while clean accuracy keeps rising (Wong et al.
@@ -325,8 +278,8 @@ class RobustWatch:
 
   def __init__(self, config, workdir: str, model, mesh, ds):
     cfg = config.robust_watch
-    n = min(cfg.num_examples, ds.x_test.shape[0])
-    self._x, self._y = ds.x_test[:n], ds.y_test[:n]
+    n = min(cfg.num_examples, ds.x_val.shape[0])
+    self._x, self._y = ds.x_val[:n], ds.y_val[:n]
     self._mesh, self._batch_size, self._key = mesh, config.eval.batch_size, jax.random.PRNGKey(cfg.seed)
     self._fraction = cfg.collapse_fraction
     self._correct = jax.jit(functools.partial(robust_watch_correct, model=model, cfg=cfg))
@@ -349,7 +302,7 @@ class RobustWatch:
     self.last = accuracy = self.measure(state)
     if self.best is None or accuracy > self.best['robust_accuracy']:
       self.best = {'step': step, 'robust_accuracy': accuracy,
-                   'num_examples': int(self._x.shape[0])}
+                   'num_examples': int(self._x.shape[0]), 'split': 'validation'}
       self._checkpointer.save(state, last=True)  # committed before its record names it
       if jax.process_index() == 0:
         write_json_atomic(self._record_path, self.best)
@@ -386,6 +339,8 @@ def train_in_workdir(config, workdir: str, checkpointer,
   ds = data_lib.load_dataset(config)
   ckpt_lib.check_data(workdir, ds.provenance,
                       has_checkpoints=checkpointer.latest_step() is not None)
+  if ds.validation_indices.size and jax.process_index() == 0:
+    record_validation_split(workdir, ds)
   mesh = parallel.make_mesh()
   n_train = ds.x_train.shape[0]
   steps_per_epoch = n_train // config.batch_size
@@ -522,6 +477,18 @@ def train_in_workdir(config, workdir: str, checkpointer,
   if jax.process_index() == 0:
     write_json_atomic(os.path.join(workdir, 'results.json'), results)
   return results
+
+
+def record_validation_split(workdir: str, ds) -> None:
+  """WORKDIR/validation.json: which training images were held out (their rows in the training
+  split of the data named in data.json), written at the first start; data.json's
+  `validation_sha256` is checked on every resume."""
+  path = os.path.join(workdir, VALIDATION_FILE)
+  if not files.exists(path):
+    write_json_atomic(path, {'size': int(ds.validation_indices.size),
+                             'seed': data_lib.VALIDATION_SEED,
+                             'sha256': ds.provenance['validation_sha256'],
+                             'indices': ds.validation_indices.tolist()})
 
 
 def save_on_preemption(checkpointer, state, metrics, step: int, max_abs_loss: float,

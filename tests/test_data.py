@@ -118,3 +118,29 @@ def test_missing_and_corrupt_files(tmp_path):
   bad.write_bytes(b'not a zip file')
   with pytest.raises(DataError, match='corrupt.npz'):
     data.load_npz(str(bad), 10)
+
+
+def test_validation_images_are_held_out_of_every_training_split(synthetic_npz):
+  """data.validation_size moves a fixed draw of training images (the same for every seed) to
+  ds.x_val; the training split, and any train_subset drawn from it, never holds them."""
+  from tests.conftest import smoke_config  # pylint: disable=g-import-not-at-top
+  whole = data.load_dataset(smoke_config('natural', synthetic_npz, **{'data.train_subset': 0}))
+  n = whole.x_train.shape[0]
+  splits = [data.load_dataset(smoke_config('natural', synthetic_npz, seed=seed, **{
+      'data.validation_size': 10, 'data.train_subset': subset}))
+            for seed, subset in ((0, 0), (1, 0), (0, 40))]
+  held = splits[0].validation_indices
+  assert held.size == 10 and np.unique(held).size == 10 and held.max() < n
+  for ds in splits:
+    np.testing.assert_array_equal(ds.validation_indices, held)  # one split for every seed
+    np.testing.assert_array_equal(ds.x_val, whole.x_train[held])
+    np.testing.assert_array_equal(ds.y_val, whole.y_train[held])
+    # No training image is a held-out one (row-wise comparison of the images).
+    overlap = {x.tobytes() for x in ds.x_train} & {x.tobytes() for x in ds.x_val}
+    assert not overlap, f'{len(overlap)} held-out images in the training split'
+    assert ds.provenance['validation_size'] == 10
+  kept = np.setdiff1d(np.arange(n), held)
+  np.testing.assert_array_equal(splits[0].x_train, whole.x_train[kept])  # order kept
+  assert splits[2].x_train.shape[0] == 40
+  with pytest.raises(DataError, match='data.validation_size=64: must be at least 1 and less'):
+    data.hold_out_validation(whole, n)  # nothing left to train on

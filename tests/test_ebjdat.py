@@ -187,11 +187,11 @@ def step_inputs(config, model, state, x_u8, y, xe_u8):
   x_energy = data_lib.to_float(xe_u8) + config.data.energy_noise_std * noise
   running = state_lib.make_logits_fn(model, state.params, state.batch_stats, 'running')
   batch = state_lib.make_logits_fn(model, state.params, state.batch_stats, 'batch')
-  x_pos = recipes.perturb(config.perturbation, running, x, y, k_pos)
+  x_tilde = recipes.perturb(config.perturbation, running, x, y, k_pos)
   # as many negatives as energy data
   x_neg, _ = recipes.sample_negatives(config.sampler, batch, state.extra['buffer'],
                                       xe_u8.shape[0], k_neg, pool=state.extra['reinit_pool'])
-  return dict(x=x, x_energy=x_energy, x_pos=x_pos, x_neg=x_neg, k_loss=k_loss)
+  return dict(x=x, x_energy=x_energy, x_tilde=x_tilde, x_neg=x_neg, k_loss=k_loss)
 
 
 def test_energy_terms_see_the_unaugmented_batch(step_setup):
@@ -202,12 +202,12 @@ def test_energy_terms_see_the_unaugmented_batch(step_setup):
   inp = step_inputs(config, model, state, x_u8, y, xe_u8)
   logits = {}
   bs = state.batch_stats
-  for name in ('x_energy', 'x_neg', 'x', 'x_pos'):
+  for name in ('x_energy', 'x_neg', 'x', 'x_tilde'):
     logits[name], bs = state_lib.train_forward(model, state.params, bs, inp[name],
                                                jax.random.PRNGKey(0))
   as_np = {k: np.asarray(v, np.float64) for k, v in logits.items()}
   terms = ebjdat_terms_by_hand(as_np['x_energy'], as_np['x'], np.asarray(y), as_np['x_neg'],
-                               as_np['x_pos'])
+                               as_np['x_tilde'])
   np.testing.assert_allclose(metrics['loss'], np.dot(config.loss.ebjdat_weights, terms), rtol=1e-4)
   np.testing.assert_allclose(metrics['energy_x_data'], np.mean(energy_by_hand(as_np['x_energy'])),
                              rtol=1e-5)
@@ -227,8 +227,8 @@ def test_sam_step_uses_the_perturbed_gradient_and_keeps_first_pass_batch_stats(s
   after the step are those of the first pass, not of the second."""
   config, model, state, (x_u8, y, xe_u8), new_state, _ = step_setup
   inp = step_inputs(config, model, state, x_u8, y, xe_u8)
-  loss_fn = lambda params: train.recipe_loss(config, model, params, state.batch_stats, inp['x'],
-                                             inp['x_pos'], y, inp['x_neg'], inp['k_loss'],
+  loss_fn = lambda params: recipes.step_loss(config, model, params, state.batch_stats, inp['x'],
+                                             inp['x_tilde'], y, inp['x_neg'], inp['k_loss'],
                                              inp['x_energy'])
   (_, (_, bs_first, _)), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   rho = config.optimizer.sam_rho

@@ -43,6 +43,9 @@ def gcs_server():
   saved = dict(os.environ)
   server = wrapper.FakeGCSServer()
   server.start()  # sets STORAGE_EMULATOR_HOST
+  # The wrapper pipes the server's log (a line per request) without reading it: once the pipe
+  # is full the server would block. Drain it.
+  threading.Thread(target=server._process.stderr.read, daemon=True).start()  # pylint: disable=protected-access
   try:
     from jeat_jax import files  # pylint: disable=g-import-not-at-top
     files.configure_storage_clients()

@@ -116,6 +116,15 @@ def test_single_step_recipes_watch_robustness_by_default():
   assert fast.get_config().robust_watch.enabled
   assert not natural.get_config().robust_watch.enabled and not at.get_config().robust_watch.enabled
   assert jeat.get_config().robust_watch.num_examples == 512
+  # The watch chooses on 1000 held-out training images (Rice et al.), never on test points.
+  for module in (jeat, prejeat, fast):
+    for scale in (None, 'cpu'):
+      assert module.get_config(scale).data.validation_size == 1000
+  from jeat_jax import config_validation  # pylint: disable=g-import-not-at-top
+  from jeat_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ConfigError, match=r'robust_watch.enabled .*data.validation_size > 0'):
+    config_validation.validate(config_validation.with_overrides(
+        jeat.get_config('smoke'), {'robust_watch.enabled': True}))
 
 
 def tensorboard_scalars(workdir):
@@ -133,8 +142,12 @@ def tensorboard_scalars(workdir):
 
 def test_robust_watch_logs_and_keeps_the_best_state(tmp_path, data_path, monkeypatch):
   workdir = str(tmp_path / 'w')
-  config = smoke_config('fast', data_path, eval_every_steps=2, **{'robust_watch.enabled': True})
+  config = smoke_config('fast', data_path, eval_every_steps=2,
+                        **{'robust_watch.enabled': True, 'data.validation_size': 24})
   results = train.train_and_evaluate(config, workdir)
+  split = json.loads((tmp_path / 'w' / 'validation.json').read_text())
+  assert split['size'] == 24 and len(set(split['indices'])) == 24
+  assert json.loads((tmp_path / 'w' / 'data.json').read_text())['validation_sha256'] == split['sha256']
   logged = tensorboard_scalars(workdir)['robust_watch_accuracy']
   assert sorted(logged) == [2, 4]
   best = json.loads((tmp_path / 'w' / 'best' / 'robust_watch.json').read_text())
@@ -152,13 +165,15 @@ def test_robust_watch_logs_and_keeps_the_best_state(tmp_path, data_path, monkeyp
 
 
 def test_robust_watch_warns_once_on_collapse(tmp_path, data_path, monkeypatch):
-  config = smoke_config('fast', data_path)
+  config = smoke_config('fast', data_path, **{'data.validation_size': 40})
   workdir = str(tmp_path / 'w')
   ckpt_lib.Checkpointer(workdir, config)  # a training workdir, as the loop makes it
   from jeat_jax import data as data_lib, models, parallel  # pylint: disable=g-import-not-at-top
   ds = data_lib.load_dataset(config)
   model = models.create_model(config.model, ds.num_classes)
   watch = train.RobustWatch(config, workdir, model, parallel.make_mesh(), ds)
+  # It measures the first validation points (robust_watch.num_examples = 32 of the 40).
+  np.testing.assert_array_equal(watch._x, ds.x_val[:32])  # pylint: disable=protected-access
   accuracies = iter([0.40, 0.30, 0.19, 0.10, 0.25, 0.15])
   monkeypatch.setattr(watch, 'measure', lambda state: next(accuracies))
   saved = []

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import weat
-from jeat_jax import models, recipes, state as state_lib, train
+from jeat_jax import models, recipes, state as state_lib
 
 LOGITS_CLEAN = np.array([[2.0, -1.0, 0.5], [-3.0, -2.5, -4.0], [0.1, 0.2, 0.3], [9.0, 1.0, -2.0]])
 LOGITS_ADV = np.array([[1.0, 0.0, 0.5], [-2.0, -3.5, -1.0], [0.3, 0.2, 0.1], [4.0, 3.0, -2.0]])
@@ -77,7 +77,7 @@ def test_config_follows_their_code():
 
 @pytest.mark.parametrize('variant', ['nat', 'adv'])
 def test_weat_train_step_loss_is_the_weighted_objective(variant):
-  """train.recipe_loss of the weat config on a tiny model against the hand computation on the
+  """recipes.step_loss of the weat config on a tiny model against the hand computation on the
   same train-mode logits."""
   config = weat.get_config('smoke')
   config.loss.weat_variant = variant
@@ -87,7 +87,7 @@ def test_weat_train_step_loss_is_the_weighted_objective(variant):
   y = jnp.arange(8) % 10
   variables = model.init(jax.random.PRNGKey(2), x, train=False)
   params, batch_stats = variables['params'], variables['batch_stats']
-  loss, _ = train.recipe_loss(config, model, params, batch_stats, x, x_adv, y, None,
+  loss, _ = recipes.step_loss(config, model, params, batch_stats, x, x_adv, y, None,
                               jax.random.PRNGKey(3))
   clean, bs = state_lib.train_forward(model, params, batch_stats, x, jax.random.PRNGKey(4))
   adv, _ = state_lib.train_forward(model, params, bs, x_adv, jax.random.PRNGKey(5))
