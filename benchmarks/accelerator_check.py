@@ -62,7 +62,7 @@ SCALES = {  # per scale: timed steps of train_step, train steps, checkpoint peri
 }
 TOY_OVERRIDES = ('--config.model.depth=10', '--config.model.width=1', '--config.batch_size=8',
                  '--config.sampler.buffer_size=64', '--config.robust_watch.num_examples=16',
-                 '--config.eval.batch_size=16')
+                 '--config.eval.batch_size=16', '--config.data.validation_size=16')
 SAVED = re.compile(r'saved checkpoint at step (\d+)')
 RESTORED = re.compile(r'restored checkpoint at step (\d+)')
 PROBE = ('import json, jax, jaxlib; d = jax.devices(); print(json.dumps(dict('

@@ -626,8 +626,8 @@ def write_fair_report(root: str, data_path: str, wall_seconds: float, jobs: int,
       f'- The same training for all: {config.num_epochs} epoch(s) over a fixed random subset of '
       f'{config.data.train_subset} training images per seed, random crop and flip, each recipe\'s '
       '`:cpu` model size (WRN-10-1; its own normalisation and activation), optimizer, batch and '
-      'attack settings. No test point steers training (robust_watch, which keeps the state '
-      'best on test points, is off).',
+      'attack settings. No test point steers training, and every recipe trains on the same '
+      'images (robust_watch and its held-out validation split are off).',
       f'- The same evaluation for all: seed s is attacked on test points '
       f'[{points} s, {points} (s + 1)), so every recipe is measured '
       f'on the same {points * len(fair.SEEDS)} points, each once: clean, PGD-20 '

@@ -278,7 +278,7 @@ class RobustWatch:
 
   def __init__(self, config, workdir: str, model, mesh, ds):
     cfg = config.robust_watch
-    n = min(cfg.num_examples, ds.x_val.shape[0])
+    self.num_examples = n = min(cfg.num_examples, ds.x_val.shape[0])
     self._x, self._y = ds.x_val[:n], ds.y_val[:n]
     self._mesh, self._batch_size, self._key = mesh, config.eval.batch_size, jax.random.PRNGKey(cfg.seed)
     self._fraction = cfg.collapse_fraction
@@ -317,7 +317,7 @@ class RobustWatch:
 
 
 def robust_watch_correct(state: TrainState, x_uint8, y, mask, key, *, model, cfg):
-  """Number of (unmasked) test points still correct under the watch's PGD."""
+  """Number of (unmasked) validation points still correct under the watch's PGD."""
   logits_fn = make_logits_fn(model, state.params, state.batch_stats, 'running')
   return evaluate.pgd_correct(logits_fn, x_uint8, y, mask, key, eps=cfg.eps,
                               step_size=cfg.step_size, num_steps=cfg.num_steps)
@@ -439,8 +439,8 @@ def train_in_workdir(config, workdir: str, checkpointer,
       if watch:
         scalars['robust_watch_accuracy'] = watch(state, step)
         message += (f'; PGD-{config.robust_watch.num_steps} robust accuracy {watch.last:.4f} on '
-                    f'{config.robust_watch.num_examples} (best {watch.best["robust_accuracy"]:.4f}'
-                    f' at step {watch.best["step"]})')
+                    f'{watch.num_examples} validation images (best '
+                    f'{watch.best["robust_accuracy"]:.4f} at step {watch.best["step"]})')
       writer.write_scalars(step, scalars)
       logging.info(message)
       if 'buffer' in state.extra and jax.process_index() == 0:

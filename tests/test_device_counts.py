@@ -141,6 +141,7 @@ def synthetic_data(env_dir):
 # training images) and the step counts (2 train steps, 5 sampling steps): buffers and pools
 # of 10000, eval.batch_size 500 and sample.batch_size 250, none of which 8 divides.
 PAPER_SHRUNK = {'model.depth': 10, 'model.width': 1, 'num_train_steps': 2,
+                'data.validation_size': 32,  # JEAT's 1000 held-out images, of 256
                 'eval.num_examples': 64, 'eval.attacks': 'pgd20,autoattack',
                 'sample.num_samples': 20, 'sample.num_steps': 5}
 

@@ -150,7 +150,9 @@ def main_command(workdir, data, mode='train', *extra):
           f'--config={os.path.join(REPO, "configs", "natural.py")}:smoke', f'--workdir={workdir}',
           f'--mode={mode}', '--config.data.source=npz', f'--config.data.path={data}',
           f'--config.num_train_steps={STEPS}', '--config.checkpoint_every_steps=5',
-          '--config.eval_every_steps=1000', '--config.log_every_steps=1', *extra]
+          '--config.eval_every_steps=1000', '--config.log_every_steps=1',
+          # best/ and validation.json too: the watch chooses on 16 held-out training images
+          '--config.robust_watch.enabled=True', '--config.data.validation_size=16', *extra]
 
 
 def raw_checkpoint(directory):
@@ -165,7 +167,7 @@ def raw_checkpoint(directory):
   return jax.tree.map(np.asarray, checkpointer.restore(directory, target))
 
 
-@pytest.mark.slow  # main.py eight times (train x3, evaluate, sample, fid, analyze, export)
+@pytest.mark.slow  # main.py 8 times (train x3, evaluate, sample, fid, analyze, export): 3 min
 def test_main_runs_every_mode_on_a_gs_workdir(gcs_server, tmp_path):
   from jeat_jax import files  # pylint: disable=g-import-not-at-top
   cwd = tmp_path / 'cwd'
@@ -226,7 +228,8 @@ def test_main_runs_every_mode_on_a_gs_workdir(gcs_server, tmp_path):
   print('\n'.join(['objects under gs://bucket/run:'] + objects))
   final = [n for n in objects if n.startswith(f'run/checkpoints/{STEPS}/')]
   assert f'run/checkpoints/{STEPS}/commit_success.txt' in final, objects
-  for name in ('config.json', 'run_info.json', 'data.json', 'results.json',
+  for name in ('config.json', 'run_info.json', 'data.json', 'results.json', 'validation.json',
+               'best/robust_watch.json',
                'eval/robustness.json', 'eval/robustness.md', 'eval/robust_points.npz',
                'samples/samples.npz', 'samples/grid.png', 'samples/gradient_norms.npz',
                'samples/neighbours.png', 'fid.json', 'samples/pool3.npz',

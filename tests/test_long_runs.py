@@ -143,15 +143,16 @@ def tensorboard_scalars(workdir):
 def test_robust_watch_logs_and_keeps_the_best_state(tmp_path, data_path, monkeypatch):
   workdir = str(tmp_path / 'w')
   config = smoke_config('fast', data_path, eval_every_steps=2,
-                        **{'robust_watch.enabled': True, 'data.validation_size': 24})
+                        **{'robust_watch.enabled': True, 'data.validation_size': 40})
   results = train.train_and_evaluate(config, workdir)
   split = json.loads((tmp_path / 'w' / 'validation.json').read_text())
-  assert split['size'] == 24 and len(set(split['indices'])) == 24
+  assert split['size'] == 40 and len(set(split['indices'])) == 40
   assert json.loads((tmp_path / 'w' / 'data.json').read_text())['validation_sha256'] == split['sha256']
   logged = tensorboard_scalars(workdir)['robust_watch_accuracy']
   assert sorted(logged) == [2, 4]
   best = json.loads((tmp_path / 'w' / 'best' / 'robust_watch.json').read_text())
   assert best == results['robust_watch_best']
+  assert (best['split'], best['num_examples']) == ('validation', 32)  # 32 of the 40 held out
   assert best['robust_accuracy'] == max(logged.values())
   assert best['step'] == min(s for s, v in logged.items() if v == best['robust_accuracy'])
   # The state in best/ is the one of that step, and --mode=evaluate can read it.

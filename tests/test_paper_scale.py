@@ -48,7 +48,8 @@ def test_paper_scale_jeat_tiny(tmp_path):
          '--config=' + os.path.join(REPO, 'configs', 'jeat.py'), f'--out={out}',
          f'--batch_size={batch}', f'--data_path={data}', '--nomemory_at_paper_batch',
          '--config.model.depth=10', '--config.model.width=1',
-         f'--config.sampler.num_steps={sgld_steps}', '--config.sampler.buffer_size=64']
+         f'--config.sampler.num_steps={sgld_steps}', '--config.sampler.buffer_size=64',
+         '--config.data.validation_size=16']  # of the 64 images (JEAT holds out 1000)
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800,
                         env=dict(os.environ, JAX_PLATFORMS='cpu'))
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
