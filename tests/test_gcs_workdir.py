@@ -204,7 +204,11 @@ def test_main_runs_every_mode_on_a_gs_workdir(gcs_server, tmp_path):
   reader = threading.Thread(target=read)
   reader.start()
   assert saved.wait(600), ''.join(lines[-40:])
-  time.sleep(random.Random().uniform(0.0, 1.0))
+  deadline = time.time() + 120  # the save goes on in the background: kill once it is committed
+  while ('run/checkpoints/5/commit_success.txt' not in list_objects(gcs_server, 'run/checkpoints/')
+         and time.time() < deadline):
+    time.sleep(0.2)
+  time.sleep(random.Random().uniform(0.0, 1.0))  # then at a random moment
   proc.kill()
   proc.wait(60)
   reader.join()
@@ -213,8 +217,8 @@ def test_main_runs_every_mode_on_a_gs_workdir(gcs_server, tmp_path):
                      if n.endswith('/commit_success.txt') and n.count('/') == 3)
   resumed = run(workdir)
   print(f'killed with checkpoints {killed_at} committed')
-  if killed_at:  # the resume starts from the last committed one
-    assert f'restored checkpoint at step {killed_at[-1]}' in resumed.stderr, resumed.stderr[-3000:]
+  assert killed_at, ''.join(lines[-40:])  # the resume starts from the last committed one
+  assert f'restored checkpoint at step {killed_at[-1]}' in resumed.stderr, resumed.stderr[-3000:]
 
   for mode, extra in (('evaluate', ('--config.eval.attacks=fgsm,pgd20',
                                     '--config.eval.num_examples=16')),
