@@ -38,8 +38,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jeat_jax.errors import WorkdirError
 from jeat_jax import files, workdir_lock
+from jeat_jax.errors import WorkdirError
 from jeat_jax.files import read_json, write_json_atomic
 
 RUN_INFO = 'run_info.json'

@@ -26,7 +26,7 @@ import pytest
 from tests.conftest import REPO, write_synthetic_npz
 from tests.test_parallel import worker_env
 
-STEPS = 20
+STEPS = 60  # long enough that the SIGKILL lands before the end
 BUCKET = 'bucket'
 
 
@@ -244,6 +244,11 @@ def test_main_runs_every_mode_on_a_gs_workdir(gcs_server, tmp_path):
   assert any(n.startswith('run/fid_stats/') for n in objects)
   assert 'run/.lock' not in objects  # every lease released
   assert files.read_json(f'{workdir}/results.json')['step'] == STEPS
+  # TensorBoard's events, read back from the bucket: the killed session's up to its checkpoint
+  # (uploaded at each save) and the resumed session's, every step once logged.
+  from jeat_jax import analysis  # pylint: disable=g-import-not-at-top
+  logged = {step for step, _ in analysis.read_scalars(workdir, ('loss',))['loss']}
+  assert logged == set(range(1, STEPS + 1)), sorted(set(range(1, STEPS + 1)) - logged)
   assert files.read_json(f'{workdir}/export/export.json')['max_abs_logit_diff'] < 1e-3
 
   # The resumed run ends bit for bit where the uninterrupted one ends.
