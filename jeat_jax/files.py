@@ -189,9 +189,10 @@ def write_text_atomic(path, text: str) -> str:
 
 def read_json(path) -> Optional[Any]:
   """The JSON value in `path`, or None where there is no such file."""
-  if not exists(path):
+  try:
+    return json.loads(read_bytes(path).decode())
+  except FileNotFoundError:
     return None
-  return json.loads(read_bytes(path).decode())
 
 
 def pyplot():

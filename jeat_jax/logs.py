@@ -1,6 +1,8 @@
 """Quiet, honest logs: progress lines of long loops (training, sampling, the SSIM search)
 with rate and ETA, and TensorFlow's start-up chatter kept out."""
 import os
+import shutil
+import tempfile
 import time
 
 from absl import logging
@@ -51,15 +53,15 @@ class _UploadingWriter:
   """A clu metric writer for a workdir on an object store. TensorFlow's event writer reaches
   gs:// only through its own GCS client, which the one path layer (jeat_jax.files) does not
   use and which cannot be pointed at another server: the events are written to a local
-  staging directory, and every flush and close uploads its files (one object each, whole)
-  to the workdir, under the names TensorBoard reads."""
+  staging directory, and every flush and close uploads the files that grew (one object each,
+  whole) to the workdir, under the names TensorBoard reads."""
 
   def __init__(self, workdir: str):
-    import tempfile  # pylint: disable=g-import-not-at-top
     from clu import metric_writers  # pylint: disable=g-import-not-at-top
     self._workdir = workdir
     self._staging = tempfile.mkdtemp(prefix='jeat_jax_tensorboard_')
     self._writer = metric_writers.create_default_writer(self._staging)
+    self._uploaded = {}  # file name -> its size when last uploaded
 
   def __getattr__(self, name):  # write_scalars, write_images, write_hparams, ...
     return getattr(self._writer, name)
@@ -69,15 +71,18 @@ class _UploadingWriter:
     self._upload()
 
   def close(self) -> None:
-    import shutil  # pylint: disable=g-import-not-at-top
     self._writer.close()
     self._upload()
     shutil.rmtree(self._staging, ignore_errors=True)
 
   def _upload(self) -> None:
     from jeat_jax import files  # pylint: disable=g-import-not-at-top
-    for name in sorted(os.listdir(self._staging)):
-      files.upload(os.path.join(self._staging, name), os.path.join(self._workdir, name))
+    for name in sorted(os.listdir(self._staging)):  # event files only grow: upload the grown
+      local = os.path.join(self._staging, name)
+      size = os.path.getsize(local)
+      if self._uploaded.get(name) != size:
+        files.upload(local, os.path.join(self._workdir, name))
+        self._uploaded[name] = size
 
 
 def tensorboard_writer(workdir: str, just_logging: bool = False):

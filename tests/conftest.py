@@ -2,6 +2,7 @@
 import os
 import pathlib
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -46,3 +47,18 @@ def smoke_config(recipe='natural', data_path=None, **overrides):
   config.data.source = 'npz'
   config.data.path = data_path or str(STANDIN)
   return with_overrides(config, overrides)
+
+
+def follow_output(proc, needle: str):
+  """Reads the text stdout of `proc` in a thread: returns (its lines so far, an Event set at the
+  first line that contains `needle`, the thread; join it once the process has ended)."""
+  lines, seen = [], threading.Event()
+
+  def read():
+    for line in proc.stdout:
+      lines.append(line)
+      if needle in line:
+        seen.set()
+  reader = threading.Thread(target=read)
+  reader.start()
+  return lines, seen, reader

@@ -23,7 +23,8 @@ import urllib.request
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, write_synthetic_npz
+from tests.conftest import REPO, follow_output, write_synthetic_npz
+from tests.test_checkpoint_safety import raw_checkpoint
 from tests.test_parallel import worker_env
 
 STEPS = 60  # long enough that the SIGKILL lands before the end
@@ -155,18 +156,6 @@ def main_command(workdir, data, mode='train', *extra):
           '--config.robust_watch.enabled=True', '--config.data.validation_size=16', *extra]
 
 
-def raw_checkpoint(directory):
-  """A checkpoint's arrays as saved, on this process's one device (orbax, from gs://)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  checkpointer = ocp.StandardCheckpointer()
-  meta = checkpointer.metadata(directory)
-  meta = getattr(meta, 'item_metadata', meta)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
-  return jax.tree.map(np.asarray, checkpointer.restore(directory, target))
-
-
 @pytest.mark.slow  # main.py 8 times (train x3, evaluate, sample, fid, analyze, export): 3 min
 def test_main_runs_every_mode_on_a_gs_workdir(gcs_server, tmp_path):
   from jeat_jax import files  # pylint: disable=g-import-not-at-top
@@ -194,15 +183,7 @@ def test_main_runs_every_mode_on_a_gs_workdir(gcs_server, tmp_path):
   workdir = f'gs://{BUCKET}/run'
   proc = subprocess.Popen(main_command(workdir, data), cwd=cwd, env=env, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-  lines, saved = [], threading.Event()
-
-  def read():
-    for line in proc.stdout:
-      lines.append(line)
-      if 'saved checkpoint at step 5' in line:
-        saved.set()
-  reader = threading.Thread(target=read)
-  reader.start()
+  lines, saved, reader = follow_output(proc, 'saved checkpoint at step 5')
   assert saved.wait(600), ''.join(lines[-40:])
   deadline = time.time() + 120  # the save goes on in the background: kill once it is committed
   while ('run/checkpoints/5/commit_success.txt' not in list_objects(gcs_server, 'run/checkpoints/')
@@ -252,8 +233,7 @@ def test_main_runs_every_mode_on_a_gs_workdir(gcs_server, tmp_path):
   assert files.read_json(f'{workdir}/export/export.json')['max_abs_logit_diff'] < 1e-3
 
   # The resumed run ends bit for bit where the uninterrupted one ends.
-  left = raw_checkpoint(f'{reference}/checkpoints/{STEPS}/default')
-  right = raw_checkpoint(f'{workdir}/checkpoints/{STEPS}/default')
+  left, right = raw_checkpoint(reference, STEPS), raw_checkpoint(workdir, STEPS)  # from gs://
   import jax  # pylint: disable=g-import-not-at-top
   for part in ('params', 'batch_stats', 'opt_state', 'rng', 'step'):
     for u, v in zip(jax.tree.leaves(left[part]), jax.tree.leaves(right[part])):

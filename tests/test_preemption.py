@@ -8,13 +8,12 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, write_synthetic_npz
+from tests.conftest import REPO, follow_output, write_synthetic_npz
 from tests.test_checkpoint_safety import raw_checkpoint
 from tests.test_parallel import free_port, launch, log_tail, wait_all, worker_env
 
@@ -62,16 +61,7 @@ def test_sigterm_after_the_first_checkpoint_saves_and_the_resume_is_exact(module
   proc = subprocess.Popen(main_command(workdir, data_path), cwd=REPO, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True,
                           env=worker_env(module_dir / 'jax_cache', 1))
-  lines = []
-  first_checkpoint = threading.Event()
-
-  def read():
-    for line in proc.stdout:
-      lines.append(line)
-      if 'saved checkpoint at step 10' in line:
-        first_checkpoint.set()
-  reader = threading.Thread(target=read)
-  reader.start()
+  lines, first_checkpoint, reader = follow_output(proc, 'saved checkpoint at step 10')
   assert first_checkpoint.wait(600), ''.join(lines[-40:])
   delay = random.Random().uniform(0.0, 1.0)  # a random moment after the first checkpoint
   time.sleep(delay)
