@@ -19,10 +19,15 @@ import numpy as np
 from jeat_jax import files, stats
 from jeat_jax.metrics import fid as fid_lib
 
-RECIPES = ('at', 'trades', 'prejeat', 'jeat', 'weat', 'ebjdat')
-# The order the runs start in: the longest trainings first, so that two jobs end together.
-START_ORDER = ('ebjdat', 'weat', 'trades', 'jeat', 'at', 'prejeat')
-SEEDS = (0, 1)
+RECIPES = ('at', 'trades', 'prejeat', 'jeat', 'weat', 'weat_unweighted', 'ebjdat')
+# Entries that are not a config of their own: (config, overrides). `weat_unweighted` is WEAT
+# with its weights off, every other setting WEAT's: weat against it measures the weighting alone
+# (trades differs from weat also in weight decay and sampler).
+VARIANTS = {'weat_unweighted': ('weat', {'loss.example_weights': 'uniform'})}
+# The order the runs start in, seed after seed (each finished seed is a complete comparison),
+# within a seed the longest trainings first.
+START_ORDER = ('ebjdat', 'weat', 'weat_unweighted', 'trades', 'jeat', 'at', 'prejeat')
+SEEDS = (0, 1, 2)
 EPOCHS = 1
 TRAIN_IMAGES = 10000  # a fixed random subset per seed (data.train_subset)
 POINTS_PER_SEED = 500
@@ -60,6 +65,9 @@ CLAIMS = (
     Claim('JEAT paper, Fig. 6', 'fid', 'jeat', 'at'),
     Claim('JEAT paper, Fig. 6', 'fid', 'jeat', 'prejeat'),
     Claim('WEAT (ECCV 2024): weighting TRADES', 'autoattack', 'weat', 'trades'),
+    Claim('WEAT (ECCV 2024), ablation: the weights alone', 'autoattack', 'weat',
+          'weat_unweighted'),
+    Claim('WEAT (ECCV 2024), ablation: the weights alone', 'clean', 'weat', 'weat_unweighted'),
     Claim('WEAT (ECCV 2024): better generation than JEAT', 'fid', 'weat', 'jeat'),
     Claim('EB-JDAT (CVPR 2026): more robust than JEAT', 'autoattack', 'ebjdat', 'jeat'),
     Claim('EB-JDAT (CVPR 2026): more robust than WEAT', 'autoattack', 'ebjdat', 'weat'),
@@ -71,10 +79,17 @@ def run_name(recipe: str, seed: int) -> str:
   return f'{recipe}_seed{seed}'
 
 
-def run_overrides(seed: int) -> Dict[str, object]:
-  """What differs between the seeds of a recipe: the seed (initialisation, data order,
-  training subset), the test points attacked and the chains' randomness."""
-  return {'seed': seed, 'eval.first_example': seed * POINTS_PER_SEED, 'sample.seed': seed}
+def config_name(recipe: str) -> str:
+  """The configs/<name>.py an entry of RECIPES trains with."""
+  return VARIANTS[recipe][0] if recipe in VARIANTS else recipe
+
+
+def run_overrides(recipe: str, seed: int) -> Dict[str, object]:
+  """A variant's settings, and what differs between the seeds of a recipe: the seed
+  (initialisation, data order, training subset), the test points attacked and the chains'
+  randomness."""
+  return {**(VARIANTS[recipe][1] if recipe in VARIANTS else {}),
+          'seed': seed, 'eval.first_example': seed * POINTS_PER_SEED, 'sample.seed': seed}
 
 
 def seed_counts(robustness: dict) -> Dict[str, Tuple[int, int]]:

@@ -81,8 +81,9 @@ RUNS = (
     Run('ebjdat', 'ebjdat'),  # a successor (CVPR 2026): likewise
 )
 # --scale=cpu-fair: each recipe of the fair comparison on each seed (jeat_jax/fair.py).
-FAIR_RUNS = tuple(Run(fair.run_name(recipe, seed), recipe, tuple(fair.run_overrides(seed).items()))
-                  for recipe in fair.START_ORDER for seed in fair.SEEDS)
+FAIR_RUNS = tuple(Run(fair.run_name(recipe, seed), fair.config_name(recipe),
+                      tuple(fair.run_overrides(recipe, seed).items()))
+                  for seed in fair.SEEDS for recipe in fair.START_ORDER)
 RUNS_BY_NAME = {r.name: r for r in RUNS + FAIR_RUNS}
 SUCCESSOR_RUNS = ('weat', 'ebjdat')  # not in the paper: run when --runs names them
 PAPER_RUNS = tuple(r.name for r in RUNS if r.name not in SUCCESSOR_RUNS)

@@ -155,7 +155,9 @@ def test_cpu_fair_runs_every_recipe_on_every_seed_and_fits_the_reference_once(tm
     flag_values.unparse_flags()
   scale, names, stages, jobs = calls['jobs']
   assert scale == 'cpu-fair' and jobs == 2
-  assert names[:2] == ['ebjdat_seed0', 'ebjdat_seed1']  # the longest trainings first
+  # seed after seed, within a seed the longest trainings first
+  assert names[:2] == ['ebjdat_seed0', 'weat_seed0']
+  assert [n[-1] for n in names] == sorted(n[-1] for n in names)
   assert sorted(names) == sorted(f'{r}_seed{s}' for r in fair.RECIPES for s in fair.SEEDS)
   assert stages == ['train', 'evaluate', 'sample', 'fid']  # no analyze by default
   assert calls['reference'] == [str(tmp_path)]  # once, before the jobs start
@@ -171,3 +173,12 @@ def test_cpu_fair_configs_share_the_budget_and_split_the_test_points():
     seed = int(name[-1])
     assert (c.seed, c.eval.first_example, c.eval.num_examples) == (
         seed, seed * fair.POINTS_PER_SEED, fair.POINTS_PER_SEED)
+
+
+def test_the_weat_ablation_differs_from_weat_by_the_weights_only():
+  weat, ablation = (reproduce.make_config(reproduce.RUNS_BY_NAME[f'{r}_seed1'], 'cpu-fair', '')
+                    for r in ('weat', 'weat_unweighted'))
+  assert weat.loss.example_weights == 'inverse_softplus_energy'
+  assert ablation.loss.example_weights == 'uniform'
+  ablation.loss.example_weights = weat.loss.example_weights
+  assert ablation.to_dict() == weat.to_dict()
