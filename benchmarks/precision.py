@@ -22,9 +22,10 @@ import sys
 
 from absl import app, flags
 
-from jeat_jax import reproduce
+from jeat_jax.reproduce import cli  # pylint: disable=unused-import
+from jeat_jax.reproduce import runs, stages
 
-# --workdir (the run directory here) and --data_path are jeat_jax.reproduce's flags.
+# --workdir (the run directory here) and --data_path are jeat_jax.reproduce's flags (cli.py).
 flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'config.model.dtype')
 flags.DEFINE_integer('seed', 0, 'config.seed (training randomness; eval and sampling seeds fixed)')
 flags.DEFINE_integer('num_train_steps', 0, '> 0: train this many steps (cosine schedule over them) '
@@ -36,8 +37,8 @@ STAGES = ('train', 'evaluate', 'sample', 'fid')
 
 
 def make_config(dtype: str, seed: int, data_path: str, num_train_steps: int = 0):
-  run = reproduce.RUNS_BY_NAME['jeat']
-  config = reproduce.make_config(run, 'cpu', data_path)
+  run = runs.RUNS_BY_NAME['jeat']
+  config = runs.make_config(run, 'cpu', data_path)
   config.model.dtype = dtype
   config.seed = seed
   config.eval.attacks = 'pgd20'
@@ -111,7 +112,7 @@ def main(argv):
   with open(os.path.join(FLAGS.workdir, 'precision.json'), 'w') as f:
     json.dump({'dtype': FLAGS.dtype, 'seed': FLAGS.seed, 'argv': sys.argv}, f)
   run, config = make_config(FLAGS.dtype, FLAGS.seed, FLAGS.data_path, FLAGS.num_train_steps)
-  reproduce.run_stages(run, config, FLAGS.workdir, STAGES)
+  stages.run_stages(run, config, FLAGS.workdir, STAGES)
 
 
 if __name__ == '__main__':

@@ -206,7 +206,7 @@ def reproduce_run(args):
   (and --distributed with the coordinator flags when --num_processes > 1); writes to
   --out.<process id> the paths this process tried to write under the root (--record_writes)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from jeat_jax import reproduce  # pylint: disable=g-import-not-at-top
+  from jeat_jax.reproduce import cli  # pylint: disable=g-import-not-at-top
   argv = ['reproduce', '--scale=smoke', f'--workdir={args.workdir}', f'--data_path={args.data}',
           f'--runs={args.recipe}']
   if args.num_processes > 1:
@@ -214,7 +214,7 @@ def reproduce_run(args):
              f'--num_processes={args.num_processes}', f'--process_id={args.process_id}']
   flags.FLAGS(argv)
   attempts = record_writes_under(args.workdir) if args.record_writes else None
-  reproduce.main([])
+  cli.main([])
   with open(f'{args.out}.{args.process_id}', 'w') as f:
     json.dump({'process_index': jax.process_index(), 'process_count': jax.process_count(),
                'writes_under_workdir': attempts}, f)

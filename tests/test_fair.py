@@ -1,5 +1,6 @@
-"""The fair comparison's statistics and report (jeat_jax/stats.py, jeat_jax/fair.py,
-reproduce --scale=cpu-fair) against hand computations and published values."""
+"""The fair comparison's statistics and report (jeat_jax/stats.py, jeat_jax/reproduce/
+fair.py and fair_report.py, reproduce --scale=cpu-fair) against hand computations and
+published values."""
 import json
 import os
 
@@ -7,8 +8,11 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from jeat_jax import fair, generation, reproduce, stats
+from jeat_jax import generation, stats
 from jeat_jax.metrics import fid
+from jeat_jax.reproduce import cli, fair, fair_report
+from jeat_jax.reproduce import runs as runs_lib
+from jeat_jax.reproduce import stages as stages_lib
 
 
 @pytest.mark.parametrize('k,n', [(50, 100), (0, 10), (10, 10), (103, 1000), (1, 7)])
@@ -68,7 +72,7 @@ def test_bootstrap_fids_are_the_fids_of_resampled_rows():
 def _result(recipe, per_seed, fids=None):
   """per_seed: [(clean k, aa k)] on 500 points each."""
   seeds = {s: {'clean': (c, 500), 'autoattack': (a, 500)} for s, (c, a) in enumerate(per_seed)}
-  r = fair.RecipeResult(recipe, seeds, {})
+  r = fair_report.RecipeResult(recipe, seeds, {})
   if fids is not None:
     r.fid, r.fid_replicates = fids
   return r
@@ -79,23 +83,24 @@ def test_claims_pool_the_seeds_and_say_resolved_or_within_noise():
              'trades': _result('trades', [(320, 150), (330, 150)]),  # AA 30.0%
              'at': _result('at', [(300, 105), (300, 100)])}          # AA 20.5%
   assert results['jeat'].counts('autoattack') == (210, 1000)
-  line = fair.claim_line(fair.Claim('src', 'autoattack', 'jeat', 'trades'), results)
+  line = fair_report.claim_line(fair.Claim('src', 'autoattack', 'jeat', 'trades'), results)
   low, high = stats.newcombe_difference_interval(210, 1000, 300, 1000)
   assert 'resolved, contradicted' in line and f'{100 * low:+.1f}' in line and high < 0
-  line = fair.claim_line(fair.Claim('src', 'autoattack', 'jeat', 'at'), results)
+  line = fair_report.claim_line(fair.Claim('src', 'autoattack', 'jeat', 'at'), results)
   assert 'within noise' in line and '+0.5 points' in line
-  assert 'not measured' in fair.claim_line(fair.Claim('src', 'autoattack', 'jeat', 'weat'), results)
+  assert 'not measured' in fair_report.claim_line(
+      fair.Claim('src', 'autoattack', 'jeat', 'weat'), results)
 
 
 def test_fid_claims_use_the_paired_bootstrap_differences():
   a = _result('jeat', [(1, 1)], (100.0, np.array([101.0, 102.0, 103.0, 104.0])))
   b = _result('at', [(1, 1)], (110.0, np.array([111.0, 112.0, 113.0, 114.0])))
-  d, interval = fair.difference(a, b, 'fid')
+  d, interval = fair_report.difference(a, b, 'fid')
   assert d == -10.0 and interval == pytest.approx((-10.0, -10.0))  # the replicates differ by 10
   b.fid_replicates = np.array([111.0, 112.0, 113.0, 118.0])
   half = stats.Z_95 * np.std([-10.0, -10.0, -10.0, -14.0], ddof=1)
-  assert fair.difference(a, b, 'fid')[1] == pytest.approx((-10.0 - half, -10.0 + half))
-  assert 'resolved, holds' in fair.claim_line(
+  assert fair_report.difference(a, b, 'fid')[1] == pytest.approx((-10.0 - half, -10.0 + half))
+  assert 'resolved, holds' in fair_report.claim_line(
       fair.Claim('src', 'fid', 'jeat', 'at'), {'jeat': a, 'at': b})
 
 
@@ -125,7 +130,7 @@ def test_fair_report_pools_seeds_with_intervals(tmp_path, monkeypatch):
     _fake_run(str(tmp_path), 'jeat', seed, 300, 150, 100 + 10 * seed,
               rng.normal(size=(40, 6)) + 0.5)
     _fake_run(str(tmp_path), 'at', seed, 320, 160, 150, rng.normal(size=(40, 6)))
-  path = reproduce.write_fair_report(str(tmp_path), '', 60.0, 2, 'cmd')
+  path = fair_report.write_fair_report(str(tmp_path), '', 60.0, 2, 'cmd')
   text = open(path).read()
   low, high = stats.wilson_interval(210, 1000)
   assert f'21.0% [{100 * low:.1f}, {100 * high:.1f}]' in text  # jeat: (100 + 110) / 1000
@@ -143,14 +148,14 @@ def test_cpu_fair_runs_every_recipe_on_every_seed_and_fits_the_reference_once(tm
   calls = {'reference': [], 'jobs': None}
   monkeypatch.setattr(generation, 'fid_reference_statistics',
                       lambda config, root: calls['reference'].append(root))
-  monkeypatch.setattr(reproduce, 'run_in_subprocesses',
+  monkeypatch.setattr(stages_lib, 'run_in_subprocesses',
                       lambda root, scale, data, names, stages, jobs: calls.update(
                           jobs=(scale, names, stages, jobs)) or [])
-  monkeypatch.setattr(reproduce, 'write_fair_report', lambda *a: str(tmp_path / 'REPORT.md'))
-  flag_values = reproduce.flags.FLAGS
+  monkeypatch.setattr(fair_report, 'write_fair_report', lambda *a: str(tmp_path / 'REPORT.md'))
+  flag_values = cli.flags.FLAGS
   flag_values(['reproduce', '--scale=cpu-fair', f'--workdir={tmp_path}', '--jobs=2'])
   try:
-    reproduce.main([])
+    cli.main([])
   finally:
     flag_values.unparse_flags()
   scale, names, stages, jobs = calls['jobs']
@@ -164,7 +169,7 @@ def test_cpu_fair_runs_every_recipe_on_every_seed_and_fits_the_reference_once(tm
 
 
 def test_cpu_fair_configs_share_the_budget_and_split_the_test_points():
-  configs = {r.name: reproduce.make_config(r, 'cpu-fair', '') for r in reproduce.FAIR_RUNS}
+  configs = {r.name: runs_lib.make_config(r, 'cpu-fair', '') for r in runs_lib.FAIR_RUNS}
   for name, c in configs.items():
     assert (c.num_epochs, c.num_train_steps, c.data.train_subset) == (
         fair.EPOCHS, -1, fair.TRAIN_IMAGES), name
@@ -176,7 +181,7 @@ def test_cpu_fair_configs_share_the_budget_and_split_the_test_points():
 
 
 def test_the_weat_ablation_differs_from_weat_by_the_weights_only():
-  weat, ablation = (reproduce.make_config(reproduce.RUNS_BY_NAME[f'{r}_seed1'], 'cpu-fair', '')
+  weat, ablation = (runs_lib.make_config(runs_lib.RUNS_BY_NAME[f'{r}_seed1'], 'cpu-fair', '')
                     for r in ('weat', 'weat_unweighted'))
   assert weat.loss.example_weights == 'inverse_softplus_energy'
   assert ablation.loss.example_weights == 'uniform'

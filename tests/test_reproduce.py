@@ -10,18 +10,20 @@ from absl import app
 
 from tests.conftest import write_synthetic_npz
 from configs import at as at_config
-from jeat_jax import reproduce
+from jeat_jax.reproduce import paper_report, results
+from jeat_jax.reproduce import runs as runs_lib
+from jeat_jax.reproduce import stages as stages_lib
 
 
 @pytest.mark.slow  # every stage of two runs
 def test_reproduce_smoke_writes_report_and_resumes(tmp_path):
   data = write_synthetic_npz(tmp_path / 'd.npz', n_train=256, n_test=32)
   root = str(tmp_path / 'repro')
-  runs = [r for r in reproduce.RUNS if r.name in ('natural', 'at')]
+  runs = [r for r in runs_lib.RUNS if r.name in ('natural', 'at')]
   stages = ('train', 'evaluate', 'sample', 'analyze')
   for run in runs:
-    reproduce.run_stages(run, reproduce.make_config(run, 'smoke', data), os.path.join(root, run.name),
-                         stages)
+    stages_lib.run_stages(run, runs_lib.make_config(run, 'smoke', data),
+                          os.path.join(root, run.name), stages)
   for name in ('natural', 'at'):
     for out in ('results.json', 'eval/robustness.json', 'samples/samples.npz',
                 'figures/energy_landscape.npz', 'timings.json'):
@@ -31,11 +33,11 @@ def test_reproduce_smoke_writes_report_and_resumes(tmp_path):
     assert set(json.load(f)) == {'train', 'evaluate', 'sample', 'analyze'}
   # A second pass finds every stage done: nothing is trained again.
   before = os.path.getmtime(os.path.join(root, 'at', 'results.json'))
-  reproduce.run_stages(runs[1], reproduce.make_config(runs[1], 'smoke', data),
-                       os.path.join(root, 'at'), stages)
+  stages_lib.run_stages(runs[1], runs_lib.make_config(runs[1], 'smoke', data),
+                        os.path.join(root, 'at'), stages)
   assert os.path.getmtime(os.path.join(root, 'at', 'results.json')) == before
 
-  path = reproduce.write_report(root, 'smoke', data, 12.0)
+  path = paper_report.write_report(root, 'smoke', data, 12.0)
   report = open(path).read()
   with open(os.path.join(root, 'natural', 'eval', 'robustness.json')) as f:
     natural = json.load(f)
@@ -51,16 +53,16 @@ def test_reproduce_smoke_writes_report_and_resumes(tmp_path):
 
 
 def test_cpu_scale_is_sized_per_run():
-  at = reproduce.make_config(reproduce.RUNS_BY_NAME['at'], 'cpu', '')
-  noise = reproduce.make_config(reproduce.RUNS_BY_NAME['noise16'], 'cpu', '')
-  natural = reproduce.make_config(reproduce.RUNS_BY_NAME['natural'], 'cpu', '')
+  at = runs_lib.make_config(runs_lib.RUNS_BY_NAME['at'], 'cpu', '')
+  noise = runs_lib.make_config(runs_lib.RUNS_BY_NAME['noise16'], 'cpu', '')
+  natural = runs_lib.make_config(runs_lib.RUNS_BY_NAME['natural'], 'cpu', '')
   assert 'autoattack' in at.eval.attacks and at.eval.num_examples == 1000
   assert at.eval.autoattack_num_examples == 0   # AutoAttack on all 1000 points
   assert at.dynamics_every_steps == 50                 # Fig. 3 needs the logged energy changes
   assert noise.num_epochs == 1 and abs(noise.perturbation.sigma - 16 / 255) < 1e-9
   assert 'energyk' in natural.eval.attacks            # Table 1
-  assert natural.sample.neighbours == 0 and reproduce.make_config(   # Fig. 7 is JEAT's only
-      reproduce.RUNS_BY_NAME['jeat'], 'cpu', '').sample.neighbours > 0
+  assert natural.sample.neighbours == 0 and runs_lib.make_config(   # Fig. 7 is JEAT's only
+      runs_lib.RUNS_BY_NAME['jeat'], 'cpu', '').sample.neighbours > 0
   assert at.num_epochs == at_config.get_config('cpu').num_epochs  # else the :cpu config itself
 
 
@@ -76,7 +78,7 @@ def test_verdicts_follow_the_numbers():
                             'dx_energy_x_mean': 0.1, 'dtheta_energy_x_mean': 0.6}
   runs['at']['gradient_norms'] = {'objective': 'eq16', 'columns': ['grad_energy_xy', 'grad_energy_x'],
                                   'norms': np.array([[2.0, 0.5]] * 10 + [[1.0, 0.9]] * 10)}
-  text = '\n'.join(reproduce.verdicts(runs, {'natural': 1.0, 'at': 0.5}))
+  text = '\n'.join(paper_report.verdicts(runs, {'natural': 1.0, 'at': 0.5}))
   assert 'as strong as PGD on a natural model: holds' in text
   assert 'JEAT is the most robust method: does not hold' in text
   assert 'better images than a natural one: holds' in text
@@ -86,7 +88,7 @@ def test_verdicts_follow_the_numbers():
   assert 'E(x) is left alone (Delta_theta E(x) near zero): does not hold' in text
   assert 'dominates at first and the two gradients come closer later: holds' in text
   runs['at']['gradient_norms']['norms'] = np.array([[0.5, 2.0]] * 20)   # E(x) dominates
-  assert 'come closer later: does not hold' in '\n'.join(reproduce.verdicts(runs, {}))
+  assert 'come closer later: does not hold' in '\n'.join(paper_report.verdicts(runs, {}))
 
 
 def test_a_failed_run_is_skipped_and_reported(tmp_path):
@@ -94,11 +96,11 @@ def test_a_failed_run_is_skipped_and_reported(tmp_path):
   run_dir.mkdir()
   with open(run_dir / 'failed.json', 'w') as f:
     json.dump({'stage': 'train', 'error': 'training diverged at step 9'}, f)
-  run = reproduce.RUNS_BY_NAME['jem']
-  reproduce.run_stages(run, reproduce.make_config(run, 'smoke', str(tmp_path / 'absent.npz')),
-                       str(run_dir), reproduce.STAGES)
+  run = runs_lib.RUNS_BY_NAME['jem']
+  stages_lib.run_stages(run, runs_lib.make_config(run, 'smoke', str(tmp_path / 'absent.npz')),
+                        str(run_dir), runs_lib.STAGES)
   assert sorted(os.listdir(run_dir)) == ['failed.json']      # nothing was trained or evaluated
-  report = open(reproduce.write_report(str(tmp_path), 'smoke', '', 1.0)).read()
+  report = open(paper_report.write_report(str(tmp_path), 'smoke', '', 1.0)).read()
   assert '**jem** failed in its train stage: training diverged at step 9' in report
 
 
@@ -106,8 +108,8 @@ def test_stage_time_is_recorded_even_when_the_stage_fails(tmp_path):
   def diverges():
     raise RuntimeError('diverged')
   with pytest.raises(RuntimeError, match='^diverged$'):   # the stage's error goes on up
-    reproduce._timed(str(tmp_path), 'train', diverges)  # pylint: disable=protected-access
-  reproduce._timed(str(tmp_path), 'evaluate', lambda: None)  # pylint: disable=protected-access
+    stages_lib._timed(str(tmp_path), 'train', diverges)  # pylint: disable=protected-access
+  stages_lib._timed(str(tmp_path), 'evaluate', lambda: None)  # pylint: disable=protected-access
   with open(tmp_path / 'timings.json') as f:
     assert set(json.load(f)) == {'train', 'evaluate'}
 
@@ -119,8 +121,8 @@ def test_runs_side_by_side_in_subprocesses(tmp_path):
   with open(tmp_path / 'jem' / 'failed.json', 'w') as f:
     json.dump({'stage': 'train', 'error': 'diverged'}, f)
   missing = str(tmp_path / 'absent.npz')
-  failed = reproduce.run_in_subprocesses(str(tmp_path), 'smoke', missing, ['natural', 'jem'],
-                                         ['train', 'evaluate'], jobs=2)
+  failed = stages_lib.run_in_subprocesses(str(tmp_path), 'smoke', missing, ['natural', 'jem'],
+                                          ['train', 'evaluate'], jobs=2)
   assert failed == ['natural']
   assert missing in (tmp_path / 'natural' / 'reproduce.log').read_text()
   assert 'skipped, it failed before' in (tmp_path / 'jem' / 'reproduce.log').read_text()
@@ -130,25 +132,25 @@ def test_report_names_the_dataset():
   npz = {'source': 'npz', 'path': '/data/c10.npz', 'sha256': 'ab' * 32}
   tfds = {'source': 'tfds', 'name': 'cifar10', 'version': '3.0.2', 'train_subset': 4096,
           'train_subset_seed': 0}
-  assert reproduce.data_line({'at': {'data': npz}, 'jeat': {'data': npz}}) == (
+  assert results.data_line({'at': {'data': npz}, 'jeat': {'data': npz}}) == (
       f'Data: `/data/c10.npz` (sha256 `{"ab" * 32}`).')
-  assert reproduce.data_line({'at': {'data': tfds}}) == (
+  assert results.data_line({'at': {'data': tfds}}) == (
       'Data: TFDS `cifar10` version 3.0.2, training subset of 4096 images (seed 0).')
-  mixed = reproduce.data_line({'at': {'data': npz}, 'jeat': {'data': tfds}, 'jem': {}})
+  mixed = results.data_line({'at': {'data': npz}, 'jeat': {'data': tfds}, 'jem': {}})
   assert '/data/c10.npz' in mixed and '(at)' in mixed and '(jeat)' in mixed
-  assert 'not recorded' in reproduce.data_line({'at': {'data': None}})
+  assert 'not recorded' in results.data_line({'at': {'data': None}})
 
 
 @pytest.mark.parametrize('scale', ['smoke', 'cpu', 'cpu-fair', 'paper'])
 def test_every_run_config_is_valid_at_every_scale(scale):
-  runs = reproduce.FAIR_RUNS if scale == 'cpu-fair' else reproduce.RUNS
-  assert set(reproduce.validated_configs(list(runs), scale, '')) == {r.name for r in runs}
+  runs = runs_lib.FAIR_RUNS if scale == 'cpu-fair' else runs_lib.RUNS
+  assert set(runs_lib.validated_configs(list(runs), scale, '')) == {r.name for r in runs}
 
 
 def test_a_bad_run_config_stops_the_reproduction_before_any_run_naming_run_and_key():
-  bad = dataclasses.replace(reproduce.RUNS_BY_NAME['jeat'], overrides=(('sample.num_steps', 7),))
+  bad = dataclasses.replace(runs_lib.RUNS_BY_NAME['jeat'], overrides=(('sample.num_steps', 7),))
   with pytest.raises(app.UsageError, match=r'run jeat at --scale=cpu: .*sample\.steps_per_call'):
-    reproduce.validated_configs([reproduce.RUNS_BY_NAME['at'], bad], 'cpu', '')
+    runs_lib.validated_configs([runs_lib.RUNS_BY_NAME['at'], bad], 'cpu', '')
 
 
 def test_validation_for_child_jobs_leaves_jax_backend_alone(monkeypatch):
@@ -156,9 +158,9 @@ def test_validation_for_child_jobs_leaves_jax_backend_alone(monkeypatch):
   def no_backend():
     raise AssertionError('jax.device_count() called: it would start the backend in the parent')
   monkeypatch.setattr(jax, 'device_count', no_backend)
-  assert set(reproduce.validated_configs([reproduce.RUNS_BY_NAME['jeat']], 'cpu', '', devices=1))
+  assert set(runs_lib.validated_configs([runs_lib.RUNS_BY_NAME['jeat']], 'cpu', '', devices=1))
   with pytest.raises(AssertionError, match='device_count'):
-    reproduce.validated_configs([reproduce.RUNS_BY_NAME['jeat']], 'cpu', '')
-  bad = dataclasses.replace(reproduce.RUNS_BY_NAME['at'], overrides=(('batch_size', 100),))
+    runs_lib.validated_configs([runs_lib.RUNS_BY_NAME['jeat']], 'cpu', '')
+  bad = dataclasses.replace(runs_lib.RUNS_BY_NAME['at'], overrides=(('batch_size', 100),))
   with pytest.raises(app.UsageError, match='batch_size=100 must be divisible by the 3 devices'):
-    reproduce.validated_configs([bad], 'cpu', '', devices=3)
+    runs_lib.validated_configs([bad], 'cpu', '', devices=3)

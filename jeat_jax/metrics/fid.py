@@ -30,14 +30,14 @@ import hashlib
 import json
 import logging
 import os
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
 import scipy.linalg
 from jax.experimental import multihost_utils
 
-from jeat_jax import files
+from jeat_jax import files, stats
 from jeat_jax.metrics import inception
 
 logger = logging.getLogger(__name__)
@@ -114,14 +114,12 @@ def fid_from_features(features, mu_ref, sigma_ref) -> float:
   return float(bootstrap_fids(features, mu_ref, sigma_ref, 0)[1])
 
 
-def bootstrap_fids(features, mu_ref, sigma_ref, num_resamples: int,
-                   seed: int = 0) -> Tuple[np.ndarray, float]:
-  """(FIDs of `num_resamples` bootstrap resamples of the N feature rows, the FID of all N):
-  the rows drawn with replacement, the reference statistics held fixed."""
+def _fid_of_rows(features, mu_ref, sigma_ref) -> Callable[[np.ndarray], float]:
+  """fid_of(rows): the FID of features[rows] (rows may repeat) against (mu_ref, sigma_ref),
+  by the N x N eigenvalues of `fid_from_features`, the reference's square root computed once."""
   f = np.asarray(features, np.float64)
   mu_ref = np.asarray(mu_ref, np.float64)
-  root = _sqrt_psd(np.asarray(sigma_ref, np.float64))
-  projected = f @ root  # rows x R: centring commutes with the product
+  projected = f @ _sqrt_psd(np.asarray(sigma_ref, np.float64))  # centring commutes with it
   trace_ref = float(np.trace(sigma_ref))
 
   def fid_of(rows) -> float:
@@ -133,10 +131,34 @@ def bootstrap_fids(features, mu_ref, sigma_ref, num_resamples: int,
     return float(diff @ diff + (xc * xc).sum() / (n - 1) + trace_ref
                  - 2 * np.sqrt(np.clip(eig, 0, None)).sum())
 
+  return fid_of
+
+
+def bootstrap_fids(features, mu_ref, sigma_ref, num_resamples: int,
+                   seed: int = 0) -> Tuple[np.ndarray, float]:
+  """(FIDs of `num_resamples` bootstrap resamples of the N feature rows, the FID of all N):
+  the rows drawn with replacement, the reference statistics held fixed."""
+  fid_of = _fid_of_rows(features, mu_ref, sigma_ref)
   rng = np.random.default_rng(seed)
-  n = f.shape[0]
+  n = np.shape(features)[0]
   replicates = np.array([fid_of(rng.integers(0, n, n)) for _ in range(num_resamples)])
   return replicates, fid_of(np.arange(n))
+
+
+def two_level_bootstrap_fids(features_per_seed: Sequence[np.ndarray], mu_ref, sigma_ref,
+                             num_resamples: int, seed: int = 0, resample_seeds: bool = True
+                             ) -> Tuple[np.ndarray, float]:
+  """(FIDs of two-stage resamples, the FID of every seed's images pooled): per resample the
+  seeds drawn with replacement (all of them once without `resample_seeds`), then each drawn
+  seed's images with replacement, pooled (`stats.two_level_draws`: the same draws for every
+  recipe with as many images per seed, so differences of recipes are paired on seeds)."""
+  sizes = [len(f) for f in features_per_seed]
+  offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+  fid_of = _fid_of_rows(np.concatenate(features_per_seed), mu_ref, sigma_ref)
+  replicates = np.array([
+      fid_of(np.concatenate([offsets[g] + rows for g, rows in draw]))
+      for draw in stats.two_level_draws(sizes, num_resamples, seed, resample_seeds)])
+  return replicates, fid_of(np.arange(sum(sizes)))
 
 
 def _log_softmax(logits) -> np.ndarray:
