@@ -107,8 +107,8 @@ def seed_t_interval(per_seed: Sequence[float], level: float = 0.95) -> Tuple[flo
   values = np.asarray(per_seed, np.float64)
   if values.size < 2:
     raise ValueError(f'need at least 2 seeds, got {values.size}')
-  if np.ptp(values) == 0:  # t is undefined; the interval of identical values is the value
-    return float(values[0]), float(values[0])
+  if np.allclose(values, values[0], rtol=1e-12, atol=0):  # equal up to round-off: no spread
+    return float(values.mean()), float(values.mean())
   ci = scipy_stats.ttest_1samp(values, 0.0).confidence_interval(level)
   return float(ci.low), float(ci.high)
 

@@ -1,6 +1,6 @@
-"""The fair comparison's statistics and report (jeat_jax/stats.py, jeat_jax/reproduce/
-fair.py and fair_report.py, reproduce --scale=cpu-fair) against hand computations and
-published values."""
+"""The fair comparison (jeat_jax/reproduce/fair.py, fair_report.py, reproduce
+--scale=cpu-fair): its differences and intervals against hand computations, the report from
+run directories, and the runs' configs."""
 import json
 import os
 
@@ -15,131 +15,161 @@ from jeat_jax.reproduce import runs as runs_lib
 from jeat_jax.reproduce import stages as stages_lib
 
 
-@pytest.mark.parametrize('k,n', [(50, 100), (0, 10), (10, 10), (103, 1000), (1, 7)])
-def test_wilson_interval_matches_scipy(k, n):
-  expected = scipy_stats.binomtest(k, n).proportion_ci(method='wilson')
-  np.testing.assert_allclose(stats.wilson_interval(k, n), (expected.low, expected.high), atol=1e-12)
+def _points(rng, p, n=500):
+  return rng.random(n) < p
 
 
-def test_wilson_interval_by_hand():
-  # 50 / 100: centre (0.5 + z^2/200) / (1 + z^2/100) = 0.5, half-width z sqrt(.0025 + z^2/40000) / (1 + z^2/100)
-  z = stats.Z_95
-  half = z * np.sqrt(0.25 / 100 + z * z / 40000) / (1 + z * z / 100)
-  np.testing.assert_allclose(stats.wilson_interval(50, 100), (0.5 - half, 0.5 + half), atol=1e-12)
-  with pytest.raises(ValueError, match='successes'):
-    stats.wilson_interval(11, 10)
-
-
-def test_newcombe_difference_interval_matches_the_published_example():
-  # Newcombe (1998), Statistics in Medicine 17:873, example (a): 56/70 - 48/80, method 10.
-  low, high = stats.newcombe_difference_interval(56, 70, 48, 80)
-  assert (round(low, 4), round(high, 4)) == (0.0524, 0.3339)
-
-
-def test_bootstrap_normal_interval_is_centred_on_the_estimate():
-  replicates = np.array([1.0, 2.0, 3.0, 4.0, 5.0])  # sample standard deviation sqrt(2.5)
-  low, high = stats.bootstrap_normal_interval(replicates, estimate=100.0)
-  half = stats.Z_95 * np.sqrt(2.5)
-  assert (low, high) == pytest.approx((100 - half, 100 + half))
-  assert stats.verdict((0.1, 2.0)) == 'resolved' and stats.verdict((-3, -0.5)) == 'resolved'
-  assert stats.verdict((-0.1, 2.0)) == 'within noise'
-
-
-@pytest.mark.parametrize('n', [12, 60])  # fewer and more samples than feature dimensions
-def test_fid_from_features_equals_the_frechet_distance(n):
-  rng = np.random.default_rng(n)
-  d = 24
-  ref = rng.normal(size=(200, d)) @ rng.normal(size=(d, d))
-  x = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) + 0.3
-  mu_ref, sigma_ref = fid.activation_statistics(ref)
-  expected = fid.frechet_distance(*fid.activation_statistics(x), mu_ref, sigma_ref)
-  assert fid.fid_from_features(x, mu_ref, sigma_ref) == pytest.approx(expected, rel=1e-7)
-
-
-def test_bootstrap_fids_are_the_fids_of_resampled_rows():
-  rng = np.random.default_rng(0)
-  x, ref = rng.normal(size=(30, 8)), rng.normal(size=(100, 8)) + 0.2
-  mu_ref, sigma_ref = fid.activation_statistics(ref)
-  replicates, estimate = fid.bootstrap_fids(x, mu_ref, sigma_ref, 3, seed=5)
-  draw = np.random.default_rng(5)
-  for r in replicates:
-    rows = draw.integers(0, 30, 30)
-    assert r == pytest.approx(   # rel 1e-6: the two routes differed by 1.3e-7 on an AMD EPYC
-        fid.frechet_distance(*fid.activation_statistics(x[rows]), mu_ref, sigma_ref), rel=1e-6)
-  assert estimate == pytest.approx(fid.fid_from_features(x, mu_ref, sigma_ref))
-
-
-def _result(recipe, per_seed, fids=None):
-  """per_seed: [(clean k, aa k)] on 500 points each."""
-  seeds = {s: {'clean': (c, 500), 'autoattack': (a, 500)} for s, (c, a) in enumerate(per_seed)}
-  r = fair_report.RecipeResult(recipe, seeds, {})
-  if fids is not None:
-    r.fid, r.fid_replicates = fids
+def _result(recipe, correct_per_seed, features=None, seed_fids=None):
+  """correct_per_seed: per seed {metric: per-point bool}; seed s measured from 500 s."""
+  r = fair_report.RecipeResult(recipe, dict(enumerate(correct_per_seed)),
+                               {s: 500 * s for s in range(len(correct_per_seed))})
+  r.features.update(features or {})
+  r.seed_fids.update(seed_fids or {})
   return r
 
 
-def test_claims_pool_the_seeds_and_say_resolved_or_within_noise():
-  results = {'jeat': _result('jeat', [(300, 100), (310, 110)]),     # AA 21.0% of 1000
-             'trades': _result('trades', [(320, 150), (330, 150)]),  # AA 30.0%
-             'at': _result('at', [(300, 105), (300, 100)])}          # AA 20.5%
-  assert results['jeat'].counts('autoattack') == (210, 1000)
-  line = fair_report.claim_line(fair.Claim('src', 'autoattack', 'jeat', 'trades'), results)
-  low, high = stats.newcombe_difference_interval(210, 1000, 300, 1000)
-  assert 'resolved, contradicted' in line and f'{100 * low:+.1f}' in line and high < 0
-  line = fair_report.claim_line(fair.Claim('src', 'autoattack', 'jeat', 'at'), results)
-  assert 'within noise' in line and '+0.5 points' in line
-  assert 'not measured' in fair_report.claim_line(
-      fair.Claim('src', 'autoattack', 'jeat', 'weat'), results)
+def test_accuracy_difference_by_hand():
+  rng = np.random.default_rng(0)
+  a = [{'autoattack': _points(rng, p)} for p in (0.30, 0.25, 0.35)]
+  b = [{'autoattack': _points(rng, p)} for p in (0.20, 0.22, 0.21)]
+  comparison = fair_report.Comparison({'jeat': _result('jeat', a), 'at': _result('at', b)})
+  d = comparison.difference('jeat', 'at', 'autoattack')
+  per_seed = [x['autoattack'].mean() - y['autoattack'].mean() for x, y in zip(a, b)]
+  assert d.seeds == (0, 1, 2) and list(d.per_seed.values()) == pytest.approx(per_seed)
+  assert d.estimate == pytest.approx(np.mean(per_seed))
+  groups = [np.stack([x['autoattack'], y['autoattack']], 1) for x, y in zip(a, b)]
+  replicates = stats.two_level_bootstrap_means(groups, fair_report.ACCURACY_RESAMPLES,
+                                               fair_report.BOOTSTRAP_SEED)
+  assert d.paired == pytest.approx(
+      tuple(np.quantile(replicates[:, 0] - replicates[:, 1], [0.025, 0.975])))
+  ka, kb = sum(x['autoattack'].sum() for x in a), sum(y['autoattack'].sum() for y in b)
+  assert d.pooled == pytest.approx(stats.newcombe_difference_interval(ka, 1500, kb, 1500))
+  half = scipy_stats.t.ppf(0.975, 2) * np.std(per_seed, ddof=1) / np.sqrt(3)
+  assert d.seed_t == pytest.approx((np.mean(per_seed) - half, np.mean(per_seed) + half))
+  assert d.seed_sd == pytest.approx(np.std(per_seed, ddof=1))
+  diffs = [x['autoattack'].astype(float) - y['autoattack'] for x, y in zip(a, b)]
+  assert d.point_se == pytest.approx(
+      np.sqrt(sum(v.var(ddof=1) / 500 for v in diffs)) / 3)
 
 
-def test_fid_claims_use_the_paired_bootstrap_differences():
-  a = _result('jeat', [(1, 1)], (100.0, np.array([101.0, 102.0, 103.0, 104.0])))
-  b = _result('at', [(1, 1)], (110.0, np.array([111.0, 112.0, 113.0, 114.0])))
-  d, interval = fair_report.difference(a, b, 'fid')
-  assert d == -10.0 and interval == pytest.approx((-10.0, -10.0))  # the replicates differ by 10
-  b.fid_replicates = np.array([111.0, 112.0, 113.0, 118.0])
-  half = stats.Z_95 * np.std([-10.0, -10.0, -10.0, -14.0], ddof=1)
-  assert fair_report.difference(a, b, 'fid')[1] == pytest.approx((-10.0 - half, -10.0 + half))
-  assert 'resolved, holds' in fair_report.claim_line(
-      fair.Claim('src', 'fid', 'jeat', 'at'), {'jeat': a, 'at': b})
+def test_pairing_on_points_resolves_what_pooling_cannot():
+  # b is correct on a subset of a's points: 2% more for a on every seed. Unpaired (Newcombe over
+  # pooled points) that is within noise; paired on the points it is resolved.
+  rng = np.random.default_rng(1)
+  a, b = [], []
+  for _ in range(3):
+    base = _points(rng, 0.30)
+    extra = np.flatnonzero(base)[:10]  # 10 of 500 points: 2%
+    worse = base.copy()
+    worse[extra] = False
+    a.append({'autoattack': base})
+    b.append({'autoattack': worse})
+  comparison = fair_report.Comparison({'x': _result('x', a), 'y': _result('y', b)})
+  d = comparison.difference('x', 'y', 'autoattack')
+  assert d.estimate == pytest.approx(0.02)
+  assert stats.verdict(d.paired) == 'resolved' and stats.verdict(d.pooled) == 'within noise'
 
 
-def _fake_run(root, recipe, seed, clean, pgd, aa, features):
+def test_seeds_that_disagree_widen_the_paired_interval():
+  # The same points for both, but seed 1 reverses the order: pooled over points it looks
+  # resolved, over seeds it is within noise.
+  rng = np.random.default_rng(2)
+  a, b = [], []
+  for shift in (0.10, -0.06, 0.10):
+    base = _points(rng, 0.40)
+    other = base.copy()
+    idx = np.flatnonzero(base if shift > 0 else ~base)[:int(abs(shift) * 500)]
+    other[idx] = ~other[idx]
+    a.append({'clean': base})
+    b.append({'clean': other})
+  comparison = fair_report.Comparison({'x': _result('x', a), 'y': _result('y', b)})
+  d = comparison.difference('x', 'y', 'clean')
+  assert d.estimate == pytest.approx((0.10 - 0.06 + 0.10) / 3)
+  assert stats.verdict(d.pooled) == 'resolved'
+  assert stats.verdict(d.seed_t) == 'within noise'
+  assert d.paired[1] - d.paired[0] > 2 * (d.pooled[1] - d.pooled[0])
+
+
+def test_a_difference_needs_the_same_test_points():
+  rng = np.random.default_rng(3)
+  a, b = _result('x', [{'clean': _points(rng, 0.5)}]), _result('y', [{'clean': _points(rng, 0.5)}])
+  b.first_example[0] = 250
+  with pytest.raises(ValueError, match='x_seed0 and y_seed0 were not measured on the same'):
+    fair_report.Comparison({'x': a, 'y': b}).difference('x', 'y', 'clean')
+  assert fair_report.Comparison({'x': a}).difference('x', 'y', 'clean') is None
+
+
+def test_fid_difference_is_paired_over_seeds_and_images():
+  rng = np.random.default_rng(4)
+  mu, sigma = fid.activation_statistics(rng.normal(size=(200, 6)))
+  feats = {s: rng.normal(size=(30, 6)) + 0.2 * s for s in range(3)}
+  shifted = {s: f + 0.5 for s, f in feats.items()}
+  results = {'a': _result('a', [{}] * 3, feats, {0: 10.0, 1: 12.0, 2: 11.0}),
+             'b': _result('b', [{}] * 3, shifted, {0: 20.0, 1: 21.0, 2: 25.0}),
+             'c': _result('c', [{}] * 3, dict(feats), {0: 10.0, 1: 12.0, 2: 11.0})}
+  comparison = fair_report.Comparison(results, (mu, sigma), fid_resamples=20)
+  d = comparison.difference('a', 'b', 'fid')
+  pooled = lambda f: fid.fid_from_features(np.concatenate([f[s] for s in range(3)]), mu, sigma)
+  assert d.estimate == pytest.approx(pooled(feats) - pooled(shifted))
+  two_a, _ = fid.two_level_bootstrap_fids([feats[s] for s in range(3)], mu, sigma, 20, 0)
+  two_b, _ = fid.two_level_bootstrap_fids([shifted[s] for s in range(3)], mu, sigma, 20, 0)
+  assert d.paired == pytest.approx(stats.bootstrap_normal_interval(two_a - two_b, d.estimate))
+  assert list(d.per_seed.values()) == [-10.0, -9.0, -14.0]
+  # the same images: every paired replicate difference is 0
+  same = comparison.difference('a', 'c', 'fid')
+  assert same.estimate == 0 and same.paired == (0.0, 0.0) and same.pooled == (0.0, 0.0)
+
+
+def _fake_run(root, recipe, seed, rates, features, seed_fid):
+  """A run directory as the stages leave it: per-point masks at `rates` (clean, pgd20,
+  autoattack), its robustness.json, results.json, fid.json and the samples' features."""
   d = os.path.join(root, fair.run_name(recipe, seed))
   os.makedirs(os.path.join(d, 'eval'))
   os.makedirs(os.path.join(d, 'samples'))
-  ev = {'clean_accuracy': clean / 500, 'num_examples': 500, 'first_example': 500 * seed,
-        'attacks': [{'name': 'pgd20', 'robust_accuracy': pgd / 500, 'num_examples': 500},
-                    {'name': 'autoattack', 'robust_accuracy': aa / 500, 'num_examples': 500}]}
+  masks = {m: np.arange(500) < round(r * 500) for m, r in zip(fair.METRICS, rates)}
+  np.savez(os.path.join(d, 'eval', 'robust_points.npz'), **masks)
+  ev = {'clean_accuracy': rates[0], 'num_examples': 500, 'first_example': 500 * seed,
+        'attacks': [{'name': m, 'robust_accuracy': r, 'num_examples': 500}
+                    for m, r in zip(fair.METRICS[1:], rates[1:])]}
   with open(os.path.join(d, 'eval', 'robustness.json'), 'w') as f:
     json.dump(ev, f)
   with open(os.path.join(d, 'results.json'), 'w') as f:
     json.dump({'model': 'WRN-10-1', 'step': 78, 'data': {'source': 'npz', 'path': 'x.npz',
                                                         'sha256': 'abc'}}, f)
   with open(os.path.join(d, 'fid.json'), 'w') as f:
-    json.dump({'fid': 50.0 + seed}, f)
+    json.dump({'fid': seed_fid}, f)
   np.savez(os.path.join(d, 'samples', 'pool3.npz'), pool3=features)
 
 
-def test_fair_report_pools_seeds_with_intervals(tmp_path, monkeypatch):
+def test_fair_report_from_run_directories(tmp_path, monkeypatch):
   rng = np.random.default_rng(0)
-  ref = rng.normal(size=(300, 6))
-  reference = fid.activation_statistics(ref)
+  reference = fid.activation_statistics(rng.normal(size=(300, 6)))
   monkeypatch.setattr(generation, 'fid_reference_statistics', lambda config, root: reference)
-  for seed in (0, 1):
-    _fake_run(str(tmp_path), 'jeat', seed, 300, 150, 100 + 10 * seed,
-              rng.normal(size=(40, 6)) + 0.5)
-    _fake_run(str(tmp_path), 'at', seed, 320, 160, 150, rng.normal(size=(40, 6)))
+  monkeypatch.setattr(fair, 'BOOTSTRAP_RESAMPLES', 10)
+  monkeypatch.setattr(fair_report, 'ACCURACY_RESAMPLES', 500)
+  for seed in fair.SEEDS:
+    _fake_run(str(tmp_path), 'jeat', seed, (0.6, 0.3, 0.20 + 0.02 * seed),
+              rng.normal(size=(40, 6)) + 0.5, 50.0 + seed)
+    _fake_run(str(tmp_path), 'at', seed, (0.64, 0.32, 0.30), rng.normal(size=(40, 6)), 40.0)
+  _fake_run(str(tmp_path), 'weat', 0, (0.7, 0.3, 0.25), rng.normal(size=(40, 6)), 45.0)
   path = fair_report.write_fair_report(str(tmp_path), '', 60.0, 2, 'cmd')
   text = open(path).read()
-  low, high = stats.wilson_interval(210, 1000)
-  assert f'21.0% [{100 * low:.1f}, {100 * high:.1f}]' in text  # jeat: (100 + 110) / 1000
-  assert '| 20.0 / 22.0 |' in text  # its seeds
-  pooled = np.concatenate([np.load(os.path.join(tmp_path, fair.run_name('jeat', s), 'samples',
-                                                'pool3.npz'))['pool3'] for s in (0, 1)])
-  assert f'{fid.fid_from_features(pooled, *reference):.1f} [' in text
-  assert 'JEAT paper, Sec. 4 (JEAT improves on PGD-AT): jeat higher than at in AutoAttack robust ' \
-         'accuracy: **resolved, contradicted**' in text
+  assert '| jeat | 60.0% [' in text and '| 20.0 / 22.0 / 24.0 |' in text  # AA per seed
+  assert '| 50.0 / 51.0 / 52.0 |' in text  # FID per seed
+  comparison = fair_report.make_comparison(str(tmp_path), '')
+  d = comparison.difference('jeat', 'at', 'autoattack')
+  assert d.estimate == pytest.approx(0.22 - 0.30)
+  row = [l for l in text.splitlines()
+         if l.startswith('| JEAT paper, Sec. 4 (JEAT improves on PGD-AT): jeat > at')][0]
+  assert (f'| -8.0 | -10.0 / -8.0 / -6.0 | 2.0 | ' in row
+          and f'[{100 * d.paired[0]:+.1f}, {100 * d.paired[1]:+.1f}] | **resolved, contradicted**'
+          in row), row
+  assert 'weat > trades (AutoAttack robust accuracy) | not measured |' in text
+  missing = text.split('**Not yet measured** (left out of every number below): ')[1]
+  missing = missing.split('.\n')[0].split(', ')
+  assert 'weat_seed1' in missing and 'prejeat_seed0' in missing and 'jeat_seed0' not in missing
+  fid_row = [l for l in text.splitlines() if 'jeat < at (FID)' in l][0]
+  assert '| +10.0 / +11.0 / +12.0 |' in fid_row
   assert os.path.exists(tmp_path / 'figures' / 'comparison.png')
 
 

@@ -94,7 +94,7 @@ def test_percentile_and_t_intervals():
   half = scipy_stats.t.ppf(0.975, 2) * np.std(per_seed, ddof=1) / np.sqrt(3)
   assert stats.seed_t_interval(per_seed) == pytest.approx(
       (np.mean(per_seed) - half, np.mean(per_seed) + half))
-  assert stats.seed_t_interval([0.1, 0.1, 0.1]) == (0.1, 0.1)
+  assert stats.seed_t_interval([0.1, 0.1, 0.1]) == pytest.approx((0.1, 0.1))
 
 
 def test_paired_point_standard_error_and_spread_by_hand():

@@ -2,14 +2,13 @@
 (its report: fair_report.py).
 
 Every recipe of `RECIPES` trains with the same epochs, model size, training images and
-augmentation, on each seed of `SEEDS`, and is evaluated the same way. Seed s is attacked on
-test points [s * POINTS_PER_SEED, (s + 1) * POINTS_PER_SEED): together the seeds of every
-recipe cover the same 1000 test points, each attacked once, so a recipe's accuracy is a
-proportion over 1000 points with a Wilson interval, and two recipes' difference has
-Newcombe's interval. Each seed generates `SAMPLES_PER_SEED` images; a recipe's FID is that
-of its seeds' pooled 1000 images against one reference, with a bootstrap interval over the
-images. A claim is "resolved" where the interval of the difference excludes 0, else
-"within noise" (95% per claim, not corrected for the number of claims).
+augmentation, on each seed of `SEEDS`, and is evaluated the same way. The models of seed s are
+attacked on test points [s * POINTS_PER_SEED, (s + 1) * POINTS_PER_SEED): two recipes are
+compared on the same points, seed by seed, and a difference has the spread between training
+seeds and the noise of the points (fair_report.py: a two-level bootstrap, seeds then points).
+Each seed generates `SAMPLES_PER_SEED` images; a recipe's FID is that of its seeds' pooled
+images against one reference. A claim is "resolved" where the interval of the difference
+excludes 0, else "within noise" (95% per claim, not corrected for the number of claims).
 """
 import dataclasses
 from typing import Dict
@@ -27,7 +26,7 @@ EPOCHS = 1
 TRAIN_IMAGES = 10000  # a fixed random subset per seed (data.train_subset)
 POINTS_PER_SEED = 500
 SAMPLES_PER_SEED = 500
-BOOTSTRAP_RESAMPLES = 100  # the normal interval needs their standard deviation only (~7% error)
+BOOTSTRAP_RESAMPLES = 100  # FID's: its normal interval needs their standard deviation only (~7% error)
 # On top of each recipe's `:cpu` config (WRN-10-1, its own optimizer, batch and attack
 # settings): the same training length and images for all, and the same evaluation.
 TRAINING = {'num_epochs': EPOCHS, 'num_train_steps': -1, 'data.train_subset': TRAIN_IMAGES,
@@ -62,7 +61,6 @@ CLAIMS = (
     Claim('WEAT (ECCV 2024): weighting TRADES', 'autoattack', 'weat', 'trades'),
     Claim('WEAT (ECCV 2024), ablation: the weights alone', 'autoattack', 'weat',
           'weat_unweighted'),
-    Claim('WEAT (ECCV 2024), ablation: the weights alone', 'clean', 'weat', 'weat_unweighted'),
     Claim('WEAT (ECCV 2024): better generation than JEAT', 'fid', 'weat', 'jeat'),
     Claim('EB-JDAT (CVPR 2026): more robust than JEAT', 'autoattack', 'ebjdat', 'jeat'),
     Claim('EB-JDAT (CVPR 2026): more robust than WEAT', 'autoattack', 'ebjdat', 'weat'),
