@@ -161,7 +161,7 @@ def test_fair_report_from_run_directories(tmp_path, monkeypatch):
   assert d.estimate == pytest.approx(0.22 - 0.30)
   row = [l for l in text.splitlines()
          if l.startswith('| JEAT paper, Sec. 4 (JEAT improves on PGD-AT): jeat > at')][0]
-  assert (f'| -8.0 | -10.0 / -8.0 / -6.0 | 2.0 | ' in row
+  assert ('| -8.0 | -10.0 / -8.0 / -6.0 | 2.0 | ' in row
           and f'[{100 * d.paired[0]:+.1f}, {100 * d.paired[1]:+.1f}] | **resolved, contradicted**'
           in row), row
   assert 'weat > trades (AutoAttack robust accuracy) | not measured |' in text
