@@ -145,7 +145,7 @@ def test_fair_report_from_run_directories(tmp_path, monkeypatch):
   rng = np.random.default_rng(0)
   reference = fid.activation_statistics(rng.normal(size=(300, 6)))
   monkeypatch.setattr(generation, 'fid_reference_statistics', lambda config, root: reference)
-  monkeypatch.setattr(fair, 'BOOTSTRAP_RESAMPLES', 10)
+  monkeypatch.setattr(fair_report, 'FID_RESAMPLES', 10)
   monkeypatch.setattr(fair_report, 'ACCURACY_RESAMPLES', 500)
   for seed in fair.SEEDS:
     _fake_run(str(tmp_path), 'jeat', seed, (0.6, 0.3, 0.20 + 0.02 * seed),

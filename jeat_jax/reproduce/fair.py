@@ -26,7 +26,6 @@ EPOCHS = 1
 TRAIN_IMAGES = 10000  # a fixed random subset per seed (data.train_subset)
 POINTS_PER_SEED = 500
 SAMPLES_PER_SEED = 500
-BOOTSTRAP_RESAMPLES = 100  # FID's: its normal interval needs their standard deviation only (~7% error)
 # On top of each recipe's `:cpu` config (WRN-10-1, its own optimizer, batch and attack
 # settings): the same training length and images for all, and the same evaluation.
 TRAINING = {'num_epochs': EPOCHS, 'num_train_steps': -1, 'data.train_subset': TRAIN_IMAGES,
