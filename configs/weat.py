@@ -15,8 +15,10 @@ As their code (OmnAI-Lab/Robust-Classifiers-under-the-lens-of-EBM, `WEAT_loss.py
   RandomCrop(32, padding=4), zero padding (`data.pad_mode = constant`);
 - generation: SGLD on E(x, y) from the class-conditional Gaussian, step s = 1 (gradient step
   s/2), 20 steps, noise sqrt(2 s) * 0.001, no momentum.
-`:cpu` and `:smoke` use the model, schedule and attack length of TRADES at those scales, so the
-two differ only by the weights.
+`:cpu` and `:smoke` use the model, schedule and attack length of TRADES at those scales; the two
+still differ there in the weights, the weight decay (WEAT's 5e-4 against TRADES' 2e-4) and the
+sampler. The weights alone: `--config.loss.example_weights=uniform` (the fair comparison's
+`weat_unweighted`, jeat_jax/reproduce/fair.py).
 """
 import math
 
