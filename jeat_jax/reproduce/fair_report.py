@@ -90,6 +90,7 @@ class Comparison:
     self.fid_reference = fid_reference
     self.fid_resamples = fid_resamples
     self._fid_replicates = {}
+    self._fid_root = None
 
   def _common_seeds(self, a: str, b: str, metric: str) -> Tuple[int, ...]:
     ra, rb = self.results.get(a), self.results.get(b)
@@ -111,9 +112,12 @@ class Comparison:
     """(two-level or seeds-fixed bootstrap FIDs, the pooled FID) of a recipe's seeds."""
     key = (recipe, seeds, resample_seeds)
     if key not in self._fid_replicates:
+      if self._fid_root is None:
+        self._fid_root = fid_lib.reference_root(self.fid_reference[1])
       features = [self.results[recipe].features[s] for s in seeds]
       self._fid_replicates[key] = fid_lib.two_level_bootstrap_fids(
-          features, *self.fid_reference, self.fid_resamples, BOOTSTRAP_SEED, resample_seeds)
+          features, *self.fid_reference, self.fid_resamples, BOOTSTRAP_SEED, resample_seeds,
+          self._fid_root)
     return self._fid_replicates[key]
 
   def accuracy_interval(self, recipe: str, metric: str
@@ -384,7 +388,8 @@ def write_fair_report(root: str, data_path: str, wall_seconds: float, jobs: int,
        'from TFDS.'), '', data_line(runs), '',
       f'Machine: {hardware.cpu_description()}, jax {jax.__version__} on '
       f'{jax.devices()[0].platform}. Wall time of this invocation: {wall_seconds / 60:.1f} min'
-      f'{f", {jobs} runs side by side" if jobs > 1 else ""}.' +
+      f'{f", {jobs} runs side by side" if jobs > 1 else ""} (stages found done were not rerun: '
+      'the time of every stage is under Compute time).' +
       (f' Command: `{command}`.' if command else ''), ''] + (
       [f'**Not yet measured** (left out of every number below): {", ".join(missing)}.', '']
       if missing else []) + [
