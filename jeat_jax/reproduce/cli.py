@@ -16,8 +16,8 @@ from jeat_jax.reproduce.runs import (FAIR_RUNS, FAIR_STAGES, PAPER_RUNS, RUNS_BY
                                      STAGES, make_config, validated_configs)
 
 flags.DEFINE_enum('scale', 'cpu', SCALES, 'cpu: the :cpu configs on 2 cores; cpu-fair: the '
-                  'recipes of jeat_jax/reproduce/fair.py on 2 seeds at one equal budget, with '
-                  'intervals; paper: WRN-28-10.')
+                  'recipes of jeat_jax/reproduce/fair.py on its seeds at one equal budget, with '
+                  'intervals over seeds and points; paper: WRN-28-10.')
 flags.DEFINE_string('workdir', None, 'Root directory: one subdirectory per run, REPORT.md.')
 flags.DEFINE_string('data_path', '', 'An npz dataset (the offline stand-in); empty: TFDS.')
 flags.DEFINE_list('runs', list(PAPER_RUNS), 'Which runs, in this order (default: the paper\'s; '
