@@ -20,14 +20,13 @@ on the same block. Three readings of its noise:
 - seeds only: `seed_t_interval`, Student's t over the per-seed differences (scipy), which
   assumes nothing of the points but has S - 1 degrees of freedom.
 
-`spread` splits a difference's noise into the seed-to-seed standard deviation and the standard
-error that sampling the points alone gives (`paired_point_standard_error`).
+Beside the seed-to-seed standard deviation of a difference, `paired_point_standard_error` is
+the standard error that sampling the points alone gives.
 
 FID has no closed form: `bootstrap_normal_interval` of resamples of the generated images
 (`metrics.fid.bootstrap_fids`, and `metrics.fid.two_level_bootstrap_fids` over seeds and
 images).
 """
-import dataclasses
 from typing import Iterator, List, Sequence, Tuple
 
 import numpy as np
@@ -119,17 +118,6 @@ def paired_point_standard_error(differences: Sequence[np.ndarray]) -> float:
   paired differences (e.g. correct under recipe a minus under b) of group s."""
   d = [np.asarray(x, np.float64) for x in differences]
   return float(np.sqrt(sum(x.var(ddof=1) / x.size for x in d)) / len(d))
-
-
-@dataclasses.dataclass(frozen=True)
-class Spread:
-  seed_sd: float  # standard deviation of the per-seed differences (ddof 1)
-  point_se: float  # standard error of the difference from sampling the points alone
-
-
-def spread(per_seed: Sequence[float], point_se: float) -> Spread:
-  """The seed-to-seed spread of a difference beside its point-sampling noise."""
-  return Spread(float(np.std(np.asarray(per_seed, np.float64), ddof=1)), float(point_se))
 
 
 def bootstrap_normal_interval(replicates: Sequence[float], estimate: float,

@@ -58,11 +58,8 @@ class RecipeResult:
       return dict(sorted(self.seed_fids.items()))
     return {s: float(np.mean(self.correct[s][metric])) for s in self.seeds_with(metric)}
 
-  def counts(self, metric: str) -> Optional[Tuple[int, int]]:
-    """(correct, points) pooled over the seeds that measured the metric."""
-    seeds = self.seeds_with(metric)
-    if not seeds:
-      return None
+  def counts(self, metric: str, seeds: Sequence[int]) -> Tuple[int, int]:
+    """(correct, points) of an accuracy pooled over `seeds`."""
     return (int(sum(self.correct[s][metric].sum() for s in seeds)),
             int(sum(self.correct[s][metric].size for s in seeds)))
 
@@ -159,20 +156,15 @@ class Comparison:
       replicates = stats.two_level_bootstrap_means(groups, ACCURACY_RESAMPLES, BOOTSTRAP_SEED)
       estimate = float(np.mean([per_seed[s] for s in seeds]))
       paired = stats.percentile_interval(replicates[:, 0] - replicates[:, 1])
-      pooled = stats.newcombe_difference_interval(*self._pooled_counts(ra, seeds, metric),
-                                                  *self._pooled_counts(rb, seeds, metric))
+      pooled = stats.newcombe_difference_interval(*ra.counts(metric, seeds),
+                                                  *rb.counts(metric, seeds))
       point_se = stats.paired_point_standard_error(
           [g[:, 0].astype(float) - g[:, 1] for g in groups])
     several = len(per_seed) > 1
     values = list(per_seed.values())
     return Difference(estimate, seeds, per_seed, paired,
                       stats.seed_t_interval(values) if several else None, pooled,
-                      stats.spread(values, point_se).seed_sd if several else None, point_se)
-
-  @staticmethod
-  def _pooled_counts(r: RecipeResult, seeds, metric) -> Tuple[int, int]:
-    return (int(sum(r.correct[s][metric].sum() for s in seeds)),
-            int(sum(r.correct[s][metric].size for s in seeds)))
+                      float(np.std(values, ddof=1)) if several else None, point_se)
 
 
 def judge(claim: fair.Claim, interval: Tuple[float, float], estimate: float) -> str:
