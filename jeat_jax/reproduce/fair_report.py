@@ -88,6 +88,7 @@ class Comparison:
     self.fid_resamples = fid_resamples
     self._fid_replicates = {}
     self._fid_root = None
+    self._accuracy_intervals = {}
 
   def _common_seeds(self, a: str, b: str, metric: str) -> Tuple[int, ...]:
     ra, rb = self.results.get(a), self.results.get(b)
@@ -119,14 +120,18 @@ class Comparison:
 
   def accuracy_interval(self, recipe: str, metric: str
                         ) -> Optional[Tuple[float, Tuple[float, float]]]:
-    """(mean over seeds, its two-level percentile interval) of one recipe's accuracy."""
+    """(mean over seeds, its two-level percentile interval) of one recipe's accuracy (the
+    table and the plot both ask: computed once)."""
     r = self.results.get(recipe)
     seeds = r.seeds_with(metric) if r else []
     if not seeds:
       return None
-    groups = [r.correct[s][metric][:, None] for s in seeds]
-    replicates = stats.two_level_bootstrap_means(groups, ACCURACY_RESAMPLES, BOOTSTRAP_SEED)
-    return float(stats.group_mean(groups)[0]), stats.percentile_interval(replicates[:, 0])
+    if (recipe, metric) not in self._accuracy_intervals:
+      groups = [r.correct[s][metric][:, None] for s in seeds]
+      replicates = stats.two_level_bootstrap_means(groups, ACCURACY_RESAMPLES, BOOTSTRAP_SEED)
+      self._accuracy_intervals[recipe, metric] = (
+          float(stats.group_mean(groups)[0]), stats.percentile_interval(replicates[:, 0]))
+    return self._accuracy_intervals[recipe, metric]
 
   def fid_interval(self, recipe: str) -> Optional[Tuple[float, Tuple[float, float]]]:
     """(FID of the seeds' pooled samples, its two-level normal interval)."""
