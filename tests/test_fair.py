@@ -3,6 +3,7 @@
 run directories, and the runs' configs."""
 import json
 import os
+import types
 
 import numpy as np
 import pytest
@@ -152,8 +153,16 @@ def test_fair_report_from_run_directories(tmp_path, monkeypatch):
               rng.normal(size=(40, 6)) + 0.5, 50.0 + seed)
     _fake_run(str(tmp_path), 'at', seed, (0.64, 0.32, 0.30), rng.normal(size=(40, 6)), 40.0)
   _fake_run(str(tmp_path), 'weat', 0, (0.7, 0.3, 0.25), rng.normal(size=(40, 6)), 45.0)
+  clock = [1000.0]  # the comparison takes 2 min of the report's time: the wall time counts it
+  monkeypatch.setattr(fair_report, 'time', types.SimpleNamespace(time=lambda: clock[0]))
+  make_comparison = fair_report.make_comparison
+  def slow_comparison(*args):
+    clock[0] += 120.0
+    return make_comparison(*args)
+  monkeypatch.setattr(fair_report, 'make_comparison', slow_comparison)
   path = fair_report.write_fair_report(str(tmp_path), '', 60.0, 2, 'cmd')
   text = open(path).read()
+  assert 'Wall time of this invocation, this report included: 3.0 min, 2 runs side by' in text
   assert '| jeat | 60.0% [' in text and '| 20.0 / 22.0 / 24.0 |' in text  # AA per seed
   assert '| 50.0 / 51.0 / 52.0 |' in text  # FID per seed
   comparison = fair_report.make_comparison(str(tmp_path), '')

@@ -1,6 +1,7 @@
 """WORKDIR/REPORT.md of the paper's scales (cpu, paper, smoke): Table 1, Table 2 and the IS/FID
 of Fig. 6 beside the paper's numbers, a verdict per claim, the compute time and the figures."""
 import os
+import time
 from typing import Dict, List
 
 import jax
@@ -166,11 +167,14 @@ def landscapes(root: str, scale: str, data_path: str, names) -> Dict[str, np.nda
 def write_report(root: str, scale: str, data_path: str, wall_seconds: float, jobs: int = 1,
                  command: str = '') -> str:
   """ROOT/REPORT.md and ROOT/figures/. Every process computes the landscapes (restoring a
-  checkpoint is collective); process 0 writes. Returns the report's path."""
+  checkpoint is collective); process 0 writes. Returns the report's path. wall_seconds: the
+  invocation's time before the report; the landscapes' time is added."""
+  report_start = time.time()
   grids = landscapes(root, scale, data_path, ('natural', 'at', 'prejeat', 'jeat'))
   path = os.path.join(root, 'REPORT.md')
   if jax.process_index() == 0:
-    _write_report(path, root, scale, data_path, wall_seconds, jobs, command, grids)
+    _write_report(path, root, scale, data_path, wall_seconds + time.time() - report_start, jobs,
+                  command, grids)
   multihost_utils.sync_global_devices('reproduce: report written')
   return path
 
@@ -230,7 +234,7 @@ def _write_report(path: str, root: str, scale: str, data_path: str, wall_seconds
       f'Machine: {hardware.cpu_description()}, jax {jax.__version__} on {jax.devices()[0].platform} '
       f'({jax.device_count()} devices'
       f'{f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""}). '
-      f'Wall time of this invocation: {wall_seconds / 60:.1f} min'
+      f'Wall time of this invocation, this report included: {wall_seconds / 60:.1f} min'
       f'{f", {jobs} runs side by side" if jobs > 1 else ""} '
       '(stages found done were not rerun: the time of every stage is under Compute time). Every '
       'number below comes from the runs in this directory.' +
