@@ -28,7 +28,8 @@ from jeat_jax import files, generation, hardware, stats
 from jeat_jax.files import write_text_atomic
 from jeat_jax.metrics import fid as fid_lib
 from jeat_jax.reproduce import fair
-from jeat_jax.reproduce.results import _fid, collect, copy_figure, data_line, timing_table
+from jeat_jax.reproduce.results import (collect, copy_figure, data_line, generation_metric,
+                                       timing_table)
 from jeat_jax.reproduce.runs import FAIR_RUNS, RUNS_BY_NAME, make_config
 
 ACCURACY_RESAMPLES = 10000  # two-level replicates of an accuracy (percentile interval)
@@ -273,8 +274,8 @@ def read_run(run_dir: str, recipe: str, seed: int, run: dict) -> Optional[Recipe
   with files.open_npz(points) as f:
     correct = {m: np.asarray(f[m], bool) for m in fair.METRICS if m in f}
   result = RecipeResult(recipe, {seed: correct}, {seed: int(run['robustness']['first_example'])})
-  if _fid(run['fid']) is not None:
-    result.seed_fids[seed] = _fid(run['fid'])
+  if generation_metric(run['fid']) is not None:
+    result.seed_fids[seed] = generation_metric(run['fid'])
   if files.exists(feature_path(run_dir)):
     with files.open_npz(feature_path(run_dir)) as f:
       result.features[seed] = np.asarray(f['pool3'], np.float64)

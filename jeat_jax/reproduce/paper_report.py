@@ -11,7 +11,8 @@ from jax.experimental import multihost_utils
 from jeat_jax import analysis, files, hardware
 from jeat_jax import state as state_lib
 from jeat_jax.files import write_text_atomic
-from jeat_jax.reproduce.results import _fid, _num, collect, copy_figure, data_line, timing_table
+from jeat_jax.reproduce.results import (collect, copy_figure, data_line, format_number,
+                                       generation_metric, timing_table)
 from jeat_jax.reproduce.runs import ADVERSARIAL, DYNAMICS_RUNS, RUNS, make_config
 from jeat_jax.reproduce.stages import seen_by_process_0
 
@@ -73,8 +74,8 @@ def generation_table(runs: Dict[str, dict]) -> str:
       f = r[key]
       if f is None and key == 'fid_eq16':
         continue
-      is_ = _fid(f, 'inception_score')
-      lines.append(f'| {name} | {label} | {_num(_fid(f))} | {_num(is_)} | '
+      fid, is_ = generation_metric(f), generation_metric(f, 'inception_score')
+      lines.append(f'| {name} | {label} | {format_number(fid)} | {format_number(is_)} | '
                    f'{f"{paper[0]:.2f} / {paper[1]:.2f}" if paper and key == "fid" else "-"} |')
   return '\n'.join(lines)
 
@@ -96,14 +97,15 @@ def verdicts(runs: Dict[str, dict], flatness: Dict[str, float]) -> List[str]:
     out.append(f'Table 2, JEAT is the most robust method: {"holds" if best == "jeat" else "does not hold"} '
                f'(robust accuracy, AutoAttack where run: ' +
                ', '.join(f'{n} {_pct(v)}' for n, v in sorted(adv.items(), key=lambda t: -t[1])) + ').')
-  fids = {n: _fid(r['fid']) for n, r in runs.items() if _fid(r['fid']) is not None}
+  fids = {n: generation_metric(r['fid']) for n, r in runs.items()}
+  fids = {n: v for n, v in fids.items() if v is not None}
   if 'at' in fids and 'natural' in fids:
     holds = fids['at'] < fids['natural']
     out.append(f'Sec. 3.1, a robust classifier generates better images than a natural one: '
                f'{"holds" if holds else "does not hold"} (FID {fids["at"]:.1f} vs {fids["natural"]:.1f}).')
-  at = runs.get('at')
-  if at and _fid(at['fid']) is not None and _fid(at['fid_eq16']) is not None:
-    a17, a16 = _fid(at['fid']), _fid(at['fid_eq16'])
+  at = runs.get('at') or {}
+  a17, a16 = (generation_metric(at.get(k)) for k in ('fid', 'fid_eq16'))
+  if a17 is not None and a16 is not None:
     out.append(f'Sec. 3.4, generating by E(x, y) alone (Eq. 17) beats Eq. 16 on the AT model: '
                f'{"holds" if a17 < a16 else "does not hold"} (FID {a17:.1f} vs {a16:.1f}).')
   gen = {n: fids[n] for n in ('at', 'prejeat', 'jem', 'jeat') if n in fids}

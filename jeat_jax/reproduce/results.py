@@ -80,11 +80,13 @@ def data_line(runs: Dict[str, dict]) -> str:
   return 'Data: ' + '; '.join(f'{d} ({", ".join(n)})' for d, n in by_data.items()) + '.'
 
 
-def _fid(r: Optional[dict], key='fid') -> Optional[float]:
+def generation_metric(r: Optional[dict], key='fid') -> Optional[float]:
+  """`key` ('fid' or 'inception_score') of a fid.json's contents, None where absent."""
   return None if not r or r.get(key) is None else float(r[key])
 
 
-def _num(v, fmt='{:.2f}') -> str:
+def format_number(v, fmt='{:.2f}') -> str:
+  """A table cell: `v` formatted, '-' for a value not measured."""
   return '-' if v is None else fmt.format(v)
 
 
@@ -99,7 +101,7 @@ def timing_table(runs: Dict[str, dict]) -> Tuple[str, float]:
     trained_before = 'train' not in t and r['results']
     if trained_before:  # the training's seconds over all its sessions
       t['train'] = r['results'].get('wall_seconds', r['results'].get('wall_seconds_this_session'))
-    cells = [_num(t.get(s) and t[s] / 60, '{:.1f}') for s in stages]
+    cells = [format_number(t.get(s) and t[s] / 60, '{:.1f}') for s in stages]
     if trained_before:
       cells[0] += '*'
     total = sum(t.get(s) or 0.0 for s in stages)
