@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import time
 
 import jax
 import numpy as np
@@ -37,7 +38,7 @@ def test_reproduce_smoke_writes_report_and_resumes(tmp_path):
                         os.path.join(root, 'at'), stages)
   assert os.path.getmtime(os.path.join(root, 'at', 'results.json')) == before
 
-  path = paper_report.write_report(root, 'smoke', data, 12.0)
+  path = paper_report.write_report(root, 'smoke', data, time.time() - 12.0)
   report = open(path).read()
   with open(os.path.join(root, 'natural', 'eval', 'robustness.json')) as f:
     natural = json.load(f)
@@ -100,7 +101,7 @@ def test_a_failed_run_is_skipped_and_reported(tmp_path):
   stages_lib.run_stages(run, runs_lib.make_config(run, 'smoke', str(tmp_path / 'absent.npz')),
                         str(run_dir), runs_lib.STAGES)
   assert sorted(os.listdir(run_dir)) == ['failed.json']      # nothing was trained or evaluated
-  report = open(paper_report.write_report(str(tmp_path), 'smoke', '', 1.0)).read()
+  report = open(paper_report.write_report(str(tmp_path), 'smoke', '', time.time())).read()
   assert '**jem** failed in its train stage: training diverged at step 9' in report
 
 

@@ -90,11 +90,11 @@ def main(argv):
   if 'report' in stages:
     command = ' '.join(['python -m jeat_jax.reproduce'] + sys.argv[1:])
     if fair_scale:
-      path = fair_report.write_fair_report(FLAGS.workdir, FLAGS.data_path, time.time() - start,
+      path = fair_report.write_fair_report(FLAGS.workdir, FLAGS.data_path, start,
                                            FLAGS.jobs, command)
     else:
       path = paper_report.write_report(FLAGS.workdir, FLAGS.scale, FLAGS.data_path,
-                                       time.time() - start, FLAGS.jobs, command)
+                                       start, FLAGS.jobs, command)
     logging.info('wrote %s', path)
   if failed:
     sys.exit(f'runs whose process failed: {failed}; see WORKDIR/<run>/reproduce.log')

@@ -274,8 +274,9 @@ def read_run(run_dir: str, recipe: str, seed: int, run: dict) -> Optional[Recipe
   with files.open_npz(points) as f:
     correct = {m: np.asarray(f[m], bool) for m in fair.METRICS if m in f}
   result = RecipeResult(recipe, {seed: correct}, {seed: int(run['robustness']['first_example'])})
-  if generation_metric(run['fid']) is not None:
-    result.seed_fids[seed] = generation_metric(run['fid'])
+  fid = generation_metric(run['fid'])
+  if fid is not None:
+    result.seed_fids[seed] = fid
   if files.exists(feature_path(run_dir)):
     with files.open_npz(feature_path(run_dir)) as f:
       result.features[seed] = np.asarray(f['pool3'], np.float64)
@@ -355,12 +356,11 @@ def protocol(config, comparison: Comparison) -> List[str]:
       'cautious reading.']
 
 
-def write_fair_report(root: str, data_path: str, wall_seconds: float, jobs: int,
+def write_fair_report(root: str, data_path: str, started: float, jobs: int,
                       command: str) -> str:
   """ROOT/REPORT.md of --scale=cpu-fair: the recipes with intervals over seeds and points, a
   verdict per claim with its three intervals, the setup, the compute time and samples.
-  wall_seconds: the invocation's time before the report; the report's own time is added."""
-  report_start = time.time()
+  started: the invocation's start (time.time()); its wall time includes the report's."""
   comparison = make_comparison(root, data_path)
   runs = collect(root, FAIR_RUNS)
   figdir = os.path.join(root, 'figures')
@@ -389,7 +389,7 @@ def write_fair_report(root: str, data_path: str, wall_seconds: float, jobs: int,
        'from TFDS.'), '', data_line(runs), '',
       f'Machine: {hardware.cpu_description()}, jax {jax.__version__} on '
       f'{jax.devices()[0].platform}. Wall time of this invocation, '
-      f'this report included: {(wall_seconds + time.time() - report_start) / 60:.1f} min'
+      f'this report included: {(time.time() - started) / 60:.1f} min'
       f'{f", {jobs} runs side by side" if jobs > 1 else ""} (stages found done were not rerun: '
       'the time of every stage is under Compute time).' +
       (f' Command: `{command}`.' if command else ''), ''] + (

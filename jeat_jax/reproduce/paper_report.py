@@ -166,22 +166,20 @@ def landscapes(root: str, scale: str, data_path: str, names) -> Dict[str, np.nda
   return grids
 
 
-def write_report(root: str, scale: str, data_path: str, wall_seconds: float, jobs: int = 1,
+def write_report(root: str, scale: str, data_path: str, started: float, jobs: int = 1,
                  command: str = '') -> str:
   """ROOT/REPORT.md and ROOT/figures/. Every process computes the landscapes (restoring a
-  checkpoint is collective); process 0 writes. Returns the report's path. wall_seconds: the
-  invocation's time before the report; the landscapes' time is added."""
-  report_start = time.time()
+  checkpoint is collective); process 0 writes. Returns the report's path. started: the
+  invocation's start (time.time()); its wall time includes the report's."""
   grids = landscapes(root, scale, data_path, ('natural', 'at', 'prejeat', 'jeat'))
   path = os.path.join(root, 'REPORT.md')
   if jax.process_index() == 0:
-    _write_report(path, root, scale, data_path, wall_seconds + time.time() - report_start, jobs,
-                  command, grids)
+    _write_report(path, root, scale, data_path, started, jobs, command, grids)
   multihost_utils.sync_global_devices('reproduce: report written')
   return path
 
 
-def _write_report(path: str, root: str, scale: str, data_path: str, wall_seconds: float,
+def _write_report(path: str, root: str, scale: str, data_path: str, started: float,
                   jobs: int, command: str, grids: Dict[str, np.ndarray]) -> None:
   runs = collect(root)
   figdir = os.path.join(root, 'figures')
@@ -236,7 +234,8 @@ def _write_report(path: str, root: str, scale: str, data_path: str, wall_seconds
       f'Machine: {hardware.cpu_description()}, jax {jax.__version__} on {jax.devices()[0].platform} '
       f'({jax.device_count()} devices'
       f'{f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""}). '
-      f'Wall time of this invocation, this report included: {wall_seconds / 60:.1f} min'
+      f'Wall time of this invocation, this report included: '
+      f'{(time.time() - started) / 60:.1f} min'
       f'{f", {jobs} runs side by side" if jobs > 1 else ""} '
       '(stages found done were not rerun: the time of every stage is under Compute time). Every '
       'number below comes from the runs in this directory.' +
